@@ -1,0 +1,1 @@
+"""LLaVA-Reward: a VLM that scores an image against its prompt from its own hidden states, one LoRA perspective each."""

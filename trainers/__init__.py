@@ -1,0 +1,1 @@
+"""Training loops on accelerate: the reward model, DDPO, Diffusion-DPO, AlignProp/DRaFT."""
