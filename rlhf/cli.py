@@ -9,6 +9,12 @@ from typing import Sequence
 # sub-command words -> "module:function"; each function takes the remaining argv and returns an exit code.
 COMMANDS: dict[tuple[str, ...], str] = {
     ("score",): "reward.scoring:main",
+    ("serve",): "rlhf.server:main",
+    ("toy", "data"): "rlhf.toy:data_main",
+    ("toy", "pretrain"): "rlhf.toy_pretrain:main",
+    ("train", "reward"): "trainers.reward_model:main",
+    ("eval", "reward"): "trainers.reward_model:eval_main",
+    ("train", "ddpo"): "trainers.ddpo:main",
 }
 
 
