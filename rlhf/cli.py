@@ -8,7 +8,7 @@ from typing import Sequence
 
 # sub-command words -> "module:function"; each function takes the remaining argv and returns an exit code.
 COMMANDS: dict[tuple[str, ...], str] = {
-    ("score",): "reward.scoring:main",
+    ("score",): "rlhf.scoring:main",
     ("serve",): "rlhf.server:main",
     ("toy", "data"): "rlhf.toy:data_main",
     ("toy", "pretrain"): "rlhf.toy_pretrain:main",

@@ -1,0 +1,525 @@
+"""Preference data for training reward perspectives: image pairs and labelled images read from JSONL,
+JSON, parquet, `datasets.Dataset` objects and the public layouts (ImageRewardDB, Pick-a-Pic v2, HPDv2)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from PIL import Image
+
+KINDS = ("auto", "pairs", "labels", "imagereward", "pickapic", "hpdv2")
+TIE_HANDLING = ("keep", "drop")
+_OWN_LAYOUT = "pairs_or_labels"
+_SHOWN_IN_WARNING = 5
+
+
+class BadRowWarning(UserWarning):
+    """Raised once per load when rows were skipped; its message has the count and the first few rows."""
+
+
+@dataclass(frozen=True, repr=False)
+class ImageRef:
+    """One image, kept as a file path, encoded bytes or a PIL image until `load()` decodes it to RGB."""
+
+    path: Path | None = None
+    data: bytes | None = None
+    image: Image.Image | None = None
+
+    def load(self) -> Image.Image:
+        """Decode the image and return it in RGB (a new image each call)."""
+        if self.image is not None:
+            return self.image.convert("RGB")
+        with Image.open(self.path if self.path is not None else io.BytesIO(self.data)) as opened:
+            return opened.convert("RGB")
+
+    def __repr__(self) -> str:
+        if self.path is not None:
+            return f"ImageRef(path={str(self.path)!r})"
+        if self.data is not None:
+            return f"ImageRef(<{len(self.data)} bytes>)"
+        return f"ImageRef(<PIL {self.image.mode} {self.image.size}>)"
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """A prompt with a preferred (`chosen`) and a dispreferred (`rejected`) image.
+
+    `tie` marks a pair the annotators judged equal (the order of its two images then means nothing);
+    `position` is where it came from in the source (see `PreferenceData.position_unit`).
+    """
+
+    prompt: str
+    chosen: ImageRef
+    rejected: ImageRef
+    tie: bool = False
+    position: int = -1
+
+
+@dataclass(frozen=True)
+class LabelExample:
+    """A prompt with one image and a binary label (1 = positive, e.g. safe; 0 = negative)."""
+
+    prompt: str
+    image: ImageRef
+    label: int
+    position: int = -1
+
+
+class SkippedRow(NamedTuple):
+    """A row left out of the data: where it was and why."""
+
+    position: int
+    reason: str
+
+
+@dataclass
+class PreferenceData:
+    """What `load_preferences` read: usable pairs and labels, and the rows it skipped.
+
+    `position_unit` is "line" (1-based line numbers, JSONL) or "row" (0-based row indices: JSON arrays,
+    parquet, `datasets` objects, iterables of mappings); positions in `skipped` and on examples use it.
+    """
+
+    source: str
+    kind: str
+    position_unit: str
+    rows_read: int = 0
+    pairs: list[PairExample] = field(default_factory=list)
+    labels: list[LabelExample] = field(default_factory=list)
+    skipped: list[SkippedRow] = field(default_factory=list)
+    dropped_ties: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for logs and metrics files."""
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "rows_read": self.rows_read,
+            "pairs": len(self.pairs),
+            "tie_pairs": sum(pair.tie for pair in self.pairs),
+            "dropped_ties": self.dropped_ties,
+            "labels": len(self.labels),
+            "skipped": len(self.skipped),
+        }
+
+    def describe_skipped(self, limit: int = _SHOWN_IN_WARNING) -> str:
+        """The first `limit` skipped rows as one line of text."""
+        shown = "; ".join(f"{self.position_unit} {row.position}: {row.reason}" for row in self.skipped[:limit])
+        more = len(self.skipped) - limit
+        return shown + (f"; ... and {more} more" if more > 0 else "")
+
+    def __len__(self) -> int:
+        return len(self.pairs) + len(self.labels)
+
+    def __repr__(self) -> str:
+        return f"PreferenceData({self.summary()})"
+
+
+class _BadRow(Exception):
+    """A row that cannot be used; the message is the reason reported to the user."""
+
+
+_LayoutReader = Callable[["_Reader", Iterator[tuple[int, Any]]], None]
+
+
+def load_preferences(
+    source: str | os.PathLike | Iterable[Mapping[str, Any]],
+    kind: str = "auto",
+    *,
+    image_root: str | os.PathLike | None = None,
+    ties: str = "keep",
+    check_images: bool = True,
+) -> PreferenceData:
+    """Read preference data, skipping and reporting bad rows.
+
+    Args:
+        source: a `.jsonl`, `.json` (array of objects) or `.parquet` file; or a `datasets.Dataset` (or any
+            iterable of mappings) with the same columns.
+        kind: the row layout; "auto" (default) detects it from the first row's keys:
+            - "pairs": `{"prompt", "chosen", "rejected"}` (optional `"tie": bool`);
+            - "labels": `{"prompt", "image", "label"}` with label 0 or 1;
+            - "imagereward": ImageRewardDB, one image per row (`prompt_id`, `prompt`, `rank`, `image_path`
+              or `image`; lower rank is better, every ranked pair within a prompt is used), or one prompt per
+              row (`prompt`, `generations`, `ranking`);
+            - "pickapic": Pick-a-Pic v2 (`caption`, `jpg_0`, `jpg_1`, `label_0` in {0, 0.5, 1}; 0.5 is a tie);
+            - "hpdv2": HPDv2 (`prompt`, `file_path` or `image_path` list, and `human_preference` (1 marks
+              the preferred image) or `rank` (lower is better)).
+            In "auto" mode a JSONL/JSON file whose rows are neither public layout may mix pair and label rows.
+        image_root: directory that relative image paths are resolved against; defaults to the file's own
+            directory, or the working directory for in-memory sources.
+        ties: "keep" (default) keeps annotator ties as pairs with `tie=True`; "drop" leaves them out and
+            counts them in `dropped_ties`.
+        check_images: decode every image once now, so a corrupt file is skipped and reported here rather
+            than failing mid-training; False only checks that image files exist.
+
+    Images may be paths, encoded bytes, PIL images or `{"bytes", "path"}` dicts (the `datasets` Image
+    feature). Rows with a missing key, a value of the wrong type, a missing file or an undecodable image
+    are skipped; one `BadRowWarning` gives their count and the first few positions and reasons.
+
+    Raises:
+        ValueError: `kind` or `ties` is not one of the allowed values, or no row of the source is usable.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if ties not in TIE_HANDLING:
+        raise ValueError(f"ties must be one of {TIE_HANDLING}, got {ties!r}")
+    name, unit, default_root, rows, columns = _open_rows(source)
+    root = Path(image_root) if image_root is not None else default_root
+    if not columns:
+        rows, columns = _peek_columns(rows)
+    detected = _detect_kind(set(columns)) if kind == "auto" else kind
+    data = PreferenceData(source=name, kind=detected, position_unit=unit)
+    reader = _Reader(data, root, keep_ties=ties == "keep", check_images=check_images)
+    _LAYOUTS[detected](reader, _counted(rows, data))
+    if detected == _OWN_LAYOUT:
+        data.kind = "pairs" if not data.labels else "labels" if not data.pairs else "pairs+labels"
+
+    if not data.pairs and not data.labels:
+        dropped = f", {data.dropped_ties} ties dropped" if data.dropped_ties else ""
+        first_skipped = f"; {data.describe_skipped()}" if data.skipped else ""
+        raise ValueError(
+            f"no usable row in {name} (kind {detected!r}: {data.rows_read} rows read, "
+            f"{len(data.skipped)} skipped{dropped}){first_skipped}"
+        )
+    if data.skipped:
+        warnings.warn(
+            f"{name}: skipped {len(data.skipped)} of {data.rows_read} rows ({data.describe_skipped()})",
+            BadRowWarning,
+            stacklevel=2,
+        )
+    return data
+
+
+def _peek_columns(rows: Iterator[tuple[int, Any]]) -> tuple[Iterator[tuple[int, Any]], Iterable[str]]:
+    """The keys of the first row that is an object, and the rows with nothing consumed."""
+    seen = []
+    for position, row in rows:
+        seen.append((position, row))
+        if isinstance(row, Mapping):
+            return itertools.chain(seen, rows), row.keys()
+    return iter(seen), ()
+
+
+def _counted(rows: Iterator[tuple[int, Any]], data: PreferenceData) -> Iterator[tuple[int, Any]]:
+    for position, row in rows:
+        data.rows_read += 1
+        yield position, row
+
+
+def _open_rows(source: Any) -> tuple[str, str, Path, Iterator[tuple[int, Any]], Iterable[str]]:
+    """(name, position unit, default image root, (position, row) iterator, known column names)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"preference data file not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return str(path), "line", path.parent, _jsonl_rows(path), ()
+        if suffix == ".json":
+            return str(path), "row", path.parent, _json_rows(path), ()
+        if suffix == ".parquet":
+            rows, columns = _parquet_rows(path)
+            return str(path), "row", path.parent, rows, columns
+        raise ValueError(f"preference data file must end in .jsonl, .json or .parquet, got {path}")
+    if isinstance(source, Iterable) and not isinstance(source, (bytes, Mapping)):
+        columns = getattr(source, "column_names", None) or ()
+        return type(source).__name__, "row", Path.cwd(), enumerate(source), columns
+    raise TypeError(
+        f"source must be a file path, a datasets.Dataset or an iterable of mappings, got {type(source).__name__}"
+    )
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield line_number, _BadRow(f"invalid JSON: {exc.msg}")
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); one object per line needs the .jsonl suffix") from exc
+    if not isinstance(content, list):
+        raise ValueError(f"{path} must hold a JSON array of objects, got {type(content).__name__}")
+    return enumerate(content)
+
+
+def _parquet_rows(path: Path) -> tuple[Iterator[tuple[int, Any]], list[str]]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError as exc:
+        raise ImportError("reading parquet needs pyarrow (`pip install pyarrow`, or `datasets`)") from exc
+    parquet_file = parquet.ParquetFile(path)
+
+    def rows() -> Iterator[Any]:
+        for batch in parquet_file.iter_batches(batch_size=256):
+            yield from batch.to_pylist()
+
+    return enumerate(rows()), list(parquet_file.schema_arrow.names)
+
+
+def _detect_kind(columns: set[str]) -> str:
+    if {"jpg_0", "jpg_1", "label_0"} <= columns:
+        return "pickapic"
+    if "human_preference" in columns or ("rank" in columns and columns & {"file_path", "image_path"}
+                                         and "prompt_id" not in columns):
+        return "hpdv2"
+    if {"prompt_id", "rank"} <= columns or {"generations", "ranking"} <= columns:
+        return "imagereward"
+    # our own layout: a file may mix pair rows and label rows, so each row is read by its own keys
+    return _OWN_LAYOUT
+
+
+class _Reader:
+    """Turns rows into examples for one load: validates values, resolves and checks images, records skips."""
+
+    def __init__(self, data: PreferenceData, root: Path, keep_ties: bool, check_images: bool) -> None:
+        self.data = data
+        self.root = root
+        self.keep_ties = keep_ties
+        self.check_images = check_images
+        # images shared by many pairs (ranked layouts) are decoded once
+        self._checked_paths: dict[Path, str | None] = {}
+
+    def each_row(self, rows: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, Mapping[str, Any]]]:
+        """The rows that are objects; the others (invalid JSON, a bare value) are skipped here."""
+        for position, row in rows:
+            if isinstance(row, _BadRow):
+                self.skip(position, str(row))
+            elif not isinstance(row, Mapping):
+                self.skip(position, f"wrong type: a row must be an object, got {type(row).__name__}")
+            else:
+                yield position, row
+
+    def skip(self, position: int, reason: str) -> None:
+        self.data.skipped.append(SkippedRow(position, reason))
+
+    def add_pair(self, prompt: str, chosen: ImageRef, rejected: ImageRef, tie: bool, position: int) -> None:
+        if tie and not self.keep_ties:
+            self.data.dropped_ties += 1
+            return
+        self.data.pairs.append(PairExample(prompt, chosen, rejected, tie=tie, position=position))
+
+    def add_ranked(self, prompt: str, images: list[ImageRef], scores: list[float], positions: list[int]) -> None:
+        """Every pair of images with a known order; equal scores are ties. Higher score is better."""
+        for i, j in itertools.combinations(range(len(images)), 2):
+            better, worse = (i, j) if scores[i] >= scores[j] else (j, i)
+            self.add_pair(prompt, images[better], images[worse], scores[i] == scores[j], positions[better])
+
+    def image(self, row: Mapping[str, Any], key: str) -> ImageRef:
+        return self.image_value(_require(row, key), key)
+
+    def image_value(self, value: Any, what: str) -> ImageRef:
+        if isinstance(value, Mapping) and {"bytes", "path"} & value.keys():
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, (str, os.PathLike)):
+            path = Path(value) if Path(value).is_absolute() else self.root / value
+            if not path.is_file():
+                raise _BadRow(f"missing file: {what} {path}")
+            ref = ImageRef(path=path)
+            if self.check_images:
+                if path not in self._checked_paths:
+                    self._checked_paths[path] = _decode_error(ref)
+                error = self._checked_paths[path]
+                if error is not None:
+                    raise _BadRow(f"corrupt image: {what} {path} ({error})")
+            return ref
+        if isinstance(value, (bytes, bytearray)):
+            ref = ImageRef(data=bytes(value))
+            error = _decode_error(ref) if self.check_images else None
+            if error is not None:
+                raise _BadRow(f"corrupt image: {what} ({len(value)} bytes: {error})")
+            return ref
+        if isinstance(value, Image.Image):
+            return ImageRef(image=value)
+        raise _BadRow(f"wrong type: {what} must be a path, bytes or a PIL image, got {type(value).__name__}")
+
+
+def _decode_error(ref: ImageRef) -> str | None:
+    try:
+        ref.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _require(row: Mapping[str, Any], key: str) -> Any:
+    if key not in row or row[key] is None:
+        raise _BadRow(f"missing key {key!r}")
+    return row[key]
+
+
+def _text(row: Mapping[str, Any], key: str) -> str:
+    value = _require(row, key)
+    if not isinstance(value, str):
+        raise _BadRow(f"wrong type: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _binary_label(row: Mapping[str, Any], key: str) -> int:
+    value = _require(row, key)
+    if isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, (int, float)):
+        raise _BadRow(f"wrong type: {key!r} must be 0 or 1, got {type(value).__name__}")
+    if value not in (0, 1):
+        raise _BadRow(f"bad value: {key!r} must be 0 or 1, got {value!r}")
+    return int(value)
+
+
+def _number_list(row: Mapping[str, Any], key: str, length: int) -> list[float]:
+    values = _require(row, key)
+    if not isinstance(values, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
+        raise _BadRow(f"wrong type: {key!r} must be a list of numbers")
+    if len(values) != length:
+        raise _BadRow(f"bad value: {key!r} has {len(values)} entries for {length} images")
+    return [float(v) for v in values]
+
+
+def _path_list(row: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str, list[Any]]:
+    key = next((k for k in keys if row.get(k) is not None), None)
+    if key is None:
+        raise _BadRow(f"missing key: one of {keys}")
+    values = row[key]
+    if not isinstance(values, (list, tuple)) or len(values) < 2:
+        raise _BadRow(f"wrong type: {key!r} must be a list of at least two images")
+    return key, list(values)
+
+
+def _valid_images(
+    reader: _Reader, position: int, key: str, values: list[Any], scores: list[float]
+) -> tuple[list[ImageRef], list[float]]:
+    """The images of one ranked row that load, with their scores; each bad one is reported, the rest kept."""
+    images, kept_scores = [], []
+    for index, (value, score) in enumerate(zip(values, scores)):
+        try:
+            images.append(reader.image_value(value, f"{key}[{index}]"))
+            kept_scores.append(score)
+        except _BadRow as exc:
+            reader.skip(position, str(exc))
+    return images, kept_scores
+
+
+def _read_pair(reader: _Reader, position: int, row: Mapping[str, Any]) -> None:
+    prompt = _text(row, "prompt")
+    tie = row.get("tie", False)
+    if not isinstance(tie, bool):
+        raise _BadRow(f"wrong type: 'tie' must be true or false, got {type(tie).__name__}")
+    chosen, rejected = reader.image(row, "chosen"), reader.image(row, "rejected")
+    reader.add_pair(prompt, chosen, rejected, tie, position)
+
+
+def _read_label(reader: _Reader, position: int, row: Mapping[str, Any]) -> None:
+    prompt = _text(row, "prompt")
+    label = _binary_label(row, "label")
+    reader.data.labels.append(LabelExample(prompt, reader.image(row, "image"), label, position))
+
+
+def _per_row(read_one: Callable[[_Reader, int, Mapping[str, Any]], None]) -> _LayoutReader:
+    """A layout reader that reads each row on its own, skipping the rows that raise `_BadRow`."""
+
+    def read(reader: _Reader, rows: Iterable[tuple[int, Any]]) -> None:
+        for position, row in reader.each_row(rows):
+            try:
+                read_one(reader, position, row)
+            except _BadRow as exc:
+                reader.skip(position, str(exc))
+
+    return read
+
+
+def _read_pair_or_label(reader: _Reader, position: int, row: Mapping[str, Any]) -> None:
+    if row.keys() & {"chosen", "rejected"}:
+        _read_pair(reader, position, row)
+    elif row.keys() & {"image", "label"}:
+        _read_label(reader, position, row)
+    else:
+        raise _BadRow("missing key: a pair needs 'chosen' and 'rejected', a label row 'image' and 'label'")
+
+
+def _read_pickapic(reader: _Reader, position: int, row: Mapping[str, Any]) -> None:
+    prompt = _text(row, "caption")
+    label = _require(row, "label_0")
+    if isinstance(label, bool) or not isinstance(label, (int, float)):
+        raise _BadRow(f"wrong type: 'label_0' must be 0, 0.5 or 1, got {type(label).__name__}")
+    if label not in (0, 0.5, 1):
+        raise _BadRow(f"bad value: 'label_0' must be 0, 0.5 or 1, got {label!r}")
+    first, second = reader.image(row, "jpg_0"), reader.image(row, "jpg_1")
+    chosen, rejected = (second, first) if label == 0 else (first, second)
+    reader.add_pair(prompt, chosen, rejected, label == 0.5, position)
+
+
+def _read_hpdv2(reader: _Reader, position: int, row: Mapping[str, Any]) -> None:
+    prompt = _text(row, "prompt")
+    key, values = _path_list(row, ("file_path", "image_path"))
+    if "human_preference" in row:
+        preference = _number_list(row, "human_preference", len(values))
+        # every image is needed: without the preferred one the rest would look like ties
+        images = [reader.image_value(value, f"{key}[{index}]") for index, value in enumerate(values)]
+        winner = max(preference)
+        if all(p == winner for p in preference):
+            reader.add_ranked(prompt, images, preference, [position] * len(images))
+            return
+        # only winner-versus-rest is known: two non-preferred images are not a tie
+        for best in (i for i, p in enumerate(preference) if p == winner):
+            for other in (i for i, p in enumerate(preference) if p != winner):
+                reader.add_pair(prompt, images[best], images[other], False, position)
+    else:
+        ranks = _number_list(row, "rank", len(values))
+        images, ranks = _valid_images(reader, position, key, values, ranks)
+        reader.add_ranked(prompt, images, [-r for r in ranks], [position] * len(images))
+
+
+def _read_imagereward(reader: _Reader, rows: Iterable[tuple[int, Any]]) -> None:
+    groups: dict[Any, tuple[str, list[ImageRef], list[float], list[int]]] = {}
+    for position, row in reader.each_row(rows):
+        try:
+            if "generations" in row:
+                prompt = _text(row, "prompt")
+                key, values = _path_list(row, ("generations",))
+                ranks = _number_list(row, "ranking", len(values))
+                images, ranks = _valid_images(reader, position, key, values, ranks)
+                reader.add_ranked(prompt, images, [-r for r in ranks], [position] * len(images))
+                continue
+            prompt = _text(row, "prompt")
+            rank = _require(row, "rank")
+            if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+                raise _BadRow(f"wrong type: 'rank' must be a number, got {type(rank).__name__}")
+            image = reader.image(row, "image_path" if row.get("image_path") is not None else "image")
+        except _BadRow as exc:
+            reader.skip(position, str(exc))
+            continue
+        prompt_id = row.get("prompt_id")
+        group = groups.setdefault(prompt if prompt_id is None else prompt_id, (prompt, [], [], []))
+        group[1].append(image)
+        group[2].append(-float(rank))
+        group[3].append(position)
+    for prompt, images, scores, positions in groups.values():
+        reader.add_ranked(prompt, images, scores, positions)
+
+
+_LAYOUTS: dict[str, _LayoutReader] = {
+    "pairs": _per_row(_read_pair),
+    "labels": _per_row(_read_label),
+    _OWN_LAYOUT: _per_row(_read_pair_or_label),
+    "pickapic": _per_row(_read_pickapic),
+    "hpdv2": _per_row(_read_hpdv2),
+    "imagereward": _read_imagereward,
+}
