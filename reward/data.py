@@ -18,12 +18,12 @@ from PIL import Image
 
 KINDS = ("auto", "pairs", "labels", "imagereward", "pickapic", "hpdv2")
 TIE_HANDLING = ("keep", "drop")
-_OWN_LAYOUT = "pairs_or_labels"
+_OWN_LAYOUT = "pairs/labels"
 _SHOWN_IN_WARNING = 5
 
 
 class BadRowWarning(UserWarning):
-    """Raised once per load when rows were skipped; its message has the count and the first few rows."""
+    """Issued once per load when rows were skipped; its message has the count and the first few rows."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -403,18 +403,8 @@ def _path_list(row: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str, list
     return key, list(values)
 
 
-def _valid_images(
-    reader: _Reader, position: int, key: str, values: list[Any], scores: list[float]
-) -> tuple[list[ImageRef], list[float]]:
-    """The images of one ranked row that load, with their scores; each bad one is reported, the rest kept."""
-    images, kept_scores = [], []
-    for index, (value, score) in enumerate(zip(values, scores)):
-        try:
-            images.append(reader.image_value(value, f"{key}[{index}]"))
-            kept_scores.append(score)
-        except _BadRow as exc:
-            reader.skip(position, str(exc))
-    return images, kept_scores
+def _images(reader: _Reader, key: str, values: list[Any]) -> list[ImageRef]:
+    return [reader.image_value(value, f"{key}[{index}]") for index, value in enumerate(values)]
 
 
 def _read_pair(reader: _Reader, position: int, row: Mapping[str, Any]) -> None:
@@ -466,37 +456,41 @@ def _read_pickapic(reader: _Reader, position: int, row: Mapping[str, Any]) -> No
     reader.add_pair(prompt, chosen, rejected, label == 0.5, position)
 
 
+def _read_ranked_row(
+    reader: _Reader, position: int, row: Mapping[str, Any], image_keys: tuple[str, ...], rank_key: str
+) -> None:
+    """One prompt with a list of images and their ranks (lower is better, equal is a tie)."""
+    prompt = _text(row, "prompt")
+    key, values = _path_list(row, image_keys)
+    ranks = _number_list(row, rank_key, len(values))
+    reader.add_ranked(prompt, _images(reader, key, values), [-r for r in ranks], [position] * len(values))
+
+
 def _read_hpdv2(reader: _Reader, position: int, row: Mapping[str, Any]) -> None:
+    if "human_preference" not in row:
+        _read_ranked_row(reader, position, row, ("file_path", "image_path"), "rank")
+        return
     prompt = _text(row, "prompt")
     key, values = _path_list(row, ("file_path", "image_path"))
-    if "human_preference" in row:
-        preference = _number_list(row, "human_preference", len(values))
-        # every image is needed: without the preferred one the rest would look like ties
-        images = [reader.image_value(value, f"{key}[{index}]") for index, value in enumerate(values)]
-        winner = max(preference)
-        if all(p == winner for p in preference):
-            reader.add_ranked(prompt, images, preference, [position] * len(images))
-            return
-        # only winner-versus-rest is known: two non-preferred images are not a tie
-        for best in (i for i, p in enumerate(preference) if p == winner):
-            for other in (i for i, p in enumerate(preference) if p != winner):
-                reader.add_pair(prompt, images[best], images[other], False, position)
-    else:
-        ranks = _number_list(row, "rank", len(values))
-        images, ranks = _valid_images(reader, position, key, values, ranks)
-        reader.add_ranked(prompt, images, [-r for r in ranks], [position] * len(images))
+    preference = _number_list(row, "human_preference", len(values))
+    images = _images(reader, key, values)
+    winner = max(preference)
+    if all(p == winner for p in preference):
+        reader.add_ranked(prompt, images, preference, [position] * len(images))
+        return
+    # only winner-versus-rest is known: two non-preferred images are not a tie
+    for best in (i for i, p in enumerate(preference) if p == winner):
+        for other in (i for i, p in enumerate(preference) if p != winner):
+            reader.add_pair(prompt, images[best], images[other], False, position)
 
 
 def _read_imagereward(reader: _Reader, rows: Iterable[tuple[int, Any]]) -> None:
+    """Rows of one prompt each (`generations`, `ranking`), or of one image each, grouped by `prompt_id`."""
     groups: dict[Any, tuple[str, list[ImageRef], list[float], list[int]]] = {}
     for position, row in reader.each_row(rows):
         try:
             if "generations" in row:
-                prompt = _text(row, "prompt")
-                key, values = _path_list(row, ("generations",))
-                ranks = _number_list(row, "ranking", len(values))
-                images, ranks = _valid_images(reader, position, key, values, ranks)
-                reader.add_ranked(prompt, images, [-r for r in ranks], [position] * len(images))
+                _read_ranked_row(reader, position, row, ("generations",), "ranking")
                 continue
             prompt = _text(row, "prompt")
             rank = _require(row, "rank")
@@ -507,10 +501,11 @@ def _read_imagereward(reader: _Reader, rows: Iterable[tuple[int, Any]]) -> None:
             reader.skip(position, str(exc))
             continue
         prompt_id = row.get("prompt_id")
-        group = groups.setdefault(prompt if prompt_id is None else prompt_id, (prompt, [], [], []))
-        group[1].append(image)
-        group[2].append(-float(rank))
-        group[3].append(position)
+        _, images, scores, positions = groups.setdefault(prompt if prompt_id is None else prompt_id,
+                                                         (prompt, [], [], []))
+        images.append(image)
+        scores.append(-float(rank))
+        positions.append(position)
     for prompt, images, scores, positions in groups.values():
         reader.add_ranked(prompt, images, scores, positions)
 

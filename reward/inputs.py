@@ -70,6 +70,8 @@ def _to_pil(item: Any, where: str) -> Image.Image:
             raise ValueError(f"{where}: cannot read image file {path} ({exc})") from exc
     if isinstance(item, Image.Image):
         return item.convert("RGB")
+    if isinstance(item, torch.Tensor) and item.is_floating_point():  # one CHW image inside a list
+        item = (validate_float_pixels(item.detach().cpu())[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
     if isinstance(item, torch.Tensor):
         item = item.detach().cpu().numpy()
     if isinstance(item, np.ndarray):
