@@ -62,7 +62,17 @@ def _build_tokenizer(special_tokens: list[str], vocab_size: int = 400) -> Tokeni
     return tokenizer
 
 
-def _llava(path: Path) -> None:
+# (vision hidden, vision layers, vision heads, image size, patch, text hidden, text layers, text heads, text MLP)
+LLAVA_SIZES = {
+    "tiny": (32, 2, 2, 32, 8, 64, 2, 4, 128),
+    # Phi-3.5-vision's proportions (CLIP-L/14 1024x24 under a 3072x32 language model), scaled down ~4-8x
+    "bench": (256, 6, 4, 112, 14, 768, 8, 12, 2048),
+    # Phi-3.5-vision's own sizes, for GPU benches with random weights
+    "phi35": (1024, 24, 16, 336, 14, 3072, 32, 32, 8192),
+}
+
+
+def _llava(path: Path, size: str = "tiny") -> None:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_build_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"]),
         unk_token="<unk>",
@@ -72,15 +82,15 @@ def _llava(path: Path) -> None:
         extra_special_tokens={"image_token": "<image>"},
         chat_template=_LLAVA_TEMPLATE,
     )
-    image_size, patch = 32, 8
+    v_hidden, v_layers, v_heads, image_size, patch, t_hidden, t_layers, t_heads, t_mlp = LLAVA_SIZES[size]
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=image_size, patch_size=patch, projection_dim=32,
+            hidden_size=v_hidden, intermediate_size=4 * v_hidden, num_hidden_layers=v_layers,
+            num_attention_heads=v_heads, image_size=image_size, patch_size=patch, projection_dim=v_hidden,
         ),
         text_config=LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+            hidden_size=t_hidden, intermediate_size=t_mlp, num_hidden_layers=t_layers, num_attention_heads=t_heads,
+            num_key_value_heads=max(1, t_heads // 2), vocab_size=len(tokenizer), max_position_embeddings=4096,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
@@ -119,7 +129,7 @@ def _qwen2_vl(path: Path) -> None:
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -135,13 +145,21 @@ def _qwen2_vl(path: Path) -> None:
     ).save_pretrained(path)
 
 
-def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0) -> Path:
-    """Write a tiny random VLM of `family` ("llava" or "qwen2_vl") and its processor to `path`; return it."""
+def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random VLM of `family` ("llava" or "qwen2_vl") and its processor to `path`; return it.
+
+    `size` picks the LLaVA dimensions ("tiny" for tests, "bench" and "phi35" for benches); Qwen2-VL is tiny only.
+    """
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    if size != "tiny" and (family != "llava" or size not in LLAVA_SIZES):
+        raise ValueError(f"size: expected one of {sorted(LLAVA_SIZES)} for llava, 'tiny' for {family}; got {size!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        (_llava if family == "llava" else _qwen2_vl)(path)
+        if family == "llava":
+            _llava(path, size)
+        else:
+            _qwen2_vl(path)
     return path
