@@ -221,10 +221,27 @@ class RewardModel(nn.Module):
                              for k, v in self.projectors[name].state_dict().items()})
             save_file(head, target / "head.safetensors")
             existing[name] = asdict(self.configs[name])
-        config = {"base": self.base, "dtype": self.dtype_name, "max_batch_size": self.max_batch_size,
+        base = Path(self.base)
+        if base.exists() and base.resolve().is_relative_to(directory.resolve()):
+            base = base.resolve().relative_to(directory.resolve())  # a base kept inside moves with the directory
+        config = {"base": str(base), "dtype": self.dtype_name, "max_batch_size": self.max_batch_size,
                   "max_prompt_tokens": self.backbone.max_prompt_tokens, "perspectives": existing}
         config_path.write_text(json.dumps(config, indent=2))
         return directory
+
+    def load_perspective(self, source: str | Path, name: str) -> None:
+        """Load one saved perspective's weights (adapter, SkipCA + head, projector) into this model in place."""
+        source = Path(source)
+        set_peft_model_state_dict(self.peft_model, load_file(source / "adapter_model.safetensors"), adapter_name=name)
+        head = load_file(source / "head.safetensors")
+        self.heads[name].load_state_dict({k[5:]: v for k, v in head.items() if k.startswith("head.")})
+        if name in self.projectors:
+            self.projectors[name].load_state_dict({k[10:]: v for k, v in head.items() if k.startswith("projector.")})
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the base model's layers (non-reentrant: its inputs are embeddings we compute ourselves)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base: str | Path | None = None, device: str = "cpu",
@@ -240,17 +257,11 @@ class RewardModel(nn.Module):
         unknown = [n for n in names if n not in stored]
         if unknown:
             raise ValueError(f"perspectives: {unknown} not saved in {directory}; it has {list(stored)}")
-        model = cls.from_backbone(base or config["base"], [PerspectiveConfig(**stored[n]) for n in names],
+        inside = directory / config["base"]
+        model = cls.from_backbone(base or (inside if inside.exists() else config["base"]), [PerspectiveConfig(**stored[n]) for n in names],
                                   dtype=dtype or config["dtype"], device=device,
                                   max_batch_size=config["max_batch_size"],
                                   max_prompt_tokens=config["max_prompt_tokens"])
         for name in names:
-            source = directory / "perspectives" / name
-            set_peft_model_state_dict(model.peft_model, load_file(source / "adapter_model.safetensors"),
-                                      adapter_name=name)
-            head = load_file(source / "head.safetensors")
-            model.heads[name].load_state_dict({k[5:]: v for k, v in head.items() if k.startswith("head.")})
-            if name in model.projectors:
-                model.projectors[name].load_state_dict(
-                    {k[10:]: v for k, v in head.items() if k.startswith("projector.")})
+            model.load_perspective(directory / "perspectives" / name, name)
         return model
