@@ -1,0 +1,141 @@
+"""Tiny offline Stable Diffusion pipelines: a random one for plumbing tests, and the committed pre-trained toy generator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from rlhf.toy import TOY_VOCABULARY
+
+IMAGE_SIZE = 32
+# Two VAE down blocks would give 16x16 latents; three give 8x8, which keeps the UNet cheap while 32 px images stay sharp.
+LATENT_SIZE = 8
+TEXT_MAX_LENGTH = 16
+# Words beyond the toy world so that ordinary test prompts ("a photo of a cat") get whole-word tokens too.
+EXTRA_WORDS: tuple[str, ...] = ("the", "an", "of", "in", "with", "and", "photo", "picture", "cat", "dog", "shape")
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+TOY_GENERATOR_DIR = Path(__file__).resolve().parent / "assets" / "toy_generator"
+
+
+def build_tiny_tokenizer(words: tuple[str, ...] = TOY_VOCABULARY + EXTRA_WORDS) -> CLIPTokenizer:
+    """A CLIP tokenizer built locally: byte-level BPE whose merges make each of `words` one token.
+
+    Any other text still tokenizes, into byte-level characters.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=EOS_TOKEN))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000,
+        special_tokens=[BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(sorted(set(words)), trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    # single characters ending a word must exist too, or an unseen word's last letter would become unknown
+    for char in sorted(alphabet):
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges = [tuple(pair) for pair in model["merges"]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_LENGTH)
+
+
+def tiny_sd_components(seed: int = 0, tokenizer: CLIPTokenizer | None = None) -> dict[str, Any]:
+    """Randomly initialised components of the tiny pipeline (32 px images, 8x8x4 latents), seeded."""
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        sample_size=IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def assemble_pipeline(components: dict[str, Any]) -> StableDiffusionPipeline:
+    """A `StableDiffusionPipeline` from tiny components, without safety checker or feature extractor."""
+    return StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def build_tiny_sd(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Stable Diffusion pipeline to `path` with `save_pretrained`; return the path.
+
+    For plumbing tests only: a random VAE decodes near-uniform grey whatever the prompt.
+    Load it with `StableDiffusionPipeline.from_pretrained(path)`.
+    """
+    path = Path(path)
+    assemble_pipeline(tiny_sd_components(seed)).save_pretrained(path)
+    return path
+
+
+def toy_generator_path() -> Path:
+    """The committed pre-trained toy generator (a diffusers pipeline directory); see `rlhf toy pretrain`."""
+    if not (TOY_GENERATOR_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"toy generator not found at {TOY_GENERATOR_DIR}; rebuild it with "
+            f"`rlhf toy pretrain --output_dir {TOY_GENERATOR_DIR}`"
+        )
+    return TOY_GENERATOR_DIR
+
+
+def load_toy_generator(torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """The committed toy generator as a `StableDiffusionPipeline`, on the CPU with progress bars off."""
+    pipeline = StableDiffusionPipeline.from_pretrained(toy_generator_path(), torch_dtype=torch_dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
