@@ -15,6 +15,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("train", "reward"): "trainers.reward_model:main",
     ("eval", "reward"): "trainers.reward_model:eval_main",
     ("train", "ddpo"): "trainers.ddpo:main",
+    ("search",): "rlhf.search:main",
 }
 
 
