@@ -243,6 +243,13 @@ class RewardModel(nn.Module):
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """What `transformers.Trainer` calls for `activation_checkpointing=True` (alias `gradient_checkpointing`):
+        checkpoint the base model's layers, non-reentrant unless the kwargs say otherwise."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.backbone.model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, base: str | Path | None = None, device: str = "cpu",
                         dtype: str | None = None, perspectives: Sequence[str] | None = None) -> "RewardModel":

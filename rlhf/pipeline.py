@@ -71,6 +71,8 @@ class DDPOStableDiffusionPipeline:
             UNet is trainable.
         lora_rank, lora_alpha, lora_target_modules: the adapter's shape (TRL 0.23: r=4, alpha=4, attention
             projections), ignored if the UNet already carries an adapter (e.g. one loaded by `from_pretrained`).
+        lora_seed: seeds the adapter's random initialisation (LoRA B starts at zero, so the policy starts as
+            the base model whatever the seed).
         base_model, base_revision: the name or path (and revision) the pipeline came from, recorded next to
             exported LoRA weights.
     """
@@ -83,6 +85,7 @@ class DDPOStableDiffusionPipeline:
         lora_rank: int = 4,
         lora_alpha: float = 4.0,
         lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        lora_seed: int = 0,
         base_model: str = "",
         base_revision: str = "main",
     ) -> None:
@@ -105,14 +108,17 @@ class DDPOStableDiffusionPipeline:
         self.unet.requires_grad_(not use_lora)
         if use_lora:
             if not getattr(self.unet, "_hf_peft_config_loaded", False):
-                self.unet.add_adapter(
-                    LoraConfig(
-                        r=lora_rank,
-                        lora_alpha=lora_alpha,
-                        init_lora_weights="gaussian",
-                        target_modules=list(lora_target_modules),
+                # peft draws the initial LoRA A from the global RNG: pin it, so that a run reproduces from its seed
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(lora_seed)
+                    self.unet.add_adapter(
+                        LoraConfig(
+                            r=lora_rank,
+                            lora_alpha=lora_alpha,
+                            init_lora_weights="gaussian",
+                            target_modules=list(lora_target_modules),
+                        )
                     )
-                )
             for name, parameter in self.unet.named_parameters():
                 parameter.requires_grad_("lora_" in name)
         self.to(dtype=self.unet.dtype)
