@@ -16,6 +16,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("eval", "reward"): "trainers.reward_model:eval_main",
     ("train", "ddpo"): "trainers.ddpo:main",
     ("search",): "rlhf.search:main",
+    ("demo",): "rlhf.demo:main",
     ("train", "dpo"): "trainers.dpo:main",
 }
 

@@ -1,0 +1,179 @@
+"""`rlhf demo`: the toy world end to end on a CPU, through the same commands and configs a user runs.
+
+It trains three LLaVA-Reward perspectives on a tiny VLM, fine-tunes the toy generator's LoRA with DDPO and with
+online Diffusion-DPO on their weighted reward (safety as a gate), and judges the generators with the toy oracles,
+which the training never sees. Everything lands in `--output_dir`: report.md, metrics.json, the PNGs, and the
+YAML configs of each stage (rerun any stage alone with `rlhf train ... --config DIR/configs/STAGE.yaml`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.config import parse_config
+
+
+@dataclass
+class DemoConfig:
+    """Arguments of `rlhf demo`.
+
+    output_dir: where everything is written (runs/demo).
+    quick: a smaller run (fewer toy rows, training steps and epochs) that finishes in a few minutes.
+    seed: the seed of every stage (0).
+    stages: which stages to run, in order (reward, ddpo, dpo).
+    """
+
+    output_dir: str = "runs/demo"
+    quick: bool = False
+    seed: int = 0
+    stages: list[str] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.stages = list(self.stages or ["reward", "ddpo", "dpo"])
+        unknown = sorted(set(self.stages) - set(STAGES))
+        if unknown:
+            raise ValueError(f"stages: unknown {unknown}; expected some of {list(STAGES)}")
+
+
+STAGES = ("reward", "ddpo", "dpo")
+WEIGHTING = {
+    "perspectives": {
+        "alignment": {"weight": 1.0, "normalize": "batch"},
+        "fidelity": {"weight": 0.5, "normalize": "batch"},
+        "safety": {"constraint": "gate", "threshold": 0.0, "floor": -3.0},
+    }
+}
+
+
+def reward_stage(out: Path, quick: bool, seed: int) -> dict[str, Any]:
+    rows, steps = (256, 60) if quick else (512, 150)
+    return {
+        "base_model": "tiny:llava",
+        "toy_data_dir": str(out / "toy_data"),
+        "toy_data_n": rows,
+        "toy_data_n_test": 128,
+        "perspectives": {
+            "alignment": {"lora_r": 8},
+            "fidelity": {"lora_r": 8},
+            "safety": {"lora_r": 8, "train_projector": True},
+        },
+        "output_dir": str(out / "reward"),
+        "learning_rate": 1.0e-3,
+        "per_device_train_batch_size": 32,
+        "per_device_eval_batch_size": 64,
+        "max_steps": steps,
+        "eval_strategy": "steps",
+        "eval_steps": steps // 3,
+        "save_strategy": "no",
+        "logging_steps": 10,
+        "seed": seed,
+        "report_to": "none",
+        "disable_tqdm": False,
+        "use_cpu": True,
+    }
+
+
+def generator_stage(out: Path, name: str, quick: bool, seed: int) -> dict[str, Any]:
+    reward = {"model": str(out / "reward" / "model"), "weighting": WEIGHTING, "batch_size": 32}
+    common = {
+        "pretrained_model": "",
+        "output_dir": str(out / name),
+        "seed": seed,
+        "reward": reward,
+        "sample_num_steps": 10,
+        "eval_seeds": [0, 1, 2, 3],
+    }
+    if name == "ddpo":
+        return {**common, "num_epochs": 4 if quick else 10, "save_freq": 100, "mixed_precision": "no",
+                "sample_batch_size": 8, "sample_num_batches_per_epoch": 2, "train_batch_size": 8,
+                "train_learning_rate": 3.0e-3, "train_clip_range": 1.0e-2, "group_size": 4}
+    return {**common, "mode": "online", "num_epochs": 3 if quick else 8}
+
+
+def _run(words: list[str], config: dict[str, Any], path: Path) -> None:
+    from rlhf.cli import main
+
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    code = main([*words, "--config", str(path)])
+    if code:
+        raise RuntimeError(f"`rlhf {' '.join(words)} --config {path}` failed with exit code {code}")
+
+
+def _gain(metrics: dict[str, Any], key: str) -> dict[str, float] | None:
+    """Before/after of one oracle or reward number, and the gain in units of the before-run's std over seeds."""
+    before, after = metrics.get("eval_before") or {}, metrics.get("eval_after") or {}
+    if key == "reward":
+        b, a, std = before.get("reward_mean"), after.get("reward_mean"), before.get("reward_std")
+    else:
+        b, a = (before.get("oracle") or {}).get(key), (after.get("oracle") or {}).get(key)
+        std = (before.get("oracle_std") or {}).get(key)
+    if b is None or a is None:
+        return None
+    sigmas = (a - b) / std if std else math.inf if a > b else -math.inf if a < b else 0.0
+    return {"before": b, "after": a, "std_before": std, "gain_in_std": sigmas}
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> None:
+    lines = ["# Toy-world demo", "",
+             "A tiny LLaVA-Reward model learns three perspectives of the toy world (coloured shapes); the toy "
+             "generator is then fine-tuned on their weighted reward (alignment 1.0, fidelity 0.5, both batch "
+             "z-scored; safety a gate: below 0 the reward is -3). The oracles read the truth from pixels and are "
+             "never used in training.", ""]
+    if "reward" in summary:
+        lines += ["## Reward model (held-out toy data)", "", "| perspective | accuracy | metric | before training |"
+                  " train time |", "|---|---|---|---|---|"]
+        for name, entry in summary["reward"].items():
+            lines.append(f"| {name} | {entry['accuracy']:.3f} | {entry['metric']} (ties: {entry.get('tie_policy')})"
+                         f" | {entry['accuracy_before']:.3f} | {entry['train_seconds']:.0f} s |")
+        lines += ["", "![reward curves](reward/reward_curves.png)", ""]
+    for stage in ("ddpo", "dpo"):
+        if stage not in summary:
+            continue
+        lines += [f"## {stage.upper()} on the learned reward", "",
+                  "| number | before | after | gain in before-run std over seeds |", "|---|---|---|---|"]
+        for key, gain in summary[stage].items():
+            if gain:
+                lines.append(f"| {key} | {gain['before']:.4f} | {gain['after']:.4f} | {gain['gain_in_std']:+.1f} |")
+        lines += ["", f"Sample grids and curves: `{stage}/`.", ""]
+    lines += ["## What the numbers mean", "",
+              "- *accuracy*: for pairs, the fraction of held-out pairs whose preferred image scores higher "
+              "(ground-truth ties dropped); for safety, the fraction of labelled images classified right.",
+              "- *reward*: the weighted learned reward on fixed evaluation prompts and seeds.",
+              "- *oracle alignment*: the fraction of generated images whose colour and shape match the prompt, "
+              "read from pixels; *oracle colour*: the named colour is present.",
+              "- *gain in std*: (after - before) / the std over evaluation seeds of the before-run's per-seed mean.",
+              "", f"Total time: {summary['seconds']:.0f} s."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    """`rlhf demo [--output_dir DIR] [--quick]`."""
+    (config,) = parse_config(DemoConfig, argv)
+    out = Path(config.output_dir)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    start, summary = time.perf_counter(), {}
+    if "reward" in config.stages:
+        print("== stage 1/3: training the reward perspectives (alignment, fidelity, safety)")
+        _run(["train", "reward"], reward_stage(out, config.quick, config.seed), out / "configs" / "reward.yaml")
+        summary["reward"] = json.loads((out / "reward" / "metrics.json").read_text())
+    for number, stage in ((2, "ddpo"), (3, "dpo")):
+        if stage not in config.stages:
+            continue
+        print(f"== stage {number}/3: fine-tuning the toy generator with {stage.upper()} on the learned reward")
+        shutil.rmtree(out / stage, ignore_errors=True)  # a demo rerun starts over, never resumes a stale run
+        _run(["train", stage], generator_stage(out, stage, config.quick, config.seed), out / "configs" / f"{stage}.yaml")
+        metrics = json.loads((out / stage / "metrics.json").read_text())
+        summary[stage] = {key: _gain(metrics, key) for key in ("reward", "alignment", "colour")}
+    summary["seconds"] = time.perf_counter() - start
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_report(out, summary)
+    print((out / "report.md").read_text())
+    return 0
