@@ -93,7 +93,9 @@ class RewardModel(nn.Module):
             target_modules=rf".*language_model.*\.({self.lora_targets})",
         )
         if self.peft_model is None:
-            self.peft_model = get_peft_model(self.backbone.model, lora, adapter_name=config.name)
+            with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question; not ours to fix
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                self.peft_model = get_peft_model(self.backbone.model, lora, adapter_name=config.name)
         else:
             self.peft_model.add_adapter(config.name, lora)
         device = self.backbone.device

@@ -70,7 +70,7 @@ def tiny_sd_components(seed: int = 0, tokenizer: CLIPTokenizer | None = None) ->
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 32),
+        block_out_channels=(16, 16, 32),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,

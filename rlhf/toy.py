@@ -160,13 +160,14 @@ def draw_scenes(scenes: Sequence[ToyScene]) -> torch.Tensor:
     """Scenes as one float tensor BCHW in [0, 1], 32x32, with anti-aliased edges."""
     xs, ys = _subpixel_grid()
 
-    def column(values: Sequence) -> torch.Tensor:
+    def per_scene(values: Sequence) -> torch.Tensor:  # B x C x 1 x 1, to broadcast over the grid
         return torch.tensor(values, dtype=torch.float32).view(len(scenes), -1, 1, 1)
 
-    cx, cy, size = (column([getattr(s, name) for s in scenes]) for name in ("centre_x", "centre_y", "size"))
-    cx, cy, size = cx[:, 0], cy[:, 0], size[:, 0]
-    background = column([TOY_BACKGROUNDS[s.background] for s in scenes]) + column([s.background_offset for s in scenes])
-    colour = column([TOY_COLOURS[s.colour] for s in scenes]) + column([s.colour_offset for s in scenes])
+    cx, cy, size = (per_scene([getattr(s, name) for s in scenes])[:, 0] for name in ("centre_x", "centre_y", "size"))
+    background = per_scene([TOY_BACKGROUNDS[s.background] for s in scenes]) + per_scene(
+        [s.background_offset for s in scenes]
+    )
+    colour = per_scene([TOY_COLOURS[s.colour] for s in scenes]) + per_scene([s.colour_offset for s in scenes])
     inside = torch.zeros(len(scenes), IMAGE_SIZE * SUPERSAMPLE, IMAGE_SIZE * SUPERSAMPLE)
     for shape in TOY_SHAPES:
         drawn = torch.tensor([s.shape == shape for s in scenes])
