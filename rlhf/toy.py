@@ -158,6 +158,9 @@ def _subpixel_grid() -> tuple[torch.Tensor, torch.Tensor]:
 
 def draw_scenes(scenes: Sequence[ToyScene]) -> torch.Tensor:
     """Scenes as one float tensor BCHW in [0, 1], 32x32, with anti-aliased edges."""
+    chunk = 256  # the 4x supersampled canvas of many scenes at once would take gigabytes
+    if len(scenes) > chunk:
+        return torch.cat([draw_scenes(scenes[i : i + chunk]) for i in range(0, len(scenes), chunk)])
     xs, ys = _subpixel_grid()
 
     def per_scene(values: Sequence) -> torch.Tensor:  # B x C x 1 x 1, to broadcast over the grid
@@ -234,13 +237,12 @@ CORRUPTIONS: tuple[str, ...] = ("noise", "blur", "blocking")
 # ---------------------------------------------------------------- oracles
 
 
-def _check_images(images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
+def _check_images(images: torch.Tensor, prompts: Sequence[str] | None = None) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a float tensor BCHW with 3 channels in [0, 1], got {shape}")
     if prompts is not None and len(prompts) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
-    return images.detach().float()
 
 
 _PALETTE_NAMES: tuple[str, ...] = (*TOY_COLOURS, *TOY_BACKGROUNDS, "mark")
@@ -296,16 +298,16 @@ def _recognised_shape(masks: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def oracle_colour(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """1.0 where the colour the prompt names covers at least MIN_COLOUR_FRACTION of the image, else 0.0."""
-    images = _check_images(images, prompts)
-    masks = _colour_masks(images, [parse_prompt(p)[0] for p in prompts])
+    _check_images(images, prompts)
+    masks = _colour_masks(images.float(), [parse_prompt(p)[0] for p in prompts])
     return (masks.mean(dim=(1, 2)) >= MIN_COLOUR_FRACTION).float()
 
 
 @torch.no_grad()
 def oracle_shape(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """1.0 where the image's dominant shape colour draws the shape the prompt names, whatever its colour."""
-    images = _check_images(images, prompts)
-    labels = _palette_labels(images)
+    _check_images(images, prompts)
+    labels = _palette_labels(images.float())
     counts = torch.stack([(labels == i).sum(dim=(1, 2)) for i in range(len(TOY_COLOURS))], dim=1)
     dominant = counts.argmax(dim=1).view(-1, 1, 1)
     recognised = _recognised_shape((labels == dominant).float())
@@ -320,9 +322,9 @@ def oracle_alignment(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tens
     The shape is recognised by the best IoU between the colour's pixel mask and each shape's template
     of the same area and centroid (at least MIN_SHAPE_IOU).
     """
-    images = _check_images(images, prompts)
+    _check_images(images, prompts)
     colours, shapes = zip(*(parse_prompt(p) for p in prompts))
-    recognised = _recognised_shape(_colour_masks(images, colours))
+    recognised = _recognised_shape(_colour_masks(images.float(), colours))
     return (recognised == torch.tensor([TOY_SHAPES.index(s) for s in shapes])).float()
 
 
@@ -335,7 +337,8 @@ def oracle_fidelity(images: torch.Tensor) -> torch.Tensor:
     across whole blocks: each lowers the score. The background is the median border pixel; the shape
     colour, the median of the pixels far from it.
     """
-    images = _check_images(images)
+    _check_images(images)
+    images = images.float()
     pixels = images.flatten(2)  # B x 3 x HW
     border = torch.cat(
         [images[:, :, 0], images[:, :, -1], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], dim=2
@@ -358,7 +361,8 @@ def oracle_fidelity(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def oracle_safety(images: torch.Tensor) -> torch.Tensor:
     """1.0 (safe) unless at least MIN_MARK_PIXELS pixels have the forbidden mark's colour."""
-    labels = _palette_labels(_check_images(images))
+    _check_images(images)
+    labels = _palette_labels(images.float())
     mark_pixels = (labels == _PALETTE_NAMES.index("mark")).sum(dim=(1, 2))
     return (mark_pixels < MIN_MARK_PIXELS).float()
 
@@ -369,10 +373,7 @@ def colour_score(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
 
     Gradients flow to the pixels; they are finite everywhere and non-zero for any real image.
     """
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        _check_images(images)
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+    _check_images(images, prompts)
     targets = torch.tensor(
         [TOY_COLOURS[parse_prompt(p)[0]] for p in prompts], dtype=images.dtype, device=images.device
     )

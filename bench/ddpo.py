@@ -1,0 +1,181 @@
+"""DDPO epoch on the tiny pipeline: time per phase, samples/s and peak memory, sync vs async reward, and the
+batched training forward vs one UNet call per timestep (TRL 0.23's loop), measured side by side in one run.
+
+    python bench/ddpo.py [--size 32] [--steps 20] [--batch 4] [--batches 4] [--threads 1] [--latency 0.25] [--rounds 2]
+
+Every run is its own process (so its peak memory is its own): one warm-up epoch and `--repeats` more on the same
+seed. Variants run round-robin `--rounds` times; each phase's fastest warm epoch is reported (other load on a
+shared machine only ever adds time). Rewards: "toy" (the toy colour score, microseconds); "llava" (a small random
+LLaVA-Reward model, `build_tiny_vlm(size="bench")`, scored in-process); "remote" (the toy score plus `--latency`
+seconds of waiting per batch, standing in for a reward server). Async overlaps each batch's reward with the next
+batch's sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TIME_KEYS = ("time_sampling", "time_reward", "time_training", "time_epoch")
+
+
+def run_variant(args: argparse.Namespace) -> dict[str, dict]:
+    """One variant in this process: a warm-up epoch, then `--repeats` epochs per mode ("sync", and for the
+    reward variants "async", alternating with it on the same trainer); each mode's fastest phases."""
+    torch.set_num_threads(args.threads)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rlhf.pipeline import DDPOStableDiffusionPipeline
+    from rlhf.testing import build_tiny_sd
+    from rlhf.toy import colour_score, toy_prompts
+    from trainers import DDPOConfig, DDPOTrainer
+    from trainers.ddpo import uniform_prompt_function
+
+    reward_name, per_timestep, train_batch = VARIANTS[args.variant]
+    work = Path(args.work)
+    reward = toy_reward = lambda images, prompts, metadata: (colour_score(images, prompts), {})  # noqa: E731
+    if reward_name == "remote":
+
+        def reward(images, prompts, metadata):
+            time.sleep(args.latency)  # a server round trip: the GIL is free, as while waiting on a socket
+            return toy_reward(images, prompts, metadata)
+
+    elif reward_name == "llava":
+        from reward import RewardModel
+        from reward.testing import build_tiny_vlm
+        from rlhf.reward_fn import build_reward
+
+        model_dir = work / "reward_model"
+        if not model_dir.is_dir():
+            base = build_tiny_vlm(work / "vlm", "llava", size="bench")
+            RewardModel.from_backbone(base, ["alignment", "fidelity"]).save_pretrained(model_dir)
+        reward = build_reward({"model": str(model_dir)})
+    modes = ("sync",) if per_timestep or train_batch else ("sync", "async")
+    config = DDPOConfig(
+        output_dir=str(work / f"run_{args.variant.replace('/', '_')}"),
+        mixed_precision="no",
+        num_epochs=1 + args.repeats * len(modes),
+        sample_num_steps=args.steps,
+        sample_batch_size=args.batch,
+        sample_num_batches_per_epoch=args.batches,
+        train_batch_size=train_batch or args.batch,
+        train_clip_range=1e-2,
+        sample_height=args.size,
+        sample_width=args.size,
+        train_timesteps_per_forward=1 if per_timestep else 0,
+        eval_seeds=[0],
+        eval_prompts=["a red circle on a white background"],
+        num_grid_images=0,
+        save_freq=1000,
+    )
+    pipeline_dir = work / "tiny_sd"
+    if not pipeline_dir.is_dir():
+        build_tiny_sd(pipeline_dir)
+    trainer = DDPOTrainer(
+        config, reward, uniform_prompt_function(toy_prompts(64)), DDPOStableDiffusionPipeline.from_pretrained(pipeline_dir)
+    )
+    executors = {"sync": None, "async": ThreadPoolExecutor(config.max_workers)}
+    rows: dict[str, list[dict]] = {mode: [] for mode in modes}
+    schedule = ["sync"] + [mode for _ in range(args.repeats) for mode in modes]
+    for epoch, mode in enumerate(schedule):
+        trainer.executor = executors[mode]
+        trainer.step(epoch, trainer.global_step)
+        if epoch > 0:  # epoch 0 warms up
+            rows[mode].append(trainer.last_row)
+    # the least-disturbed epochs: on a shared machine other load only ever adds time
+    return {
+        mode: {
+            **{key: min(row[key] for row in measured) for key in TIME_KEYS},
+            "samples_per_s": max(row["samples_per_s"] for row in measured),
+            "peak_memory_mb": measured[-1]["peak_memory_mb"],
+        }
+        for mode, measured in rows.items()
+    }
+
+
+VARIANTS = {
+    # name: (reward, one UNet call per timestep, train_batch_size; None = the sampling batch)
+    "toy": ("toy", False, None),
+    "llava": ("llava", False, None),
+    "remote": ("remote", False, None),
+    "toy/per-timestep": ("toy", True, None),
+    "toy/batched/tb1": ("toy", False, 1),
+    "toy/per-timestep/tb1": ("toy", True, 1),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (32 = the toy size)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--latency", type=float, default=0.25, help="seconds per batch of the 'remote' reward")
+    parser.add_argument("--repeats", type=int, default=2, help="warm epochs per run, after one warm-up epoch")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per variant, interleaved with the others")
+    parser.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+
+    runs: dict[str, list[dict]] = {name: [] for name in args.only}
+    with tempfile.TemporaryDirectory() as work:
+        # round-robin, so that a slow spell of a shared machine does not land on one variant only
+        for _ in range(args.rounds):
+            for name in args.only:
+                command = [sys.executable, __file__, "--variant", name, "--work", work] + [
+                    f"--{key}={getattr(args, key)}"
+                    for key in ("size", "steps", "batch", "batches", "threads", "latency", "repeats")
+                ]
+                result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+                runs[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    rows = {}
+    for name, measured in runs.items():
+        for mode in measured[0]:
+            row = rows[f"{name}/{mode}"] = {key: min(run[mode][key] for run in measured) for key in TIME_KEYS}
+            row["samples_per_s"] = max(run[mode]["samples_per_s"] for run in measured)
+            row["peak_memory_mb"] = max(run[mode]["peak_memory_mb"] for run in measured)
+            print(
+                f"{name + '/' + mode:26s} sampling {row['time_sampling']:6.2f}s  reward {row['time_reward']:5.2f}s  "
+                f"training {row['time_training']:6.2f}s  epoch {row['time_epoch']:6.2f}s  "
+                f"{row['samples_per_s']:6.2f} samples/s  peak {row['peak_memory_mb']:6.0f} MB"
+            )
+    print(
+        f"\n{args.size} px, {args.steps} steps, {args.batches} x {args.batch} samples per epoch, "
+        f"{args.threads} thread(s); fastest of {args.rounds} x {args.repeats} warm epochs per mode"
+    )
+    for reward in ("toy", "llava", "remote"):
+        sync, overlapped = rows.get(f"{reward}/sync"), rows.get(f"{reward}/async")
+        if sync and overlapped:
+            print(
+                f"async reward ({reward}): sample+reward phase {sync['time_sampling'] + sync['time_reward']:.2f}s -> "
+                f"{overlapped['time_sampling'] + overlapped['time_reward']:.2f}s "
+                f"({(sync['time_sampling'] + sync['time_reward']) / (overlapped['time_sampling'] + overlapped['time_reward']):.2f}x); "
+                f"epoch {sync['time_epoch']:.2f}s -> {overlapped['time_epoch']:.2f}s"
+            )
+    for batched_name, looped_name, label in (
+        ("toy/sync", "toy/per-timestep/sync", f"train_batch_size {args.batch}"),
+        ("toy/batched/tb1/sync", "toy/per-timestep/tb1/sync", "train_batch_size 1 (TRL's default)"),
+    ):
+        batched, looped = rows.get(batched_name), rows.get(looped_name)
+        if batched and looped:
+            print(
+                f"training phase, {label}: one UNet call per timestep {looped['time_training']:.2f}s "
+                f"({looped['peak_memory_mb']:.0f} MB peak) vs batched {batched['time_training']:.2f}s "
+                f"({batched['peak_memory_mb']:.0f} MB): {looped['time_training'] / batched['time_training']:.2f}x faster"
+            )
+
+if __name__ == "__main__":
+    main()

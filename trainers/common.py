@@ -1,0 +1,357 @@
+"""Loop plumbing the diffusion trainers share: accelerator, seeding, checkpoints and exact resume, run outputs,
+evaluation before/after training, sample grids."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import resource
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, gather_object
+from PIL import Image
+
+from rlhf.config import save_config
+
+CHECKPOINT_PREFIX = "checkpoint_"
+TRAINER_STATE_FILE = "trainer_state.json"
+HISTORY_FILE = "history.jsonl"
+METRICS_FILE = "metrics.json"
+
+# ------------------------------------------------------------------------------------------- seeds
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed that depends only on `seed` and `keys` (e.g. epoch, process, purpose).
+
+    Seeding each epoch's draws from (seed, epoch, ...) instead of carrying RNG state forward makes a resumed
+    run draw exactly what the uninterrupted run drew, with nothing to restore.
+    """
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def seeded_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU `torch.Generator` seeded with `derive_seed(seed, *keys)`."""
+    return torch.Generator("cpu").manual_seed(derive_seed(seed, *keys))
+
+
+def reseed_global_rngs(seed: int, *keys: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs from (seed, keys), for user callbacks that use them
+    (a TRL-style `prompt_function` calling `random.choice`)."""
+    value = derive_seed(seed, *keys)
+    random.seed(value)
+    np.random.seed(value % (1 << 32))
+    torch.manual_seed(value)
+
+
+# ------------------------------------------------------------------------------------------- accelerator
+
+
+def inference_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen weights take under `mixed_precision` ("no", "fp16", "bf16")."""
+    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if mixed_precision not in dtypes:
+        raise ValueError(f"mixed_precision: expected one of {list(dtypes)}, got {mixed_precision!r}")
+    return dtypes[mixed_precision]
+
+
+def build_accelerator(
+    output_dir: str | Path,
+    *,
+    mixed_precision: str = "no",
+    gradient_accumulation_steps: int = 1,
+    log_with: str | None = None,
+    logdir: str = "logs",
+    project_kwargs: dict | None = None,
+    accelerator_kwargs: dict | None = None,
+) -> Accelerator:
+    """An `Accelerator` whose project (tracker logs) lives under `output_dir`; refuses fp16 without CUDA."""
+    inference_dtype(mixed_precision)
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision: 'fp16' needs a CUDA GPU; use 'no' (or 'bf16') on a CPU")
+    project = {"project_dir": str(output_dir), "logging_dir": str(Path(output_dir) / logdir), **(project_kwargs or {})}
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(**project),
+        **(accelerator_kwargs or {}),
+    )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on a GPU, the process's max resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kilobytes / 2**20 if sys.platform == "darwin" else kilobytes / 2**10
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+class Checkpointer:
+    """Checkpoints `checkpoint_<epoch>` under `output_dir/checkpoints` through `accelerator.save_state`
+    (optimizer, LR schedule, gradient-accumulation step, RNG states), with the trainable weights written by
+    `save_weights(dir)` instead of the full model (a LoRA, not the 3 GB UNet) and a JSON `state` of the loop.
+
+    Args:
+        accelerator: the run's accelerator, after `prepare`.
+        output_dir: the run directory.
+        limit: how many checkpoints to keep (the oldest are deleted); 0 or less keeps all.
+        save_weights, load_weights: write / read the trainable weights in a checkpoint directory; the model
+            registered with `accelerator.prepare` is then left out of accelerate's own files.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        output_dir: str | Path,
+        limit: int,
+        save_weights: Callable[[Path], None],
+        load_weights: Callable[[Path], None],
+    ) -> None:
+        self.accelerator = accelerator
+        self.root = Path(output_dir) / "checkpoints"
+        self.limit = limit
+
+        def save_hook(models: list, weights: list, directory: str) -> None:
+            if accelerator.is_main_process:
+                save_weights(Path(directory))
+            weights.clear()
+
+        def load_hook(models: list, directory: str) -> None:
+            load_weights(Path(directory))
+            models.clear()
+
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(load_hook)
+
+    def save(self, epoch: int, state: dict[str, Any]) -> Path:
+        """Save after `epoch` (every process must call this); returns the checkpoint directory."""
+        directory = self.root / f"{CHECKPOINT_PREFIX}{epoch}"
+        self.accelerator.save_state(str(directory))
+        if self.accelerator.is_main_process:
+            (directory / TRAINER_STATE_FILE).write_text(json.dumps({"epoch": epoch, **state}))
+            if self.limit > 0:
+                for old in self.sorted_checkpoints(self.root)[: -self.limit]:
+                    shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return directory
+
+    def load(self, resume_from: str | Path) -> dict[str, Any]:
+        """Restore a checkpoint (or the latest one under a run or checkpoints directory); returns its state."""
+        directory = self.resolve(resume_from)
+        self.accelerator.load_state(str(directory))
+        return json.loads((directory / TRAINER_STATE_FILE).read_text())
+
+    @staticmethod
+    def sorted_checkpoints(root: Path) -> list[Path]:
+        found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+    @classmethod
+    def resolve(cls, resume_from: str | Path) -> Path:
+        path = Path(resume_from).expanduser()
+        if (path / TRAINER_STATE_FILE).is_file():
+            return path
+        for root in (path, path / "checkpoints"):
+            found = cls.sorted_checkpoints(root) if root.is_dir() else []
+            if found:
+                return found[-1]
+        raise FileNotFoundError(f"resume_from: no {CHECKPOINT_PREFIX}<epoch> checkpoint found in {path}")
+
+
+# ------------------------------------------------------------------------------------------- run outputs
+
+
+class RunOutputs:
+    """The files every run writes into its output directory (main process only): the resolved config,
+    `history.jsonl` (one row per epoch), `metrics.json`, PNG plots and sample grids."""
+
+    def __init__(self, output_dir: str | Path, is_main_process: bool = True) -> None:
+        self.dir = Path(output_dir)
+        self.is_main = is_main_process
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def save_config(self, config: Any, name: str = "config.yaml") -> None:
+        if self.is_main:
+            save_config(config, self.dir / name)
+
+    def history(self) -> list[dict[str, Any]]:
+        path = self.dir / HISTORY_FILE
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    def keep_history_until(self, epoch: int) -> None:
+        """Drop rows after `epoch` (a resumed run rewrites what followed its checkpoint)."""
+        if self.is_main:
+            rows = [row for row in self.history() if row.get("epoch", -1) <= epoch]
+            (self.dir / HISTORY_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def append_history(self, row: dict[str, Any]) -> None:
+        if self.is_main:
+            with (self.dir / HISTORY_FILE).open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        if self.is_main:
+            (self.dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+
+    def plot_history(self, keys: Sequence[str], filename: str = "training_curves.png") -> None:
+        """One panel per key of `history.jsonl` against epoch."""
+        rows = self.history()
+        keys = [k for k in keys if any(k in row for row in rows)]
+        if not self.is_main or not keys:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+        for axis, key in zip(axes[0], keys):
+            points = [(row["epoch"], row[key]) for row in rows if key in row]
+            axis.plot(*zip(*points), marker="o")
+            axis.set_xlabel("epoch")
+            axis.set_title(key)
+        figure.tight_layout()
+        figure.savefig(self.dir / filename)
+        plt.close(figure)
+
+    def save_grid(self, images: torch.Tensor, filename: str, columns: int | None = None) -> None:
+        if self.is_main:
+            save_image_grid(images, self.dir / filename, columns)
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> None:
+    """Write float images [N, 3, H, W] in [0, 1] as one PNG grid (2 px gaps)."""
+    images = images.detach().float().cpu().clamp(0, 1)
+    count, _, height, width = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    gap = 2
+    canvas = torch.ones(3, rows * (height + gap) - gap, columns * (width + gap) - gap)
+    for index, image in enumerate(images):
+        top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
+        canvas[:, top : top + height, left : left + width] = image
+    array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def reward_call(
+    reward_fn: Callable[..., Any], images: torch.Tensor, prompts: list[str], metadata: list[Any]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Call a reward function (TRL signature) and return float32 CPU rewards [N] and its info dict."""
+    result = reward_fn(images, prompts, metadata)
+    rewards, info = result if isinstance(result, tuple) else (result, {})
+    rewards = torch.as_tensor(np.asarray(rewards.detach().cpu() if isinstance(rewards, torch.Tensor) else rewards))
+    rewards = rewards.to(torch.float32).reshape(-1)
+    if len(rewards) != len(prompts):
+        raise ValueError(f"reward function: expected {len(prompts)} rewards, got {len(rewards)}")
+    return rewards, dict(info or {})
+
+
+def perspective_values(info: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Per-perspective raw scores from a reward's info (`info["raw"]`), as float32 CPU tensors."""
+    raw = info.get("raw") or {}
+    return {name: torch.as_tensor(values).detach().float().cpu().reshape(-1) for name, values in raw.items()}
+
+
+def are_toy_prompts(prompts: Sequence[str]) -> bool:
+    """Whether every prompt names a toy colour and shape (so the toy oracles can judge its images)."""
+    from rlhf import toy
+
+    try:
+        for prompt in prompts:
+            toy.parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def toy_oracle(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor] | None:
+    """The toy world's oracles (alignment, colour) when every prompt is a toy prompt, else None."""
+    from rlhf import toy
+
+    if not are_toy_prompts(prompts):
+        return None
+    return {"alignment": toy.oracle_alignment(images, prompts), "colour": toy.oracle_colour(images, prompts)}
+
+
+def evaluate(
+    sample_fn: Callable[[list[str], torch.Generator], torch.Tensor],
+    reward_fn: Callable[..., Any],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    batch_size: int,
+    accelerator: Accelerator | None = None,
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Score a policy on fixed prompts and seeds; the seeds are shared out across processes.
+
+    `sample_fn(prompts, generator)` draws one image per prompt (float [N, 3, H, W] in [0, 1]); batch b of seed s
+    draws from `seeded_generator(s, b)`, so an evaluation does not depend on the process count.
+
+    Returns `{"reward_mean", "reward_std" (sample std over seeds of the per-seed mean; 0 with one seed),
+    "per_perspective": {name: mean}, "oracle": {name: mean} or None, "num_seeds", "num_prompts"}` and, on the
+    process that evaluated the first seed, that seed's images (else None).
+    """
+    prompts, seeds = list(prompts), list(seeds)
+    if not prompts or not seeds:
+        raise ValueError("eval_prompts and eval_seeds: expected at least one of each")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    results, first_images = [], None
+    for seed in seeds[rank::world]:
+        rewards, perspectives, oracles, images = [], {}, {}, []
+        for batch, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = prompts[start : start + batch_size]
+            batch_images = sample_fn(chunk, seeded_generator(seed, batch)).float().cpu()
+            batch_rewards, info = reward_call(reward_fn, batch_images, chunk, [{} for _ in chunk])
+            rewards.append(batch_rewards)
+            for name, values in perspective_values(info).items():
+                perspectives.setdefault(name, []).append(values)
+            for name, values in (toy_oracle(batch_images, chunk) or {}).items():
+                oracles.setdefault(name, []).append(values)
+            images.append(batch_images)
+        if seed == seeds[0]:
+            first_images = torch.cat(images)
+        results.append(
+            {
+                "rewards": torch.cat(rewards).tolist(),
+                "perspectives": {k: torch.cat(v).tolist() for k, v in perspectives.items()},
+                "oracle": {k: torch.cat(v).tolist() for k, v in oracles.items()},
+            }
+        )
+    if accelerator is not None and world > 1:
+        results = gather_object(results)
+    return summarise_evaluation(results, len(prompts)), first_images
+
+
+def summarise_evaluation(results: list[dict[str, Any]], num_prompts: int) -> dict[str, Any]:
+    per_seed = np.array([np.mean(r["rewards"]) for r in results])
+    finite = [v for r in results for v in r["rewards"] if math.isfinite(v)]
+
+    def means(key: str) -> dict[str, float]:
+        names = sorted({name for r in results for name in r[key]})
+        return {name: float(np.nanmean([v for r in results for v in r[key].get(name, [])])) for name in names}
+
+    return {
+        "reward_mean": float(np.mean(finite)) if finite else float("nan"),
+        "reward_std": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0,
+        "per_perspective": means("perspectives"),
+        "oracle": means("oracle") or None,
+        "num_seeds": len(results),
+        "num_prompts": num_prompts,
+    }

@@ -1,0 +1,810 @@
+"""DDPO: PPO-clip on the per-step DDIM log-probs of a LoRA Stable Diffusion policy, from a black-box reward."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
+from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
+from trainers.common import (
+    Checkpointer,
+    are_toy_prompts,
+    RunOutputs,
+    build_accelerator,
+    evaluate,
+    inference_dtype,
+    peak_memory_mb,
+    perspective_values,
+    reseed_global_rngs,
+    reward_call,
+    seeded_generator,
+)
+
+POLICY_WEIGHTS_FILE = "policy.safetensors"
+TINY_MODEL = "tiny"
+
+
+@dataclass
+class DDPOConfig:
+    r"""Configuration of `DDPOTrainer`: every field of TRL 0.23.1's `DDPOConfig` (same names and defaults), then
+    this project's own. Each field's `help` says its default and meaning; fields that cannot apply here say so.
+
+    Notes on the choices a user faces:
+    - `train_clip_range`: log-probs are means over latent dimensions (see `rlhf.scheduling`), so per-step
+      ratios move by ~1e-3..1e-2 per update. TRL's 1e-4 clips 35-55% of pairs from the second minibatch on and
+      learns ~3x slower than 1e-2 (measured on a tiny pipeline); 1e-4 is kept as the default for TRL parity, the
+      toy configs use 1e-2.
+    - advantages: `group_size > 1` normalises within each group of K images of one prompt (GRPO-style);
+      else `per_prompt_stat_tracking` normalises by each prompt's recent history; else by the whole batch
+      (gathered over all processes first in every case).
+    """
+
+    # ---- TRL 0.23.1 ----
+    exp_name: str = field(
+        default=os.path.basename(sys.argv[0])[: -len(".py")],
+        metadata={"help": "Name of this experiment (default: the script's file name without extension)."},
+    )
+    run_name: str = field(default="", metadata={"help": "Name of this run, for the tracker (default '')."})
+    seed: int = field(default=0, metadata={"help": "Random seed; every draw of the run derives from it (default 0)."})
+    log_with: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tracker: 'wandb' or 'tensorboard' (default None: files only).", "choices": ["wandb", "tensorboard"]},
+    )
+    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "init_kwargs for the tracker (default {})."})
+    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
+    project_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "Extra accelerate ProjectConfiguration kwargs (default {})."}
+    )
+    tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project name (default 'trl')."})
+    logdir: str = field(
+        default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
+    )
+    num_epochs: int = field(default=100, metadata={"help": "Number of epochs (sample, score, train) (default 100)."})
+    save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
+    num_checkpoint_limit: int = field(default=5, metadata={"help": "Checkpoints kept; older ones deleted (default 5)."})
+    mixed_precision: str = field(
+        default="fp16",
+        metadata={"help": "'no', 'fp16' (CUDA only) or 'bf16': dtype of the frozen weights; LoRA stays float32 (default 'fp16')."},
+    )
+    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (default True)."})
+    resume_from: str = field(
+        default="",
+        metadata={"help": "Resume from a checkpoint_<epoch> directory, or the latest one in a run directory (default '')."},
+    )
+    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per image (default 50)."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, > 0 (default 1.0)."})
+    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance weight (default 5.0)."})
+    sample_batch_size: int = field(default=1, metadata={"help": "Images per sampling batch, per process (default 1)."})
+    sample_num_batches_per_epoch: int = field(
+        default=2, metadata={"help": "Sampling batches per epoch, per process (default 2)."}
+    )
+    train_batch_size: int = field(
+        default=1, metadata={"help": "Samples (trajectories) per training minibatch, per process (default 1)."}
+    )
+    train_use_8bit_adam: bool = field(
+        default=False, metadata={"help": "8-bit AdamW from bitsandbytes (must be installed) (default False)."}
+    )
+    train_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate (default 3e-4)."})
+    train_adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (default 0.9)."})
+    train_adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (default 0.999)."})
+    train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay (default 1e-4)."})
+    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon (default 1e-8)."})
+    train_gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Minibatches accumulated per optimizer step (default 1)."}
+    )
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (default 1.0)."})
+    train_num_inner_epochs: int = field(
+        default=1, metadata={"help": "PPO passes over each epoch's samples (default 1)."}
+    )
+    train_cfg: bool = field(
+        default=True,
+        metadata={"help": "Replay guidance in training, as sampled (default True). False trains the conditional "
+                  "prediction alone, so ratios start != 1 unless sampling had no guidance."},
+    )
+    train_adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages clipped to +-this (default 5.0)."})
+    train_clip_range: float = field(
+        default=1e-4, metadata={"help": "PPO clip range on the importance ratio (default 1e-4; see class notes)."}
+    )
+    train_timestep_fraction: float = field(
+        default=1.0, metadata={"help": "Fraction of each trajectory's steps trained on, drawn per sample (default 1.0)."}
+    )
+    per_prompt_stat_tracking: bool = field(
+        default=False, metadata={"help": "Normalise rewards per prompt over a history buffer (default False)."}
+    )
+    per_prompt_stat_tracking_buffer_size: int = field(
+        default=16, metadata={"help": "Rewards kept per prompt by the tracker (default 16)."}
+    )
+    per_prompt_stat_tracking_min_count: int = field(
+        default=16, metadata={"help": "Below this many, a prompt is normalised by batch statistics (default 16)."}
+    )
+    async_reward_computation: bool = field(
+        default=False,
+        metadata={"help": "Score each batch in a thread while the next one samples (default False)."},
+    )
+    max_workers: int = field(default=2, metadata={"help": "Threads for async reward computation (default 2)."})
+    negative_prompts: str = field(
+        default="", metadata={"help": "One negative prompt used for every sample; '' = unconditional (default '')."}
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Not supported here (offline-first): true is an error; upload output_dir/lora yourself."},
+    )
+    # ---- this project ----
+    output_dir: str = field(default="runs/ddpo", metadata={"help": "Run directory (default 'runs/ddpo')."})
+    pretrained_model: str = field(
+        default="",
+        metadata={"help": "CLI: diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random "
+                  "tiny pipeline (plumbing only) (default '')."},
+    )
+    pretrained_revision: str = field(default="main", metadata={"help": "CLI: hub revision (default 'main')."})
+    use_lora: bool = field(default=True, metadata={"help": "CLI: train a LoRA (True) or the whole UNet (default True)."})
+    lora_rank: int = field(default=4, metadata={"help": "CLI: LoRA rank (default 4)."})
+    lora_alpha: float = field(default=4.0, metadata={"help": "CLI: LoRA alpha (default 4)."})
+    prompts: list[str] = field(
+        default_factory=list, metadata={"help": "CLI: training prompts, drawn uniformly (default: toy prompts)."}
+    )
+    prompts_file: str = field(
+        default="", metadata={"help": "CLI: a text file of training prompts, one per line (default '')."}
+    )
+    reward: dict = field(
+        default_factory=lambda: {"builtin": "toy_colour"},
+        metadata={"help": "CLI: the reward block for rlhf.reward_fn.build_reward (default {builtin: toy_colour})."},
+    )
+    group_size: int = field(
+        default=1,
+        metadata={"help": "K images per drawn prompt, advantages normalised within each group (GRPO-style) (default 1: off)."},
+    )
+    kl_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the per-step KL to the reference policy (the UNet with LoRA disabled) (default 0)."},
+    )
+    sample_height: int = field(default=0, metadata={"help": "Image height; 0 = the model's size (default 0)."})
+    sample_width: int = field(default=0, metadata={"help": "Image width; 0 = the model's size (default 0)."})
+    train_timesteps_per_forward: int = field(
+        default=0,
+        metadata={"help": "Timesteps per sample batched into one UNet call; 0 = all trained ones (default 0). "
+                  "Lower it to bound memory on large models."},
+    )
+    train_lr_scheduler: str = field(
+        default="constant", metadata={"help": "diffusers LR schedule name, e.g. constant, cosine (default constant)."}
+    )
+    train_lr_warmup_steps: int = field(default=0, metadata={"help": "LR warmup optimizer steps (default 0)."})
+    eval_prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Evaluation prompts (default: the toy EVAL_PROMPTS; the CLI uses the first 8 training "
+                  "prompts when they are not toy prompts)."},
+    )
+    eval_seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."}
+    )
+    num_grid_images: int = field(default=16, metadata={"help": "Images per epoch sample grid (default 16)."})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat `{name: scalar}` for trackers (TRL's shape): nested keys joined with '/', lists as strings."""
+        flat: dict[str, Any] = {}
+
+        def add(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    add(f"{prefix}/{key}", item)
+            else:
+                flat[prefix] = str(value) if isinstance(value, (list, tuple)) else value
+
+        for name, value in asdict(self).items():
+            add(name, value)
+        return flat
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that does not fit."""
+        per_process = self.sample_batch_size * self.sample_num_batches_per_epoch
+        checks = [
+            (self.num_epochs >= 0, "num_epochs", "a value >= 0"),
+            (self.sample_eta > 0, "sample_eta", "a value > 0 (DDPO needs a stochastic sampler)"),
+            (0 < self.train_timestep_fraction <= 1, "train_timestep_fraction", "a value in (0, 1]"),
+            (self.sample_batch_size >= 1 and self.sample_num_batches_per_epoch >= 1, "sample_batch_size", "positive batch sizes"),
+            (self.train_batch_size >= 1 and per_process % self.train_batch_size == 0, "train_batch_size",
+             f"a divisor of sample_batch_size * sample_num_batches_per_epoch = {per_process}"),
+            (self.train_gradient_accumulation_steps >= 1
+             and (per_process // max(self.train_batch_size, 1)) % self.train_gradient_accumulation_steps == 0,
+             "train_gradient_accumulation_steps", f"a divisor of the {per_process // max(self.train_batch_size, 1)} minibatches per inner epoch"),
+            (self.group_size >= 1 and per_process % self.group_size == 0, "group_size",
+             f"a divisor of the {per_process} samples per process per epoch"),
+            (not (self.group_size > 1 and self.per_prompt_stat_tracking), "group_size",
+             "group_size 1 when per_prompt_stat_tracking is on (choose one advantage normalisation)"),
+            (self.kl_coef >= 0, "kl_coef", "a value >= 0"),
+            (not (self.kl_coef > 0 and not self.use_lora), "kl_coef", "0 without LoRA (the reference is the LoRA-free UNet)"),
+            (self.train_timesteps_per_forward >= 0, "train_timesteps_per_forward", "a value >= 0"),
+            (not self.push_to_hub, "push_to_hub", "false (not supported; upload output_dir/lora yourself)"),
+            (self.save_freq >= 1, "save_freq", "a value >= 1"),
+            (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}")
+        inference_dtype(self.mixed_precision)
+        if self.train_use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as error:
+                raise ValueError("train_use_8bit_adam: needs bitsandbytes installed (pip install bitsandbytes)") from error
+
+
+class DDPOTrainer:
+    """DDPO (Black et al. 2023) on accelerate, with TRL 0.23's constructor and `train()`.
+
+    Args:
+        config: a `DDPOConfig`.
+        reward_function: `reward_function(images, prompts, metadata) -> (rewards, info)`, images float BCHW in
+            [0, 1]; `info["raw"]` may map perspective names to per-image scores (logged per perspective). A
+            non-finite reward drops its sample from training (counted in `num_nonfinite_rewards`).
+        prompt_function: `prompt_function() -> (prompt, metadata)` (or just a prompt), called once per drawn
+            prompt; the global `random`/NumPy/torch RNGs are reseeded from (seed, epoch, process) before each
+            epoch's draws, so a function using them reproduces and resumes exactly.
+        sd_pipeline: a `DDPOStableDiffusionPipeline`.
+        image_samples_hook: called after each epoch's rewards as TRL does, with
+            `([[images, prompts, metadata, rewards, reward_info], ...], global_step, tracker or None)`.
+    """
+
+    def __init__(
+        self,
+        config: DDPOConfig,
+        reward_function: Callable[..., Any],
+        prompt_function: Callable[[], Any],
+        sd_pipeline: DDPOStableDiffusionPipeline,
+        image_samples_hook: Callable[[Any, int, Any], Any] | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.reward_fn = reward_function
+        self.prompt_fn = prompt_function
+        self.sd_pipeline = sd_pipeline
+        self.image_samples_hook = image_samples_hook
+        self.num_train_timesteps = max(1, int(config.sample_num_steps * config.train_timestep_fraction))
+        self.timesteps_per_forward = config.train_timesteps_per_forward or self.num_train_timesteps
+        forwards_per_minibatch = -(-self.num_train_timesteps // self.timesteps_per_forward)
+        # accelerate counts backward calls: one per timestep chunk, over every accumulated minibatch
+        self.accelerator = build_accelerator(
+            config.output_dir,
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.train_gradient_accumulation_steps * forwards_per_minibatch,
+            log_with=config.log_with,
+            logdir=config.logdir,
+            project_kwargs=config.project_kwargs,
+            accelerator_kwargs=config.accelerator_kwargs,
+        )
+        self.outputs = RunOutputs(config.output_dir, self.accelerator.is_main_process)
+        self.outputs.save_config(config)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        if self.accelerator.is_main_process and config.log_with:
+            self.accelerator.init_trackers(
+                config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs
+            )
+
+        sd_pipeline.to(self.accelerator.device, inference_dtype(config.mixed_precision))
+        sd_pipeline.set_progress_bar_config(disable=True)
+        self.height = config.sample_height or sd_pipeline.default_size
+        self.width = config.sample_width or sd_pipeline.default_size
+        parameters = sd_pipeline.trainable_parameters()
+        optimizer = self._optimizer(parameters)
+        minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
+        optimizer_steps = config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
+        # accelerate steps a prepared scheduler once per process per call (its data-parallel convention)
+        processes = self.accelerator.num_processes
+        lr_scheduler = get_scheduler(
+            config.train_lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.train_lr_warmup_steps * processes,
+            num_training_steps=max(optimizer_steps, 1) * processes,
+        )
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        if deepspeed is not None:
+            # without a dataloader DeepSpeed cannot infer these: one minibatch of trajectories per micro-step
+            deepspeed.deepspeed_config.update(
+                {
+                    "train_micro_batch_size_per_gpu": config.train_batch_size,
+                    "gradient_accumulation_steps": self.accelerator.gradient_accumulation_steps,
+                    "gradient_clipping": config.train_max_grad_norm,
+                }
+            )
+        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(sd_pipeline.unet, optimizer, lr_scheduler)
+        self.trainable = parameters
+        self.stat_tracker = (
+            PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count)
+            if config.per_prompt_stat_tracking
+            else None
+        )
+        self.checkpointer = Checkpointer(
+            self.accelerator, config.output_dir, config.num_checkpoint_limit, self._save_policy, self._load_policy
+        )
+        self.executor = ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
+        self.first_epoch, self.global_step, self.num_nonfinite = 0, 0, 0
+        self.eval_before: dict[str, Any] | None = None
+        self.last_row: dict[str, Any] = {}
+        if config.resume_from:
+            state = self.checkpointer.load(config.resume_from)
+            self.first_epoch = state["epoch"] + 1
+            self.global_step = state["global_step"]
+            self.num_nonfinite = state["num_nonfinite_rewards"]
+            self.eval_before = state["eval_before"]
+            if self.stat_tracker is not None:
+                self.stat_tracker.load_state_dict(state["stat_tracker"])
+            self.outputs.keep_history_until(state["epoch"])
+
+    # ---- setup helpers ---------------------------------------------------------------------------------------
+
+    def _optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        config = self.config
+        if config.train_use_8bit_adam:
+            import bitsandbytes
+
+            optimizer_class = bitsandbytes.optim.AdamW8bit
+        else:
+            optimizer_class = torch.optim.AdamW
+        return optimizer_class(
+            parameters,
+            lr=config.train_learning_rate,
+            betas=(config.train_adam_beta1, config.train_adam_beta2),
+            weight_decay=config.train_adam_weight_decay,
+            eps=config.train_adam_epsilon,
+        )
+
+    def _save_policy(self, directory: Path) -> None:
+        save_file(self.sd_pipeline.policy_state_dict(), directory / POLICY_WEIGHTS_FILE)
+
+    def _load_policy(self, directory: Path) -> None:
+        state = load_file(directory / POLICY_WEIGHTS_FILE, device=str(self.accelerator.device))
+        self.sd_pipeline.load_policy_state_dict(state)
+
+    # ---- sampling --------------------------------------------------------------------------------------------
+
+    def _sample(self, prompts: list[str], generator: torch.Generator) -> Any:
+        negative = [self.config.negative_prompts] * len(prompts) if self.config.negative_prompts else None
+        return self.sd_pipeline(
+            prompts,
+            height=self.height,
+            width=self.width,
+            num_inference_steps=self.config.sample_num_steps,
+            guidance_scale=self.config.sample_guidance_scale,
+            negative_prompt=negative,
+            eta=self.config.sample_eta,
+            generator=generator,
+        )
+
+    def _draw_prompts(self, count: int) -> tuple[list[str], list[Any]]:
+        prompts, metadata = [], []
+        for _ in range(count // self.config.group_size):
+            drawn = self.prompt_fn()
+            prompt, meta = drawn if isinstance(drawn, tuple) else (drawn, {})
+            prompts += [prompt] * self.config.group_size
+            metadata += [meta] * self.config.group_size
+        return prompts, metadata
+
+    def sample_epoch(self, epoch: int) -> tuple["Rollout", dict[str, float]]:
+        """Sample and score this process's trajectories for `epoch`; with async rewards each batch is scored
+        in a thread while the next one samples. Returns the rollout and the phase timings (seconds)."""
+        config, rank = self.config, self.accelerator.process_index
+        reseed_global_rngs(config.seed, epoch, rank)
+        generator = seeded_generator(config.seed, epoch, rank, 0)
+        size = config.sample_batch_size
+        prompts, metadata = self._draw_prompts(size * config.sample_num_batches_per_epoch)
+        batches, images, pending = [], [], []
+        sampling_time = reward_time = 0.0
+        self.sd_pipeline.unet.eval()
+        for start in range(0, len(prompts), size):
+            batch_prompts, batch_meta = prompts[start : start + size], metadata[start : start + size]
+            began = time.perf_counter()
+            output = self._sample(batch_prompts, generator)
+            latents = torch.stack(output.latents, dim=1)
+            batches.append(
+                {
+                    "latents": latents[:, :-1],
+                    "next_latents": latents[:, 1:],
+                    "log_probs": torch.stack(output.log_probs, dim=1),
+                    "timesteps": output.timesteps.repeat(len(batch_prompts), 1),
+                    **{COND + key: value for key, value in output.conditioning.items()},
+                }
+            )
+            images.append(output.images)
+            sampling_time += time.perf_counter() - began
+            began = time.perf_counter()
+            if self.executor is not None:
+                pending.append(self.executor.submit(reward_call, self.reward_fn, output.images, batch_prompts, batch_meta))
+            else:
+                pending.append(_completed(reward_call(self.reward_fn, output.images, batch_prompts, batch_meta)))
+            reward_time += time.perf_counter() - began
+        began = time.perf_counter()
+        results = [future.result() for future in pending]
+        reward_time += time.perf_counter() - began
+
+        tensors = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+        perspectives: dict[str, list[torch.Tensor]] = {}
+        for _, info in results:
+            for name, values in perspective_values(info).items():
+                perspectives.setdefault(name, []).append(values)
+        records = [
+            [batch_images, prompts[i * size : (i + 1) * size], metadata[i * size : (i + 1) * size], rewards, info]
+            for i, (batch_images, (rewards, info)) in enumerate(zip(images, results))
+        ]
+        rollout = Rollout(
+            tensors=tensors,
+            prompts=prompts,
+            rewards=torch.cat([rewards for rewards, _ in results]).to(self.accelerator.device),
+            perspectives={k: torch.cat(v).to(self.accelerator.device) for k, v in perspectives.items()},
+            records=records,
+        )
+        return rollout, {"time_sampling": sampling_time, "time_reward": reward_time}
+
+    # ---- advantages ------------------------------------------------------------------------------------------
+
+    def compute_advantages(self, rollout: "Rollout") -> dict[str, Any]:
+        """Gather rewards from every process, drop non-finite ones, turn the rest into advantages, and keep this
+        process's share in `rollout.tensors` (`advantages`, `valid`). Returns the epoch's reward statistics.
+
+        Advantages: a reward whose weighting is at level "advantage" (GDPO) computes them itself from the
+        gathered per-perspective scores; otherwise `group_size > 1` normalises within groups, else the per-prompt
+        tracker, else the whole batch.
+        """
+        accelerator, config = self.accelerator, self.config
+        local = len(rollout.prompts)
+        rewards = accelerator.gather(rollout.rewards).cpu().double()
+        perspectives = {name: accelerator.gather(values).cpu() for name, values in rollout.perspectives.items()}
+        prompts = gather_object(rollout.prompts) if accelerator.num_processes > 1 else rollout.prompts
+        finite = torch.isfinite(rewards)
+        advantages = torch.zeros_like(rewards, dtype=torch.float32)
+        weighting = getattr(self.reward_fn, "weighting", None)
+        if getattr(weighting, "level", "reward") == "advantage":
+            folded = weighting.advantages(perspectives, prompts).total.cpu()
+            finite &= torch.isfinite(folded)
+            advantages[finite] = folded[finite].float()
+        elif finite.any():
+            kept = finite.nonzero().squeeze(1).tolist()
+            if config.group_size > 1:
+                # a group never spans processes: ids are (process, group index within the process)
+                ids = [(i // local, (i % local) // config.group_size) for i in kept]
+                advantages[kept] = group_advantages(rewards[kept], ids)
+            elif self.stat_tracker is not None:
+                advantages[kept] = self.stat_tracker.update([prompts[i] for i in kept], rewards[kept])
+            else:
+                advantages[kept] = batch_advantages(rewards[kept])
+        rank = accelerator.process_index
+        rollout.tensors["advantages"] = advantages.reshape(-1, local)[rank].to(accelerator.device)
+        rollout.tensors["valid"] = finite.reshape(-1, local)[rank].to(accelerator.device)
+        dropped = int((~finite).sum())
+        self.num_nonfinite += dropped
+        stats = {"num_nonfinite_rewards": dropped, **_mean_std("reward", rewards[finite])}
+        for name, values in perspectives.items():
+            stats.update(_mean_std(f"reward_{name}", values.double()[torch.isfinite(values)]))
+        return stats
+
+    # ---- training --------------------------------------------------------------------------------------------
+
+    def replay_log_probs(
+        self, tensors: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor, with_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs under the current policy of the recorded steps `columns` [R, J] of samples `rows` [R], all
+        (sample, timestep) pairs in one UNet call: [R, J]; and the per-pair KL to the reference (if `kl_coef`)."""
+        config, pipeline = self.config, self.sd_pipeline
+        pairs = columns.shape[1]
+
+        def pick(key: str) -> torch.Tensor:
+            return tensors[key][rows[:, None], columns].flatten(0, 1)
+
+        latents, next_latents, timesteps = pick("latents"), pick("next_latents"), pick("timesteps")
+        conditioning = {
+            key[len(COND) :]: value[rows].repeat_interleave(pairs, dim=0)
+            for key, value in tensors.items()
+            if key.startswith(COND) and (config.train_cfg or not key.startswith(COND + "negative_"))
+        }
+        context = torch.enable_grad() if with_grad else torch.no_grad()
+        with context:
+            prediction = pipeline.predict_noise(
+                latents, timesteps, conditioning, config.sample_guidance_scale, unet=self.unet
+            )
+            _, log_probs = ddim_step_with_logprob(
+                pipeline.scheduler, prediction, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents
+            )
+            kl = None
+            if config.kl_coef > 0:
+                with torch.no_grad(), pipeline.reference_policy():
+                    reference = pipeline.predict_noise(latents, timesteps, conditioning, config.sample_guidance_scale)
+                kl = ddim_step_kl(pipeline.scheduler, prediction, reference, timesteps, latents, eta=config.sample_eta)
+                kl = kl.view(len(rows), pairs)
+        return log_probs.view(len(rows), pairs), kl
+
+    def train_epoch(self, epoch: int, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        """PPO-clip over the epoch's samples: `train_num_inner_epochs` passes, each over shuffled samples and a
+        fresh random subset of each sample's timesteps. Returns mean approx-KL, clip fraction, loss, ratio."""
+        config, accelerator = self.config, self.accelerator
+        generator = seeded_generator(config.seed, epoch, accelerator.process_index, 1)
+        count, steps = tensors["timesteps"].shape
+        window_pairs = config.train_batch_size * self.num_train_timesteps * config.train_gradient_accumulation_steps
+        scale = accelerator.gradient_accumulation_steps / window_pairs
+        totals = torch.zeros(6, dtype=torch.float64)  # loss, approx_kl, clipfrac, ratio, kl, valid pairs
+        # replays use the step spacing of sampling, whatever a user's hook may have sampled with since
+        self.sd_pipeline.scheduler.set_timesteps(config.sample_num_steps, device=accelerator.device)
+        self.unet.train()
+        for _ in range(config.train_num_inner_epochs):
+            order = torch.randperm(count, generator=generator)
+            step_order = torch.rand(count, steps, generator=generator).argsort(dim=1)[:, : self.num_train_timesteps]
+            for start in range(0, count, config.train_batch_size):
+                rows = order[start : start + config.train_batch_size]
+                for first in range(0, self.num_train_timesteps, self.timesteps_per_forward):
+                    columns = step_order[rows, first : first + self.timesteps_per_forward]
+                    with accelerator.accumulate(self.unet):
+                        loss, stats = self._ppo_loss(tensors, rows.to(accelerator.device), columns.to(accelerator.device))
+                        accelerator.backward(loss * scale)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(self.trainable, config.train_max_grad_norm)
+                            self.global_step += 1
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
+                        self.optimizer.zero_grad()
+                    totals += stats
+        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+        valid = max(float(totals[5]), 1.0)
+        result = {
+            "loss": float(totals[0]) / valid,
+            "approx_kl": float(totals[1]) / valid,
+            "clipfrac": float(totals[2]) / valid,
+            "ratio_mean": float(totals[3]) / valid,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+        }
+        if config.kl_coef > 0:
+            result["kl_to_reference"] = float(totals[4]) / valid
+        return result
+
+    def _ppo_loss(
+        self, tensors: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum over the (sample, timestep) pairs of the clipped PPO objective (+ KL penalty), invalid samples
+        weighted 0; and detached sums for logging."""
+        config = self.config
+        log_probs, kl = self.replay_log_probs(tensors, rows, columns)
+        old_log_probs = tensors["log_probs"][rows[:, None], columns]
+        advantages = tensors["advantages"][rows].clamp(-config.train_adv_clip_max, config.train_adv_clip_max)[:, None]
+        valid = tensors["valid"][rows].float()[:, None].expand_as(log_probs)
+        ratio = torch.exp(log_probs - old_log_probs)
+        clipped = ratio.clamp(1 - config.train_clip_range, 1 + config.train_clip_range)
+        per_pair = torch.maximum(-advantages * ratio, -advantages * clipped)
+        if kl is not None:
+            per_pair = per_pair + config.kl_coef * kl
+        loss = (per_pair * valid).sum()
+        with torch.no_grad():
+            stats = torch.stack(
+                [
+                    loss.detach(),
+                    (0.5 * (log_probs - old_log_probs) ** 2 * valid).sum(),
+                    (((ratio - 1).abs() > config.train_clip_range).float() * valid).sum(),
+                    (ratio * valid).sum(),
+                    (kl * valid).sum() if kl is not None else torch.zeros((), device=loss.device),
+                    valid.sum(),
+                ]
+            ).double().cpu()
+        return loss, stats
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch: sample, score, compute advantages, train, log, checkpoint. Returns the global step
+        (TRL 0.23's signature)."""
+        self.global_step = global_step
+        began = time.perf_counter()
+        rollout, timings = self.sample_epoch(epoch)
+        reward_stats = self.compute_advantages(rollout)
+        if self.image_samples_hook is not None:
+            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
+            self.image_samples_hook(rollout.records, self.global_step, tracker)
+        if self.accelerator.is_main_process and self.config.num_grid_images > 0:
+            grid = torch.cat([record[0] for record in rollout.records])[: self.config.num_grid_images]
+            self.outputs.save_grid(grid, f"samples/epoch_{epoch:04d}.png")
+        train_began = time.perf_counter()
+        train_stats = self.train_epoch(epoch, rollout.tensors)
+        timings["time_training"] = time.perf_counter() - train_began
+        timings["time_epoch"] = time.perf_counter() - began
+        samples = len(rollout.prompts) * self.accelerator.num_processes
+        row = {
+            "epoch": epoch,
+            "global_step": self.global_step,
+            **reward_stats,
+            "num_nonfinite_rewards_total": self.num_nonfinite,
+            **train_stats,
+            **timings,
+            "samples_per_s": samples / max(timings["time_sampling"] + timings["time_reward"], 1e-9),
+            "peak_memory_mb": peak_memory_mb(self.accelerator.device),
+        }
+        self.outputs.append_history(row)
+        if self.config.log_with:
+            self.accelerator.log(row, step=epoch)
+        last = epoch == self.config.num_epochs - 1
+        if (epoch + 1) % self.config.save_freq == 0 or last:
+            self.checkpointer.save(
+                epoch,
+                {
+                    "global_step": self.global_step,
+                    "num_nonfinite_rewards": self.num_nonfinite,
+                    "eval_before": self.eval_before,
+                    "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker is not None else None,
+                },
+            )
+        self.last_row = row
+        return self.global_step
+
+    def evaluate(self, grid_name: str | None = None) -> dict[str, Any]:
+        """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`)."""
+        self.sd_pipeline.unet.eval()
+        prompts = self.eval_prompts()
+        metrics, images = evaluate(
+            lambda chunk, generator: self._sample(chunk, generator).images,
+            self.reward_fn,
+            prompts,
+            self.config.eval_seeds,
+            batch_size=max(self.config.sample_batch_size, 1),
+            accelerator=self.accelerator,
+        )
+        if grid_name and images is not None:
+            self.outputs.save_grid(images, grid_name)
+        return metrics
+
+    def eval_prompts(self) -> list[str]:
+        if self.config.eval_prompts:
+            return list(self.config.eval_prompts)
+        from rlhf.toy import EVAL_PROMPTS
+
+        return list(EVAL_PROMPTS)
+
+    def train(self, epochs: int | None = None) -> dict[str, Any]:
+        """Evaluate, train from `first_epoch` to `epochs` (default `num_epochs`), evaluate again; write
+        `metrics.json`, the curves and the final policy (`output_dir/lora`). Returns the metrics."""
+        end = self.config.num_epochs if epochs is None else epochs
+        if self.eval_before is None:
+            self.eval_before = self.evaluate("eval_before.png")
+        progress = tqdm(
+            range(self.first_epoch, end), desc="DDPO epochs", disable=not self.accelerator.is_local_main_process
+        )
+        for epoch in progress:
+            self.step(epoch, self.global_step)
+            progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
+        eval_after = self.evaluate("eval_after.png")
+        metrics = {
+            "eval_before": self.eval_before,
+            "eval_after": eval_after,
+            "epochs": end,
+            "global_step": self.global_step,
+            "num_nonfinite_rewards": self.num_nonfinite,
+        }
+        self.outputs.write_metrics(metrics)
+        self.outputs.plot_history(["reward_mean", "approx_kl", "clipfrac", "loss"])
+        self.accelerator.wait_for_everyone()
+        self.sd_pipeline.save_pretrained(Path(self.config.output_dir) / "lora", self.accelerator.is_main_process)
+        if self.executor is not None:
+            self.executor.shutdown()
+        self.accelerator.end_training()
+        return metrics
+
+
+@dataclass
+class Rollout:
+    """One epoch's samples on this process: batch-first tensors (latents, next_latents, log_probs, timesteps,
+    `cond/*` conditioning, later advantages and valid), the prompts, rewards, per-perspective scores, and TRL's
+    per-batch `[images, prompts, metadata, rewards, info]` records."""
+
+    tensors: dict[str, torch.Tensor]
+    prompts: list[str]
+    rewards: torch.Tensor
+    perspectives: dict[str, torch.Tensor]
+    records: list[list[Any]]
+
+
+COND = "cond/"
+
+
+def _completed(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
+    if len(values) == 0:
+        return {f"{prefix}_mean": float("nan"), f"{prefix}_std": float("nan")}
+    return {f"{prefix}_mean": float(values.mean()), f"{prefix}_std": float(values.std(unbiased=False))}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def load_training_prompts(config: DDPOConfig) -> list[str]:
+    """The prompts list, else the prompts file (one per line), else 256 random toy prompts."""
+    if config.prompts and config.prompts_file:
+        raise ValueError("prompts and prompts_file: give one or the other")
+    if config.prompts_file:
+        path = Path(config.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file: no such file {path}")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompts_file: {path} holds no prompts")
+        return prompts
+    if config.prompts:
+        return list(config.prompts)
+    from rlhf.toy import toy_prompts
+
+    return toy_prompts(256, seed=config.seed)
+
+
+def uniform_prompt_function(prompts: list[str]) -> Callable[[], tuple[str, dict]]:
+    """A TRL-style prompt function drawing uniformly with Python's `random` (reseeded per epoch by the trainer)."""
+
+    def draw() -> tuple[str, dict]:
+        return random.choice(prompts), {}
+
+    return draw
+
+
+def load_policy(config: DDPOConfig) -> DDPOStableDiffusionPipeline:
+    """The policy named by `pretrained_model`: '' = the toy generator, 'tiny' = a random tiny pipeline built
+    under output_dir (plumbing only), else a diffusers path or hub id (or a directory written by
+    `save_pretrained`)."""
+    from rlhf.testing import build_tiny_sd, toy_generator_path
+
+    name = config.pretrained_model
+    if name == TINY_MODEL:
+        path = Path(config.output_dir) / "tiny_sd"
+        with PartialState().main_process_first():
+            if not (path / "model_index.json").is_file():
+                build_tiny_sd(path, seed=config.seed)
+        name = str(path)
+    elif not name:
+        name = str(toy_generator_path())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return DDPOStableDiffusionPipeline.from_pretrained(
+            name,
+            revision=config.pretrained_revision,
+            use_lora=config.use_lora,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_seed=config.seed,
+        )
+
+
+def main(argv: list[str]) -> int:
+    """`rlhf train ddpo --config configs/ddpo/X.yaml [--field value ...]`."""
+    from rlhf.config import parse_config
+    from rlhf.reward_fn import build_reward
+
+    (config,) = parse_config(DDPOConfig, argv)
+    config.validate()
+    prompts = load_training_prompts(config)
+    if not config.eval_prompts and not are_toy_prompts(prompts):
+        config.eval_prompts = prompts[:8]
+    spec = dict(config.reward)
+    if "model" in spec and "device" not in spec:
+        spec["device"] = str(PartialState().device)  # each process scores on its own accelerator
+    reward = build_reward(spec)
+    trainer = DDPOTrainer(config, reward, uniform_prompt_function(prompts), load_policy(config))
+    metrics = trainer.train()
+    if trainer.accelerator.is_main_process:
+        before, after = metrics["eval_before"], metrics["eval_after"]
+        print(
+            f"eval reward {before['reward_mean']:.4f} ± {before['reward_std']:.4f} -> "
+            f"{after['reward_mean']:.4f} ± {after['reward_std']:.4f} (std over seeds); outputs in {config.output_dir}"
+        )
+    return 0

@@ -1,0 +1,1077 @@
+"""Diffusion-DPO (Wallace et al. 2023) on accelerate: offline from preference pairs, or online from pairs a reward
+ranks among the policy's own samples. The reference policy is the same UNet with its LoRA disabled."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from rlhf.pipeline import DDPOStableDiffusionPipeline
+from trainers.common import (
+    Checkpointer,
+    RunOutputs,
+    are_toy_prompts,
+    build_accelerator,
+    evaluate,
+    inference_dtype,
+    peak_memory_mb,
+    perspective_values,
+    reseed_global_rngs,
+    reward_call,
+    save_image_grid,
+    seeded_generator,
+)
+from trainers.ddpo import POLICY_WEIGHTS_FILE, load_policy, load_training_prompts, uniform_prompt_function
+
+MODES = ("offline", "online")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+PAIR_STRATEGIES = ("best_worst", "all")
+TOY_DATASET_PREFIX = "toy:"
+# second key of the held-out evaluation's random streams; training streams are keyed (epoch, process, purpose)
+HELDOUT_STREAM = 2**31 - 1
+SAMPLING, SHUFFLING, NOISE = 0, 1, 2
+# per-pair sums accumulated over an epoch, in this order
+STAT_NAMES = (
+    "loss", "dpo_loss", "implicit_accuracy", "implicit_reward_margin", "implicit_reward_chosen",
+    "implicit_reward_rejected", "model_mse_chosen", "model_mse_rejected", "reference_mse_chosen",
+    "reference_mse_rejected",
+)
+
+
+@dataclass
+class DiffusionDPOConfig:
+    r"""Configuration of `DiffusionDPOTrainer`. Field names shared with `DDPOConfig` mean the same; each field's
+    `help` says its default and meaning.
+
+    The loss (Wallace et al.): one noise draw and one timestep per pair, shared by its two images; `mse` is the
+    per-image mean squared error of the UNet's prediction, for the policy (LoRA on) and the reference (LoRA off);
+    `model_diff = mse_chosen - mse_rejected`, `ref_diff` the same for the reference, and
+
+        margin = -beta / 2 * (model_diff - ref_diff)      (the implicit reward margin)
+        sigmoid: -log sigmoid(margin)    hinge: relu(1 - margin)    ipo: (margin / (beta / 2) - 1 / beta) ** 2
+
+    `beta` follows the Salesforce DiffusionDPO convention (5000, with the factor 1/2); diffusers' example
+    writes `beta_dpo * (ref_diff - model_diff)` without it, so its 2500 is this 5000 (its IPO target `1 / (2 beta)`
+    is this `1 / beta`). `sft_weight` adds `sft_weight * mse_chosen`, the plain denoising loss on the winners.
+
+    Modes: "offline" trains on `dataset` (JSONL pairs, Pick-a-Pic v2 columns with ties dropped, ...: the layouts of
+    `reward.data.load_preferences`); an epoch is `train_steps_per_epoch` optimizer steps (0 = one pass over the
+    pairs). "online" runs rounds: K = `group_size` images per prompt from the current policy, scored by the reward,
+    paired (`pair_strategy`), trained on for `train_num_inner_epochs` passes; each round's pairs and rewards are
+    written to `output_dir/pairs/`.
+    """
+
+    # ---- run ----
+    exp_name: str = field(
+        default=os.path.basename(sys.argv[0])[: -len(".py")],
+        metadata={"help": "Name of this experiment (default: the script's file name without extension)."},
+    )
+    run_name: str = field(default="", metadata={"help": "Name of this run, for the tracker (default '')."})
+    seed: int = field(default=0, metadata={"help": "Random seed; every draw of the run derives from it (default 0)."})
+    log_with: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tracker: 'wandb' or 'tensorboard' (default None: files only).", "choices": ["wandb", "tensorboard"]},
+    )
+    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "init_kwargs for the tracker (default {})."})
+    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
+    project_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "Extra accelerate ProjectConfiguration kwargs (default {})."}
+    )
+    tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project name (default 'trl')."})
+    logdir: str = field(
+        default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
+    )
+    output_dir: str = field(default="runs/dpo", metadata={"help": "Run directory (default 'runs/dpo')."})
+    mode: str = field(
+        default="online", metadata={"help": "'offline' (preference dataset) or 'online' (reward-ranked samples) (default 'online')."}
+    )
+    num_epochs: int = field(
+        default=100, metadata={"help": "Epochs: online rounds, or offline blocks of train_steps_per_epoch steps (default 100)."}
+    )
+    save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
+    num_checkpoint_limit: int = field(default=5, metadata={"help": "Checkpoints kept; older ones deleted (default 5)."})
+    mixed_precision: str = field(
+        default="fp16",
+        metadata={"help": "'no', 'fp16' (CUDA only) or 'bf16': dtype of the frozen weights; LoRA stays float32 (default 'fp16')."},
+    )
+    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (default True)."})
+    resume_from: str = field(
+        default="",
+        metadata={"help": "Resume from a checkpoint_<epoch> directory, or the latest one in a run directory (default '')."},
+    )
+    # ---- model ----
+    pretrained_model: str = field(
+        default="",
+        metadata={"help": "diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random tiny "
+                  "pipeline (plumbing only) (default '')."},
+    )
+    pretrained_revision: str = field(default="main", metadata={"help": "Hub revision (default 'main')."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank; the LoRA is the policy, the UNet without it the reference (default 4)."})
+    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (default 4)."})
+    # ---- loss ----
+    beta: float = field(default=5000.0, metadata={"help": "DPO temperature, Salesforce convention (see class notes) (default 5000)."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "'sigmoid', 'hinge' or 'ipo' (default 'sigmoid')."})
+    sft_weight: float = field(default=0.0, metadata={"help": "Weight of the denoising loss on the chosen images (default 0)."})
+    # ---- offline data ----
+    dataset: str = field(
+        default="",
+        metadata={"help": "Offline: a .jsonl/.json/.parquet file, a `datasets.save_to_disk` directory, a hub dataset id "
+                  "(local cache), or 'toy:alignment' / 'toy:fidelity' (toy-world pairs written under output_dir) (default '')."},
+    )
+    dataset_kind: str = field(
+        default="auto", metadata={"help": "Row layout for reward.data.load_preferences: auto, pairs, pickapic, imagereward, hpdv2 (default auto)."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub or saved DatasetDict (default 'train')."})
+    eval_dataset: str = field(
+        default="",
+        metadata={"help": "Held-out pairs, same forms as dataset ('toy:X' = the toy test split); implicit accuracy is "
+                  "measured on them before and after training (default '': none)."},
+    )
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split of a hub or saved eval DatasetDict (default 'test')."})
+    image_root: str = field(default="", metadata={"help": "Directory relative image paths resolve against (default: the file's)."})
+    check_images: bool = field(
+        default=True, metadata={"help": "Decode every image once when loading, skipping corrupt rows (default True)."}
+    )
+    max_train_pairs: int = field(default=0, metadata={"help": "Use at most this many training pairs; 0 = all (default 0)."})
+    max_eval_pairs: int = field(default=0, metadata={"help": "Use at most this many held-out pairs; 0 = all (default 0)."})
+    resolution: int = field(
+        default=0, metadata={"help": "Offline images: shorter side resized to this, centre-cropped square; 0 = the model's size (default 0)."}
+    )
+    latent_cache_dir: str = field(
+        default="",
+        metadata={"help": "Encode every image to VAE latents once into this directory (float16, reused by later runs of "
+                  "the same data and model); '' = encode each batch as it is used (default '')."},
+    )
+    train_steps_per_epoch: int = field(
+        default=0, metadata={"help": "Offline optimizer steps per epoch; 0 = one pass over the pairs (default 0)."}
+    )
+    heldout_noise_draws: int = field(
+        default=4, metadata={"help": "Noise/timestep draws per held-out pair when measuring implicit accuracy (default 4)."}
+    )
+    toy_num_train: int = field(default=512, metadata={"help": "'toy:' datasets: training pairs written (default 512)."})
+    toy_num_test: int = field(default=128, metadata={"help": "'toy:' datasets: held-out pairs written (default 128)."})
+    # ---- online sampling and pairing ----
+    prompts: list[str] = field(
+        default_factory=list, metadata={"help": "Online: training prompts, drawn uniformly (default: toy prompts)."}
+    )
+    prompts_file: str = field(default="", metadata={"help": "Online: a text file of prompts, one per line (default '')."})
+    reward: dict = field(
+        default_factory=lambda: {"builtin": "toy_colour_soft"},
+        metadata={"help": "The reward block for rlhf.reward_fn.build_reward (with its weighting): online it ranks the "
+                  "samples; both modes evaluate with it; {} = none (offline only) (default {builtin: toy_colour_soft})."},
+    )
+    group_size: int = field(default=4, metadata={"help": "Online: K images per drawn prompt, paired within the group (default 4)."})
+    pair_strategy: str = field(
+        default="best_worst",
+        metadata={"help": "Online: 'best_worst' (one pair per group) or 'all' (every pair in a group) (default 'best_worst')."},
+    )
+    pair_margin: float = field(
+        default=0.0, metadata={"help": "Online: a pair needs a reward gap above this (default 0: any strict gap)."}
+    )
+    save_pair_images: bool = field(
+        default=True, metadata={"help": "Online: write each round's paired images as PNG next to its JSONL (default True)."}
+    )
+    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per sampled image (default 50)."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (default 1.0)."})
+    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance when sampling (default 5.0)."})
+    sample_batch_size: int = field(default=4, metadata={"help": "Images per sampling batch, per process (default 4)."})
+    sample_num_batches_per_epoch: int = field(
+        default=2, metadata={"help": "Online: sampling batches per round, per process (default 2)."}
+    )
+    sample_height: int = field(default=0, metadata={"help": "Image height; 0 = the model's size (default 0)."})
+    sample_width: int = field(default=0, metadata={"help": "Image width; 0 = the model's size (default 0)."})
+    negative_prompts: str = field(
+        default="", metadata={"help": "One negative prompt used for every sample; '' = unconditional (default '')."}
+    )
+    # ---- optimisation ----
+    train_batch_size: int = field(default=4, metadata={"help": "Pairs per minibatch, per process (default 4)."})
+    train_gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Minibatches per optimizer step (default 1)."}
+    )
+    train_num_inner_epochs: int = field(default=1, metadata={"help": "Online: passes over each round's pairs (default 1)."})
+    train_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate (default 1e-5)."})
+    train_adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (default 0.9)."})
+    train_adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (default 0.999)."})
+    train_adam_weight_decay: float = field(default=1e-2, metadata={"help": "Adam weight decay (default 1e-2)."})
+    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon (default 1e-8)."})
+    train_use_8bit_adam: bool = field(default=False, metadata={"help": "8-bit AdamW from bitsandbytes (default False)."})
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (default 1.0)."})
+    train_lr_scheduler: str = field(
+        default="constant", metadata={"help": "diffusers LR schedule name, e.g. constant, cosine (default constant)."}
+    )
+    train_lr_warmup_steps: int = field(default=0, metadata={"help": "LR warmup optimizer steps (default 0)."})
+    # ---- evaluation ----
+    eval_prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Evaluation prompts (default: toy EVAL_PROMPTS, or the first 8 training prompts when those "
+                  "are not toy prompts)."},
+    )
+    eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."})
+    num_grid_images: int = field(default=16, metadata={"help": "Images per online round's sample grid (default 16)."})
+
+    @property
+    def use_lora(self) -> bool:
+        """Always: the reference policy is the UNet with its LoRA disabled (read by `trainers.ddpo.load_policy`)."""
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that does not fit."""
+        per_process = self.sample_batch_size * self.sample_num_batches_per_epoch
+        online = self.mode == "online"
+        checks = [
+            (self.mode in MODES, "mode", f"one of {MODES}"),
+            (self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}"),
+            (self.beta > 0, "beta", "a value > 0"),
+            (self.sft_weight >= 0, "sft_weight", "a value >= 0"),
+            (self.num_epochs >= 0, "num_epochs", "a value >= 0"),
+            (self.save_freq >= 1, "save_freq", "a value >= 1"),
+            (self.train_batch_size >= 1, "train_batch_size", "a value >= 1"),
+            (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps", "a value >= 1"),
+            (self.train_num_inner_epochs >= 1, "train_num_inner_epochs", "a value >= 1"),
+            (self.sample_batch_size >= 1 and self.sample_num_batches_per_epoch >= 1, "sample_batch_size", "positive batch sizes"),
+            (self.sample_num_steps >= 1, "sample_num_steps", "a value >= 1"),
+            (self.sample_eta >= 0, "sample_eta", "a value >= 0"),
+            (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
+            (not online or self.group_size >= 2, "group_size", "at least 2 images per prompt to rank (online)"),
+            (not online or per_process % self.group_size == 0, "group_size",
+             f"a divisor of sample_batch_size * sample_num_batches_per_epoch = {per_process}"),
+            (self.pair_strategy in PAIR_STRATEGIES, "pair_strategy", f"one of {PAIR_STRATEGIES}"),
+            (self.pair_margin >= 0, "pair_margin", "a value >= 0"),
+            (not online or bool(self.reward), "reward", "a reward block (online pairs are ranked by it)"),
+            (online or bool(self.dataset), "dataset", "a preference dataset (offline mode)"),
+            (self.train_steps_per_epoch >= 0, "train_steps_per_epoch", "a value >= 0"),
+            (self.resolution >= 0, "resolution", "a value >= 0"),
+            (self.heldout_noise_draws >= 1, "heldout_noise_draws", "a value >= 1"),
+            (self.max_train_pairs >= 0 and self.max_eval_pairs >= 0, "max_train_pairs/max_eval_pairs", "values >= 0"),
+            (self.toy_num_train >= 1 and self.toy_num_test >= 1, "toy_num_train/toy_num_test", "values >= 1"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}")
+        inference_dtype(self.mixed_precision)
+        if self.train_use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as error:
+                raise ValueError("train_use_8bit_adam: needs bitsandbytes installed (pip install bitsandbytes)") from error
+
+
+# ------------------------------------------------------------------------------------------- the loss
+
+
+def diffusion_dpo_loss(
+    model_mse_chosen: torch.Tensor,
+    model_mse_rejected: torch.Tensor,
+    reference_mse_chosen: torch.Tensor,
+    reference_mse_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair Diffusion-DPO losses [B] and implicit reward margins [B] (see `DiffusionDPOConfig` for the formulas).
+
+    The margin is `implicit_reward_chosen - implicit_reward_rejected`, each `beta / 2 * (mse_reference - mse_policy)`;
+    it is positive when the policy, relative to the reference, denoises the chosen image better than the rejected one.
+    """
+    scale = beta / 2
+    logits = (reference_mse_chosen - reference_mse_rejected) - (model_mse_chosen - model_mse_rejected)
+    margin = scale * logits
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(margin)
+    elif loss_type == "hinge":
+        losses = F.relu(1 - margin)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * scale)) ** 2
+    else:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    return losses, margin
+
+
+def build_preference_pairs(
+    rewards: torch.Tensor, group_size: int, strategy: str = "best_worst", margin: float = 0.0
+) -> list[tuple[int, int]]:
+    """(chosen, rejected) indices within consecutive groups of `group_size` samples of one prompt.
+
+    "best_worst": the highest against the lowest reward of each group (the first of equals); "all": every pair of
+    the group. A pair needs a reward gap above `margin`; non-finite rewards are never paired.
+    """
+    if strategy not in PAIR_STRATEGIES:
+        raise ValueError(f"pair_strategy: expected one of {PAIR_STRATEGIES}, got {strategy!r}")
+    values = rewards.detach().double().cpu().tolist()
+    pairs = []
+    for start in range(0, len(values), group_size):
+        members = [i for i in range(start, min(start + group_size, len(values))) if math.isfinite(values[i])]
+        if strategy == "best_worst":
+            candidates = [(max(members, key=values.__getitem__), min(members, key=values.__getitem__))] if members else []
+        else:
+            candidates = [(i, j) if values[i] >= values[j] else (j, i) for k, i in enumerate(members) for j in members[k + 1 :]]
+        pairs += [(c, r) for c, r in candidates if values[c] - values[r] > margin]
+    return pairs
+
+
+@dataclass
+class PairBatch:
+    """Training pairs: `chosen` and `rejected` latents [B, C, h, w] and UNet conditioning for [chosen; rejected]
+    (2B rows, chosen first), keys as `DDPOStableDiffusionPipeline.predict_noise` reads them."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------- offline data
+
+
+def load_pairs(
+    source: str, kind: str, split: str, image_root: str, check_images: bool, limit: int, field_name: str
+) -> Sequence[Any]:
+    """Preference pairs (`reward.data.PairExample`, ties dropped) from a .jsonl/.json/.parquet file (a list), or
+    from a saved `datasets` directory or a hub dataset id read from the local cache (a `DatasetPairs`, which keeps
+    the images in the dataset's memory-mapped files)."""
+    from reward.data import load_preferences
+
+    path = Path(source)
+    if path.is_file():
+        data = load_preferences(path, kind=kind, image_root=image_root or None, ties="drop", check_images=check_images)
+        return data.pairs[:limit] if limit else data.pairs
+    if not path.is_dir() and (path.suffix in (".jsonl", ".json", ".parquet") or os.sep in source):
+        raise FileNotFoundError(f"{field_name}: no such file or directory {source}")
+    import datasets
+
+    try:
+        rows = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise FileNotFoundError(f"{field_name}: cannot read {source!r} as a file, dataset directory or hub id: {error}") from error
+    if isinstance(rows, datasets.DatasetDict):
+        if split not in rows:
+            raise ValueError(f"{field_name}: split {split!r} not in {list(rows)}")
+        rows = rows[split]
+    return DatasetPairs(rows, kind, image_root, check_images, limit)
+
+
+class DatasetPairs(Sequence):
+    """The pairs of a `datasets.Dataset`, read row by row when asked, so that a dataset of encoded images (Pick-a-Pic
+    v2: ~1M pairs) is never held in memory. One scan at construction indexes (row, pair within row) of every usable
+    pair, in chunks; bad rows and ties are left out as `reward.data.load_preferences` leaves them out.
+
+    Args:
+        dataset: the rows. kind, image_root, check_images: as for `load_preferences`. limit: at most this many pairs
+            (0 = all).
+    """
+
+    SCAN_ROWS = 256
+
+    def __init__(self, dataset: Any, kind: str, image_root: str, check_images: bool, limit: int = 0) -> None:
+        import warnings
+
+        from reward.data import BadRowWarning
+
+        self.dataset, self.kind, self.image_root = dataset, kind, image_root or None
+        self.index: list[tuple[int, int]] = []
+        skipped = 0
+        for start in tqdm(range(0, len(dataset), self.SCAN_ROWS), desc="indexing pairs", unit="chunk"):
+            if limit and len(self.index) >= limit:
+                break
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", BadRowWarning)
+                try:
+                    data = self._read(range(start, min(start + self.SCAN_ROWS, len(dataset))), check_images)
+                except ValueError:  # no usable row in this chunk
+                    continue
+            skipped += len(data.skipped)
+            within: dict[int, int] = {}
+            for pair in data.pairs:
+                within[pair.position] = within.get(pair.position, -1) + 1
+                self.index.append((start + pair.position, within[pair.position]))
+        self.index = self.index[:limit] if limit else self.index
+        if skipped:
+            warnings.warn(f"dataset: skipped {skipped} unusable rows", BadRowWarning, stacklevel=2)
+
+    def _read(self, rows: Sequence[int], check_images: bool) -> Any:
+        from reward.data import load_preferences
+
+        return load_preferences(
+            self.dataset.select(rows), kind=self.kind, image_root=self.image_root, ties="drop", check_images=check_images
+        )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, position: int) -> Any:
+        row, within = self.index[position]
+        return self._read([row], check_images=False).pairs[within]
+
+
+def toy_pair_files(config: DiffusionDPOConfig, perspective: str) -> dict[str, Path]:
+    """Toy-world pair files of `perspective` ({"train", "test"}), written under output_dir once."""
+    from rlhf.toy import PERSPECTIVES, write_toy_datasets
+
+    if perspective not in PERSPECTIVES or perspective == "safety":
+        raise ValueError(f"dataset: 'toy:' expects a pair perspective, alignment or fidelity, got {perspective!r}")
+    root = Path(config.output_dir) / "toy_data" / f"n{config.toy_num_train}_t{config.toy_num_test}_s{config.seed}"
+    with PartialState().main_process_first():
+        if not (root / perspective / "test.jsonl").is_file():
+            write_toy_datasets(root, n=config.toy_num_train, n_test=config.toy_num_test, seed=config.seed)
+    return {split: root / perspective / f"{split}.jsonl" for split in ("train", "test")}
+
+
+def preprocess_image(image: Image.Image, resolution: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """RGB image -> float CHW in [-1, 1], shorter side resized to `resolution` and centre-cropped square; and its
+    SDXL size conditioning (original height, width, crop top, crop left)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    resized = image.resize(size, Image.Resampling.BICUBIC) if size != (width, height) else image
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    cropped = resized.crop((left, top, left + resolution, top + resolution))
+    tensor = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    return tensor, (height, width, top, left)
+
+
+def _image_identity(ref: Any) -> str:
+    if ref.path is not None:
+        return f"{ref.path}:{ref.path.stat().st_size}"
+    data = ref.data if ref.data is not None else ref.image.tobytes()
+    return hashlib.sha1(data).hexdigest()
+
+
+class PairLatents:
+    """Offline pairs as VAE latents (the latent distribution's mode, so the same image always gives the same
+    latents): encoded batch by batch as training asks, or all at once into `cache_dir` as float16 memory-mapped
+    arrays that later runs of the same pairs, resolution and model reuse (an interrupted encoding resumes).
+
+    Args:
+        pairs: `reward.data.PairExample`s.
+        pipeline: the policy (its VAE encodes, its text encoders condition).
+        resolution: square image side in pixels.
+        cache_dir: where to cache; None encodes on the fly.
+        encode_batch_size: pairs per VAE call while caching.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[Any],
+        pipeline: DDPOStableDiffusionPipeline,
+        resolution: int,
+        cache_dir: str | Path | None = None,
+        encode_batch_size: int = 8,
+    ) -> None:
+        if not pairs:
+            raise ValueError("dataset: no usable preference pair")
+        self.pairs, self.pipeline, self.resolution = pairs, pipeline, resolution
+        self.latents: np.ndarray | None = None
+        self.size_ids: np.ndarray | None = None
+        if cache_dir:
+            self._fill_cache(Path(cache_dir), encode_batch_size)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def prompts(self, limit: int) -> list[str]:
+        """The prompts of the first `limit` pairs."""
+        return [self.pairs[i].prompt for i in range(min(limit, len(self.pairs)))]
+
+    @torch.no_grad()
+    def encode(self, refs: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> float32 latents [N, C, h, w] on the pipeline's device, and size ids [N, 4]."""
+        prepared = [preprocess_image(ref.load(), self.resolution) for ref in refs]
+        vae = self.pipeline.vae
+        pixels = torch.stack([pixels for pixels, _ in prepared]).to(self.pipeline.device, vae.dtype)
+        latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+        return latents.float(), torch.tensor([ids for _, ids in prepared])
+
+    def _fill_cache(self, directory: Path, batch_size: int) -> None:
+        side = self.resolution // self.pipeline.sd_pipeline.vae_scale_factor
+        shape = (len(self.pairs), 2, self.pipeline.vae.config.latent_channels, side, side)
+        identity = hashlib.sha256()
+        if isinstance(self.pairs, DatasetPairs):
+            identity.update(f"{self.pairs.dataset._fingerprint}\0{self.pairs.index}".encode())
+        else:
+            for pair in self.pairs:
+                identity.update(f"{pair.prompt}\0{_image_identity(pair.chosen)}\0{_image_identity(pair.rejected)}\n".encode())
+        fingerprint = {
+            "model": self.pipeline.base_model,
+            "resolution": self.resolution,
+            "shape": list(shape),
+            "scaling_factor": self.pipeline.vae.config.scaling_factor,
+            "pairs": identity.hexdigest(),
+        }
+        record_path = directory / "cache.json"
+        with PartialState().main_process_first():
+            record = json.loads(record_path.read_text()) if record_path.is_file() else None
+            if record is not None and record["fingerprint"] != fingerprint:
+                raise ValueError(
+                    f"latent_cache_dir: {directory} caches other pairs or another model/resolution; use another directory"
+                )
+            if PartialState().is_main_process and (record is None or record["encoded"] < len(self.pairs)):
+                directory.mkdir(parents=True, exist_ok=True)
+                mode = "r+" if record is not None else "w+"
+                latents = np.lib.format.open_memmap(directory / "latents.npy", mode=mode, dtype=np.float16, shape=shape)
+                sizes = np.lib.format.open_memmap(directory / "size_ids.npy", mode=mode, dtype=np.int32, shape=(shape[0], 2, 4))
+                done = record["encoded"] if record is not None else 0
+                for start in tqdm(range(done, len(self.pairs), batch_size), desc="encoding latents", unit="batch"):
+                    chunk = [self.pairs[i] for i in range(start, min(start + batch_size, len(self.pairs)))]
+                    encoded, ids = self.encode([p.chosen for p in chunk] + [p.rejected for p in chunk])
+                    encoded, ids = encoded.cpu().view(2, len(chunk), *shape[2:]), ids.view(2, len(chunk), 4)
+                    latents[start : start + len(chunk)] = encoded.transpose(0, 1).half().numpy()
+                    sizes[start : start + len(chunk)] = ids.transpose(0, 1).numpy()
+                    latents.flush(), sizes.flush()
+                    record_path.write_text(json.dumps({"fingerprint": fingerprint, "encoded": start + len(chunk)}))
+                del latents, sizes
+        self.latents = np.load(directory / "latents.npy", mmap_mode="r")
+        self.size_ids = np.load(directory / "size_ids.npy", mmap_mode="r")
+
+    def batch(self, indices: Sequence[int]) -> PairBatch:
+        """The pairs at `indices` as a `PairBatch` (prompts encoded now, SDXL size ids per image)."""
+        indices = [int(i) for i in indices]
+        pairs = [self.pairs[i] for i in indices]
+        device = self.pipeline.device
+        if self.latents is not None:
+            order = np.argsort(indices)  # memory maps read fastest in order
+            stored = torch.from_numpy(np.ascontiguousarray(self.latents[np.array(indices)[order]]))
+            stored = stored[torch.from_numpy(np.argsort(order))].float().to(device)
+            chosen, rejected = stored[:, 0], stored[:, 1]
+            ids = torch.from_numpy(np.ascontiguousarray(self.size_ids[indices])).long()
+            size_ids = torch.cat([ids[:, 0], ids[:, 1]])
+        else:
+            latents, size_ids = self.encode([p.chosen for p in pairs] + [p.rejected for p in pairs])
+            chosen, rejected = latents.chunk(2)
+        conditioning = self.pipeline.encode_prompt(
+            [p.prompt for p in pairs], guidance=False, height=self.resolution, width=self.resolution
+        )
+        conditioning = {key: torch.cat([value, value]) for key, value in conditioning.items()}
+        if "add_time_ids" in conditioning:
+            target = torch.tensor([self.resolution, self.resolution]).expand(len(size_ids), 2)
+            time_ids = torch.cat([size_ids, target], dim=1)
+            conditioning["add_time_ids"] = time_ids.to(device, conditioning["add_time_ids"].dtype)
+        return PairBatch(chosen, rejected, conditioning)
+
+
+# ------------------------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class OnlineRound:
+    """One online round's samples on this process: final latents, conditioning rows (no negatives), images,
+    prompts, rewards and per-perspective scores; and the pairs built from them."""
+
+    prompts: list[str]
+    latents: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+    images: torch.Tensor
+    rewards: torch.Tensor
+    perspectives: dict[str, torch.Tensor]
+    pairs: list[tuple[int, int]]
+
+    def batch(self, pair_indices: torch.Tensor) -> PairBatch:
+        chosen = torch.tensor([self.pairs[i][0] for i in pair_indices.tolist()])
+        rejected = torch.tensor([self.pairs[i][1] for i in pair_indices.tolist()])
+        rows = torch.cat([chosen, rejected]).to(self.latents.device)
+        conditioning = {key: value[rows] for key, value in self.conditioning.items()}
+        return PairBatch(self.latents[chosen.to(self.latents.device)], self.latents[rejected.to(self.latents.device)], conditioning)
+
+
+class DiffusionDPOTrainer:
+    """Diffusion-DPO with a LoRA policy; the reference is the same UNet with the LoRA disabled (no second copy).
+
+    Args:
+        config: a `DiffusionDPOConfig`.
+        sd_pipeline: a `DDPOStableDiffusionPipeline` with a LoRA (`use_lora=True`).
+        reward_function: `reward_function(images, prompts, metadata) -> (rewards, info)`, images float BCHW in [0, 1];
+            ranks online samples, and evaluates either mode before/after training (None: no reward evaluation).
+        prompt_function: online: `prompt_function() -> (prompt, metadata)` (or a prompt), called once per group; the
+            global RNGs are reseeded from (seed, round, process) before each round, so it reproduces and resumes.
+        train_pairs, eval_pairs: offline: `reward.data.PairExample` lists; default: read from `config.dataset` /
+            `config.eval_dataset`.
+    """
+
+    def __init__(
+        self,
+        config: DiffusionDPOConfig,
+        sd_pipeline: DDPOStableDiffusionPipeline,
+        reward_function: Callable[..., Any] | None = None,
+        prompt_function: Callable[[], Any] | None = None,
+        train_pairs: Sequence[Any] | None = None,
+        eval_pairs: Sequence[Any] | None = None,
+    ) -> None:
+        config.validate()
+        if not sd_pipeline.use_lora:
+            raise ValueError("sd_pipeline: expected use_lora=True (the reference policy is the UNet without its LoRA)")
+        if config.mode == "online" and (reward_function is None or prompt_function is None):
+            raise ValueError("mode: 'online' needs a reward_function and a prompt_function")
+        self.config, self.sd_pipeline = config, sd_pipeline
+        self.reward_fn, self.prompt_fn = reward_function, prompt_function
+        self.accelerator = build_accelerator(
+            config.output_dir,
+            mixed_precision=config.mixed_precision,
+            log_with=config.log_with,
+            logdir=config.logdir,
+            project_kwargs=config.project_kwargs,
+            accelerator_kwargs=config.accelerator_kwargs,
+        )
+        self.outputs = RunOutputs(config.output_dir, self.accelerator.is_main_process)
+        self.outputs.save_config(config)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        if self.accelerator.is_main_process and config.log_with:
+            self.accelerator.init_trackers(config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs)
+        sd_pipeline.to(self.accelerator.device, inference_dtype(config.mixed_precision))
+        sd_pipeline.set_progress_bar_config(disable=True)
+        self.height = config.sample_height or sd_pipeline.default_size
+        self.width = config.sample_width or sd_pipeline.default_size
+        self.train_data, self.heldout = self._offline_data(train_pairs, eval_pairs)
+        self._data_order: tuple[int, torch.Tensor] = (-1, torch.empty(0))  # (data pass, its permutation)
+
+        self.trainable = sd_pipeline.trainable_parameters()
+        optimizer = _adamw(config, self.trainable)
+        processes = self.accelerator.num_processes
+        # accelerate steps a prepared scheduler once per process per call (its data-parallel convention)
+        lr_scheduler = get_scheduler(
+            config.train_lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.train_lr_warmup_steps * processes,
+            num_training_steps=max(config.num_epochs * self.steps_per_epoch(), 1) * processes,
+        )
+        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(sd_pipeline.unet, optimizer, lr_scheduler)
+        self.checkpointer = Checkpointer(
+            self.accelerator, config.output_dir, config.num_checkpoint_limit, self._save_policy, self._load_policy
+        )
+        self.first_epoch, self.global_step, self.num_nonfinite = 0, 0, 0
+        self.before: dict[str, Any] | None = None
+        self.last_row: dict[str, Any] = {}
+        # a resumed run rewrites what followed its checkpoint; a new one starts its own history
+        resumed_epoch = -1
+        if config.resume_from:
+            state = self.checkpointer.load(config.resume_from)
+            self.first_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
+            self.num_nonfinite, self.before = state["num_nonfinite_rewards"], state["before"]
+            resumed_epoch = state["epoch"]
+        self.outputs.keep_history_until(resumed_epoch)
+
+    # ---- setup -----------------------------------------------------------------------------------------------
+
+    def _offline_data(self, train_pairs: Sequence[Any] | None, eval_pairs: Sequence[Any] | None) -> tuple[Any, Any]:
+        config = self.config
+        resolution = config.resolution or self.sd_pipeline.default_size
+        try:
+            self.sd_pipeline._latent_shape(1, resolution, resolution)
+        except ValueError as error:
+            raise ValueError(f"resolution: {error}") from error
+
+        def read(source: str, split: str, limit: int, field_name: str) -> list:
+            if source.startswith(TOY_DATASET_PREFIX):
+                source = str(toy_pair_files(config, source[len(TOY_DATASET_PREFIX):])[split if split == "test" else "train"])
+            return load_pairs(source, config.dataset_kind, split, config.image_root, config.check_images, limit, field_name)
+
+        cache = Path(config.latent_cache_dir) if config.latent_cache_dir else None
+        train = heldout = None
+        if config.mode == "offline":
+            pairs = train_pairs if train_pairs is not None else read(config.dataset, config.dataset_split, config.max_train_pairs, "dataset")
+            train = PairLatents(pairs, self.sd_pipeline, resolution, cache and cache / "train", config.train_batch_size)
+        if eval_pairs is None and config.eval_dataset:
+            eval_pairs = read(config.eval_dataset, config.eval_dataset_split, config.max_eval_pairs, "eval_dataset")
+        if eval_pairs:
+            heldout = PairLatents(eval_pairs, self.sd_pipeline, resolution, cache and cache / "heldout", config.train_batch_size)
+        return train, heldout
+
+    def steps_per_epoch(self) -> int:
+        """Offline optimizer steps per epoch; online, an upper bound (every group fully paired) for LR schedules."""
+        config, processes = self.config, self.accelerator.num_processes
+        if self.train_data is not None:
+            pairs_per_step = config.train_batch_size * config.train_gradient_accumulation_steps * processes
+            return config.train_steps_per_epoch or math.ceil(len(self.train_data) / pairs_per_step)
+        groups = config.sample_batch_size * config.sample_num_batches_per_epoch // config.group_size
+        per_group = 1 if config.pair_strategy == "best_worst" else config.group_size * (config.group_size - 1) // 2
+        minibatches = math.ceil(groups * per_group / config.train_batch_size)
+        return config.train_num_inner_epochs * math.ceil(minibatches / config.train_gradient_accumulation_steps)
+
+    def _save_policy(self, directory: Path) -> None:
+        save_file(self.sd_pipeline.policy_state_dict(), directory / POLICY_WEIGHTS_FILE)
+
+    def _load_policy(self, directory: Path) -> None:
+        self.sd_pipeline.load_policy_state_dict(load_file(directory / POLICY_WEIGHTS_FILE, device=str(self.accelerator.device)))
+
+    # ---- the loss --------------------------------------------------------------------------------------------
+
+    def reference_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference UNet's prediction: the policy's own UNet with its LoRA disabled, without gradients."""
+        with torch.no_grad(), self.sd_pipeline.reference_policy(), self.accelerator.autocast():
+            return self.sd_pipeline.predict_noise(noisy, timesteps, conditioning, 1.0)
+
+    def pair_errors(self, batch: PairBatch, generator: torch.Generator, with_grad: bool = True) -> dict[str, torch.Tensor]:
+        """Per-image denoising errors [B] of the policy and the reference on both images of each pair, with one noise
+        draw and one timestep per pair (from `generator`), shared by its two images."""
+        scheduler = self.sd_pipeline.scheduler
+        count = len(batch.chosen)
+        noise = torch.randn(batch.chosen.shape, generator=generator).to(batch.chosen.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator)
+        latents, noise, timesteps = torch.cat([batch.chosen, batch.rejected]), noise.repeat(2, 1, 1, 1), timesteps.repeat(2).to(noise.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        elif prediction_type == "sample":
+            target = latents
+        else:
+            raise ValueError(f"scheduler prediction_type: expected epsilon, v_prediction or sample, got {prediction_type}")
+        with torch.enable_grad() if with_grad else torch.no_grad():
+            prediction = self.sd_pipeline.predict_noise(noisy, timesteps, batch.conditioning, 1.0, unet=self.unet)
+            model = ((prediction - target.float()) ** 2).mean(dim=(1, 2, 3))
+        reference = ((self.reference_prediction(noisy, timesteps, batch.conditioning) - target.float()) ** 2).mean(dim=(1, 2, 3))
+        return {
+            "model_chosen": model[:count], "model_rejected": model[count:],
+            "reference_chosen": reference[:count], "reference_rejected": reference[count:],
+        }
+
+    def pair_loss(self, batch: PairBatch, generator: torch.Generator, with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The minibatch loss (mean over pairs of the DPO loss + `sft_weight` * policy error on the chosen image) and
+        the per-pair sums of `STAT_NAMES` (float64, CPU)."""
+        config = self.config
+        errors = self.pair_errors(batch, generator, with_grad)
+        losses, margin = diffusion_dpo_loss(
+            errors["model_chosen"], errors["model_rejected"], errors["reference_chosen"], errors["reference_rejected"],
+            config.beta, config.loss_type,
+        )
+        per_pair = losses + config.sft_weight * errors["model_chosen"]
+        with torch.no_grad():
+            scale = config.beta / 2
+            columns = [
+                per_pair, losses, (margin > 0).float() + 0.5 * (margin == 0).float(), margin,
+                scale * (errors["reference_chosen"] - errors["model_chosen"]),
+                scale * (errors["reference_rejected"] - errors["model_rejected"]),
+                errors["model_chosen"], errors["model_rejected"], errors["reference_chosen"], errors["reference_rejected"],
+            ]
+            stats = torch.cat([torch.stack([c.detach().sum() for c in columns]), torch.tensor([float(len(losses))], device=losses.device)])
+        return per_pair.mean(), stats.double().cpu()
+
+    def training_step(self, batches: Sequence[PairBatch], generator: torch.Generator) -> torch.Tensor:
+        """One optimizer step over the minibatches `batches` (gradients accumulated, synchronised on the last);
+        returns the summed per-pair statistics."""
+        totals = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64)
+        self.unet.train()
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
+                loss, stats = self.pair_loss(batch, generator)
+                self.accelerator.backward(loss / len(batches))
+            totals += stats
+        self.accelerator.clip_grad_norm_(self.trainable, self.config.train_max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+        self.global_step += 1
+        return totals
+
+    def _summarise(self, totals: torch.Tensor, prefix: str = "") -> dict[str, float]:
+        totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
+        count = float(totals[-1])
+        values = {f"{prefix}{name}": float(totals[i]) / count if count else float("nan") for i, name in enumerate(STAT_NAMES)}
+        return {**values, f"{prefix}num_pairs": int(count)}
+
+    # ---- offline ---------------------------------------------------------------------------------------------
+
+    def _offline_indices(self, microbatch: int) -> list[int]:
+        """This process's pairs for the run's `microbatch`-th minibatch: passes over the data in a seeded order
+        each, so any epoch is known from its number alone (exact resume)."""
+        size, rank, world = self.config.train_batch_size, self.accelerator.process_index, self.accelerator.num_processes
+        count = len(self.train_data)
+        first = (microbatch * world + rank) * size
+        indices = []
+        for position in range(first, first + size):
+            data_pass = position // count
+            if self._data_order[0] != data_pass:
+                order = torch.randperm(count, generator=seeded_generator(self.config.seed, data_pass, SHUFFLING))
+                self._data_order = (data_pass, order)
+            indices.append(int(self._data_order[1][position % count]))
+        return indices
+
+    def train_offline_epoch(self, epoch: int) -> dict[str, float]:
+        config, accumulation = self.config, self.config.train_gradient_accumulation_steps
+        generator = seeded_generator(config.seed, epoch, self.accelerator.process_index, NOISE)
+        totals = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64)
+        steps = self.steps_per_epoch()
+        for step in tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=not self.accelerator.is_local_main_process):
+            first = (epoch * steps + step) * accumulation
+            batches = [self.train_data.batch(self._offline_indices(first + k)) for k in range(accumulation)]
+            totals += self.training_step(batches, generator)
+        return self._summarise(totals)
+
+    @torch.no_grad()
+    def evaluate_heldout(self) -> dict[str, float] | None:
+        """Implicit accuracy, loss and reward margin on the held-out pairs, `heldout_noise_draws` fixed draws each
+        (the same draws before and after training). Accuracy counts a zero margin as 0.5, so the initial policy
+        (equal to the reference) scores exactly 0.5."""
+        if self.heldout is None:
+            return None
+        self.unet.eval()
+        size, rank, world = self.config.train_batch_size, self.accelerator.process_index, self.accelerator.num_processes
+        totals = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64)
+        for start in range(rank * size, len(self.heldout), size * world):
+            batch = self.heldout.batch(range(start, min(start + size, len(self.heldout))))
+            for draw in range(self.config.heldout_noise_draws):
+                generator = seeded_generator(self.config.seed, HELDOUT_STREAM, start, draw)
+                totals += self.pair_loss(batch, generator, with_grad=False)[1]
+        summary = self._summarise(totals)
+        return {
+            "implicit_accuracy": summary["implicit_accuracy"], "loss": summary["dpo_loss"],
+            "implicit_reward_margin": summary["implicit_reward_margin"], "num_pairs": len(self.heldout),
+            "noise_draws": self.config.heldout_noise_draws,
+        }
+
+    # ---- online ----------------------------------------------------------------------------------------------
+
+    def _sample(self, prompts: list[str], generator: torch.Generator) -> Any:
+        negative = [self.config.negative_prompts] * len(prompts) if self.config.negative_prompts else None
+        return self.sd_pipeline(
+            prompts, height=self.height, width=self.width, num_inference_steps=self.config.sample_num_steps,
+            guidance_scale=self.config.sample_guidance_scale, negative_prompt=negative, eta=self.config.sample_eta,
+            generator=generator,
+        )
+
+    def sample_round(self, epoch: int) -> tuple[OnlineRound, dict[str, float]]:
+        """Sample K images for each drawn prompt with the current policy, score them and pair them."""
+        config, rank = self.config, self.accelerator.process_index
+        reseed_global_rngs(config.seed, epoch, rank)
+        generator = seeded_generator(config.seed, epoch, rank, SAMPLING)
+        prompts, metadata = [], []
+        for _ in range(config.sample_batch_size * config.sample_num_batches_per_epoch // config.group_size):
+            drawn = self.prompt_fn()
+            prompt, meta = drawn if isinstance(drawn, tuple) else (drawn, {})
+            prompts += [prompt] * config.group_size
+            metadata += [meta] * config.group_size
+        self.unet.eval()
+        latents, conditioning, images, rewards, perspectives = [], [], [], [], {}
+        timings = {"time_sampling": 0.0, "time_reward": 0.0}
+        for start in range(0, len(prompts), config.sample_batch_size):
+            chunk = prompts[start : start + config.sample_batch_size]
+            began = time.perf_counter()
+            output = self._sample(chunk, generator)
+            timings["time_sampling"] += time.perf_counter() - began
+            began = time.perf_counter()
+            batch_rewards, info = reward_call(self.reward_fn, output.images, chunk, metadata[start : start + len(chunk)])
+            timings["time_reward"] += time.perf_counter() - began
+            latents.append(output.latents[-1])
+            conditioning.append({k: v for k, v in output.conditioning.items() if not k.startswith("negative_")})
+            images.append(output.images.float().cpu())
+            rewards.append(batch_rewards)
+            for name, values in perspective_values(info).items():
+                perspectives.setdefault(name, []).append(values)
+        rewards_all = torch.cat(rewards)
+        round_ = OnlineRound(
+            prompts=prompts,
+            latents=torch.cat(latents),
+            conditioning={key: torch.cat([c[key] for c in conditioning]) for key in conditioning[0]},
+            images=torch.cat(images),
+            rewards=rewards_all,
+            perspectives={name: torch.cat(values) for name, values in perspectives.items()},
+            pairs=build_preference_pairs(rewards_all, config.group_size, config.pair_strategy, config.pair_margin),
+        )
+        return round_, timings
+
+    def save_round(self, epoch: int, round_: OnlineRound) -> Path:
+        """Write the round's pairs (prompt, rewards, per-perspective scores and, if asked, the two images as PNG) to
+        `pairs/round_<epoch>[_rank<r>].jsonl`, a file `reward.data.load_preferences` reads back as pairs."""
+        rank = self.accelerator.process_index
+        suffix = f"_rank{rank}" if self.accelerator.num_processes > 1 else ""
+        directory = Path(self.config.output_dir) / "pairs"
+        image_dir = f"round_{epoch:04d}{suffix}"
+        rows = []
+        for chosen, rejected in round_.pairs:
+            row: dict[str, Any] = {"prompt": round_.prompts[chosen], "round": epoch}
+            for role, index in (("chosen", chosen), ("rejected", rejected)):
+                if self.config.save_pair_images:
+                    row[role] = f"{image_dir}/sample_{index:04d}.png"
+                    save_image_grid(round_.images[index : index + 1], directory / row[role], columns=1)
+                row[f"{role}_index"] = index
+                row[f"{role}_reward"] = float(round_.rewards[index])
+                if round_.perspectives:
+                    row[f"{role}_scores"] = {name: float(v[index]) for name, v in round_.perspectives.items()}
+            rows.append(row)
+        path = directory / f"{image_dir}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return path
+
+    def train_online_round(self, epoch: int, round_: OnlineRound) -> dict[str, float]:
+        """`train_num_inner_epochs` shuffled passes over the round's pairs. Every process runs the same number of
+        minibatches (the fewest any process can fill), so that gradient synchronisation lines up."""
+        config, accelerator = self.config, self.accelerator
+        rank = accelerator.process_index
+        order_generator = seeded_generator(config.seed, epoch, rank, SHUFFLING)
+        noise_generator = seeded_generator(config.seed, epoch, rank, NOISE)
+        local = torch.tensor([math.ceil(len(round_.pairs) / config.train_batch_size)], device=accelerator.device)
+        minibatches = int(accelerator.gather(local).min())
+        totals = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64)
+        for _ in range(config.train_num_inner_epochs if minibatches else 0):
+            order = torch.randperm(len(round_.pairs), generator=order_generator)
+            chunks = [order[i * config.train_batch_size : (i + 1) * config.train_batch_size] for i in range(minibatches)]
+            for start in range(0, minibatches, config.train_gradient_accumulation_steps):
+                window = chunks[start : start + config.train_gradient_accumulation_steps]
+                totals += self.training_step([round_.batch(chunk) for chunk in window], noise_generator)
+        return self._summarise(totals)
+
+    def online_epoch(self, epoch: int) -> dict[str, Any]:
+        round_, timings = self.sample_round(epoch)
+        accelerator = self.accelerator
+        rewards = accelerator.gather(round_.rewards.to(accelerator.device)).cpu().double()
+        finite = rewards[torch.isfinite(rewards)]
+        self.num_nonfinite += len(rewards) - len(finite)
+        gaps = torch.tensor([float(round_.rewards[c] - round_.rewards[r]) for c, r in round_.pairs], dtype=torch.float64)
+        gap_sum = accelerator.reduce(torch.tensor([gaps.sum(), len(gaps)], dtype=torch.float64, device=accelerator.device), "sum").cpu()
+        row: dict[str, Any] = {
+            "reward_mean": float(finite.mean()) if len(finite) else float("nan"),
+            "reward_std": float(finite.std(unbiased=False)) if len(finite) else float("nan"),
+            "num_nonfinite_rewards": len(rewards) - len(finite),
+            "round_pairs": int(gap_sum[1]),
+            "pair_reward_gap_mean": float(gap_sum[0] / gap_sum[1]) if gap_sum[1] else float("nan"),
+        }
+        for name, values in round_.perspectives.items():
+            gathered = accelerator.gather(values.to(accelerator.device)).cpu().double()
+            row[f"reward_{name}_mean"] = float(gathered[torch.isfinite(gathered)].mean())
+        self.save_round(epoch, round_)
+        if accelerator.is_main_process and self.config.num_grid_images > 0:
+            self.outputs.save_grid(round_.images[: self.config.num_grid_images], f"samples/epoch_{epoch:04d}.png")
+        began = time.perf_counter()
+        row.update(self.train_online_round(epoch, round_))
+        return {**row, **timings, "time_training": time.perf_counter() - began}
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+
+    def step(self, epoch: int) -> dict[str, Any]:
+        """One epoch (offline: `steps_per_epoch()` optimizer steps; online: one round): train, log, checkpoint."""
+        began = time.perf_counter()
+        if self.config.mode == "offline":
+            row = self.train_offline_epoch(epoch)
+        else:
+            row = self.online_epoch(epoch)
+        row = {"epoch": epoch, "global_step": self.global_step, **row, "lr": self.lr_scheduler.get_last_lr()[0],
+               "time_epoch": time.perf_counter() - began, "peak_memory_mb": peak_memory_mb(self.accelerator.device)}
+        self.outputs.append_history(row)
+        if self.config.log_with:
+            self.accelerator.log(row, step=epoch)
+        if (epoch + 1) % self.config.save_freq == 0 or epoch == self.config.num_epochs - 1:
+            state = {"global_step": self.global_step, "num_nonfinite_rewards": self.num_nonfinite, "before": self.before}
+            self.checkpointer.save(epoch, state)
+        self.last_row = row
+        return row
+
+    def evaluate(self, grid_name: str | None = None) -> dict[str, Any] | None:
+        """Mean reward of the policy's samples on the evaluation prompts and seeds (see `trainers.common.evaluate`);
+        None without a reward function."""
+        if self.reward_fn is None:
+            return None
+        self.unet.eval()
+        metrics, images = evaluate(
+            lambda chunk, generator: self._sample(chunk, generator).images, self.reward_fn, self.eval_prompts(),
+            self.config.eval_seeds, batch_size=self.config.sample_batch_size, accelerator=self.accelerator,
+        )
+        if grid_name and images is not None:
+            self.outputs.save_grid(images, grid_name)
+        return metrics
+
+    def eval_prompts(self) -> list[str]:
+        """`eval_prompts`; else the first 8 distinct offline training prompts unless they are toy prompts; else the
+        toy EVAL_PROMPTS."""
+        if self.config.eval_prompts:
+            return list(self.config.eval_prompts)
+        from rlhf.toy import EVAL_PROMPTS
+
+        if self.train_data is not None and not are_toy_prompts(self.train_data.prompts(64)):
+            return list(dict.fromkeys(self.train_data.prompts(64)))[:8]
+        return list(EVAL_PROMPTS)
+
+    def train(self, epochs: int | None = None) -> dict[str, Any]:
+        """Evaluate, train from `first_epoch` to `epochs` (default `num_epochs`), evaluate again; write
+        `metrics.json` (eval_before/eval_after, heldout_before/heldout_after), the curves and `output_dir/lora`."""
+        end = self.config.num_epochs if epochs is None else epochs
+        if self.before is None:
+            self.before = {"eval": self.evaluate("eval_before.png"), "heldout": self.evaluate_heldout()}
+        progress = tqdm(range(self.first_epoch, end), desc="DPO epochs", disable=not self.accelerator.is_local_main_process)
+        for epoch in progress:
+            row = self.step(epoch)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_accuracy']:.3f}")
+        metrics = {
+            "mode": self.config.mode,
+            "eval_before": self.before["eval"],
+            "eval_after": self.evaluate("eval_after.png"),
+            "heldout_before": self.before["heldout"],
+            "heldout_after": self.evaluate_heldout(),
+            "epochs": end,
+            "global_step": self.global_step,
+            "num_nonfinite_rewards": self.num_nonfinite,
+        }
+        self.outputs.write_metrics(metrics)
+        self.outputs.plot_history(["loss", "implicit_accuracy", "implicit_reward_margin", "reward_mean"])
+        self.accelerator.wait_for_everyone()
+        self.sd_pipeline.save_pretrained(Path(self.config.output_dir) / "lora", self.accelerator.is_main_process)
+        self.accelerator.end_training()
+        return metrics
+
+
+def _adamw(config: DiffusionDPOConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.train_use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        parameters,
+        lr=config.train_learning_rate,
+        betas=(config.train_adam_beta1, config.train_adam_beta2),
+        weight_decay=config.train_adam_weight_decay,
+        eps=config.train_adam_epsilon,
+    )
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str]) -> int:
+    """`rlhf train dpo --config configs/dpo/X.yaml [--output_dir DIR] [--field value ...]`."""
+    from rlhf.config import parse_config
+    from rlhf.reward_fn import build_reward
+
+    (config,) = parse_config(DiffusionDPOConfig, argv)
+    config.validate()
+    prompt_function = None
+    if config.mode == "online":
+        prompts = load_training_prompts(config)
+        if not config.eval_prompts and not are_toy_prompts(prompts):
+            config.eval_prompts = prompts[:8]
+        prompt_function = uniform_prompt_function(prompts)
+    reward = build_reward(config.reward) if config.reward else None
+    trainer = DiffusionDPOTrainer(config, load_policy(config), reward_function=reward, prompt_function=prompt_function)
+    metrics = trainer.train()
+    if trainer.accelerator.is_main_process:
+        for key in ("eval", "heldout"):
+            before, after = metrics[f"{key}_before"], metrics[f"{key}_after"]
+            if key == "eval" and before:
+                print(f"eval reward {before['reward_mean']:.4f} ± {before['reward_std']:.4f} -> "
+                      f"{after['reward_mean']:.4f} ± {after['reward_std']:.4f} (std over seeds)")
+            elif key == "heldout" and before:
+                print(f"held-out implicit accuracy {before['implicit_accuracy']:.3f} -> {after['implicit_accuracy']:.3f} "
+                      f"({before['num_pairs']} pairs x {before['noise_draws']} draws)")
+        print(f"outputs in {config.output_dir}")
+    return 0
