@@ -161,7 +161,8 @@ def zero_order_search(pipeline: DDPOStableDiffusionPipeline, prompt: str, reward
     candidates, candidate_rewards, history, pivot_index = [pivot_image], [pivot_reward.reshape(1)], [], 0
     for round_index in range(rounds):
         neighbours = sphere_neighbours(pivot, n_neighbours, cosine, generator)
-        images = torch.cat([run(neighbours[i: i + 1]) for i in range(n_neighbours)])
+        # deterministic sampling (eta = 0) batches the neighbours; otherwise each replays the pivot's step noise
+        images = run(neighbours) if eta == 0 else torch.cat([run(neighbours[i: i + 1]) for i in range(n_neighbours)])
         rewards = _rewards(reward_fn, images, prompt)
         best = int(rewards.argmax())
         accepted = bool(rewards[best] > pivot_reward)

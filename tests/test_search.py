@@ -13,7 +13,8 @@ from rlhf.search import best_of_n, effective_sample_size, fk_steering, sphere_ne
 from rlhf.testing import toy_generator_path
 from rlhf.toy import EVAL_PROMPTS, colour_score
 
-STEPS = 8
+STEPS = 6
+GUIDANCE = 3.0  # the toy generator follows prompts best at low guidance (see its toy_generator.json)
 PROMPTS = EVAL_PROMPTS[::3]  # one prompt per colour
 
 
@@ -30,9 +31,10 @@ def pipeline():
 
 def test_best_of_8_beats_best_of_1_on_the_same_seeds(pipeline):
     one, eight = [], []
-    for seed, prompt in enumerate(PROMPTS):
-        single = best_of_n(pipeline, prompt, colour_reward, n=1, num_inference_steps=STEPS, seed=seed)
-        many = best_of_n(pipeline, prompt, colour_reward, n=8, num_inference_steps=STEPS, seed=seed)
+    for seed, prompt in enumerate(PROMPTS[:3]):
+        options = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=seed)
+        single = best_of_n(pipeline, prompt, colour_reward, n=1, **options)
+        many = best_of_n(pipeline, prompt, colour_reward, n=8, **options)
         # the first candidate is plain sampling's draw with this seed: best-of-1 is exactly it
         assert float(many.candidate_rewards[0]) == pytest.approx(single.reward, abs=1e-6)
         assert many.reward == float(many.candidate_rewards.max())
@@ -44,14 +46,17 @@ def test_best_of_8_beats_best_of_1_on_the_same_seeds(pipeline):
 
 
 def test_zero_order_search_never_ends_below_its_pivot(pipeline):
-    for seed, prompt in enumerate(PROMPTS[:3]):
-        result = zero_order_search(pipeline, prompt, colour_reward, n_neighbours=3, rounds=2, cosine=0.9,
-                                   num_inference_steps=STEPS, seed=seed)
+    for seed, prompt in enumerate(PROMPTS[:2]):
+        result = zero_order_search(pipeline, prompt, colour_reward, n_neighbours=2, rounds=2, cosine=0.9,
+                                   num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=seed)
         pivot_reward = float(result.candidate_rewards[0])
         assert result.reward >= pivot_reward
         assert result.reward == pytest.approx(float(result.candidate_rewards[result.index]))
-        assert (result.nfe, result.reward_calls) == ((1 + 2 * 3) * STEPS * 2, 1 + 2 * 3)
-        assert len(result.candidate_rewards) == 1 + 2 * 3
+        assert (result.nfe, result.reward_calls) == ((1 + 2 * 2) * STEPS * 2, 1 + 2 * 2)
+        assert len(result.candidate_rewards) == 1 + 2 * 2
+    with_noise = zero_order_search(pipeline, PROMPTS[0], colour_reward, n_neighbours=2, rounds=1, eta=1.0,
+                                   num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=0)
+    assert with_noise.reward >= float(with_noise.candidate_rewards[0])
 
 
 def test_sphere_neighbours_keep_norm_and_cosine():
@@ -66,8 +71,8 @@ def test_sphere_neighbours_keep_norm_and_cosine():
 def test_fk_without_potential_or_resampling_is_plain_sampling(pipeline):
     prompt = PROMPTS[0]
     result = fk_steering(pipeline, prompt, colour_reward, particles=4, lam=0.0, resampling="none",
-                         resample_every=2, num_inference_steps=STEPS, seed=7)
-    plain = pipeline([prompt] * 4, num_inference_steps=STEPS, guidance_scale=5.0, eta=1.0,
+                         resample_every=2, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=7)
+    plain = pipeline([prompt] * 4, num_inference_steps=STEPS, guidance_scale=GUIDANCE, eta=1.0,
                      generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(result.candidates, plain.images, atol=0, rtol=0)
     resampling_steps = STEPS // 2 - 1  # every 2 steps, never at the last one
@@ -76,14 +81,14 @@ def test_fk_without_potential_or_resampling_is_plain_sampling(pipeline):
 
 def test_fk_steering_with_a_potential_beats_plain_sampling(pipeline):
     steered, plain = [], []
-    for seed in range(4):
+    for seed in range(2):
         for prompt in PROMPTS[:3]:
-            kwargs = dict(particles=4, resample_every=2, num_inference_steps=STEPS, seed=seed)
+            kwargs = dict(particles=4, resample_every=2, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=seed)
             steered.append(float(fk_steering(pipeline, prompt, colour_reward, lam=20.0, **kwargs)
                                  .candidate_rewards.mean()))
             plain.append(float(fk_steering(pipeline, prompt, colour_reward, lam=0.0, resampling="none", **kwargs)
                                .candidate_rewards.mean()))
-    # the mean over particles, not the best one: steering must move the whole population
+    # the mean over particles, not the best one: steering must move the whole population (measured: 0.321 vs 0.293)
     margin = 0.01
     assert sum(steered) / len(steered) > sum(plain) / len(plain) + margin, (plain, steered)
 
