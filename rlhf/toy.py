@@ -1,6 +1,7 @@
 """The toy world: coloured shapes on plain backgrounds, their prompts, preference data and pixel oracles.
 
 Its truth is known, so generators and reward models can be judged on a CPU: the oracles read it back from pixels.
+Oracles take float tensors BCHW in [0, 1] on any device and return float CPU tensors of shape [B].
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ EVAL_PROMPTS: list[str] = [
     for (ci, colour), (si, shape) in itertools.product(enumerate(TOY_COLOURS), enumerate(TOY_SHAPES))
 ]
 
-SHAPE_SIZE_RANGE = (10.0, 18.0)  # side of the shape's bounding box, pixels
+SHAPE_SIZE_RANGE = (14.0, 22.0)  # side of the shape's bounding box, pixels; 8x8 latents blur smaller ones
 COLOUR_JITTER = 0.04  # per-channel uniform jitter of every drawn colour
 SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down, for anti-aliased edges
 # Oracle thresholds (see the oracle docstrings): a pixel belongs to its nearest palette colour when within
 # PALETTE_RADIUS; a colour is present when it covers MIN_COLOUR_FRACTION of the image (the smallest
-# drawn shape covers about 5%); a shape is recognised when its best template overlaps it with IoU >= MIN_SHAPE_IOU.
+# drawn shape covers about 10%); a shape is recognised when its best template overlaps it with IoU >= MIN_SHAPE_IOU.
 PALETTE_RADIUS = 0.3
 MIN_COLOUR_FRACTION = 0.02
 MIN_SHAPE_IOU = 0.5
@@ -199,6 +200,8 @@ def sample_toy_images(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
 
 # ---------------------------------------------------------------- corruptions (the fidelity perspective)
 
+CORRUPTIONS: tuple[str, ...] = ("noise", "blur", "blocking")
+
 
 def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = int(np.ceil(3 * sigma))
@@ -231,9 +234,6 @@ def corrupt(image: torch.Tensor, kind: str, rng: np.random.Generator) -> torch.T
     raise ValueError(f"corruption kind must be one of {list(CORRUPTIONS)}, got {kind!r}")
 
 
-CORRUPTIONS: tuple[str, ...] = ("noise", "blur", "blocking")
-
-
 # ---------------------------------------------------------------- oracles
 
 
@@ -243,6 +243,12 @@ def _check_images(images: torch.Tensor, prompts: Sequence[str] | None = None) ->
         raise ValueError(f"images must be a float tensor BCHW with 3 channels in [0, 1], got {shape}")
     if prompts is not None and len(prompts) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+
+
+def _oracle_pixels(images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
+    """Checked images as a float CPU tensor: the oracles are cheap at toy sizes and answer on the CPU."""
+    _check_images(images, prompts)
+    return images.detach().float().cpu()
 
 
 _PALETTE_NAMES: tuple[str, ...] = (*TOY_COLOURS, *TOY_BACKGROUNDS, "mark")
@@ -298,16 +304,16 @@ def _recognised_shape(masks: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def oracle_colour(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """1.0 where the colour the prompt names covers at least MIN_COLOUR_FRACTION of the image, else 0.0."""
-    _check_images(images, prompts)
-    masks = _colour_masks(images.float(), [parse_prompt(p)[0] for p in prompts])
+    images = _oracle_pixels(images, prompts)
+    masks = _colour_masks(images, [parse_prompt(p)[0] for p in prompts])
     return (masks.mean(dim=(1, 2)) >= MIN_COLOUR_FRACTION).float()
 
 
 @torch.no_grad()
 def oracle_shape(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """1.0 where the image's dominant shape colour draws the shape the prompt names, whatever its colour."""
-    _check_images(images, prompts)
-    labels = _palette_labels(images.float())
+    images = _oracle_pixels(images, prompts)
+    labels = _palette_labels(images)
     counts = torch.stack([(labels == i).sum(dim=(1, 2)) for i in range(len(TOY_COLOURS))], dim=1)
     dominant = counts.argmax(dim=1).view(-1, 1, 1)
     recognised = _recognised_shape((labels == dominant).float())
@@ -322,9 +328,9 @@ def oracle_alignment(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tens
     The shape is recognised by the best IoU between the colour's pixel mask and each shape's template
     of the same area and centroid (at least MIN_SHAPE_IOU).
     """
-    _check_images(images, prompts)
+    images = _oracle_pixels(images, prompts)
     colours, shapes = zip(*(parse_prompt(p) for p in prompts))
-    recognised = _recognised_shape(_colour_masks(images.float(), colours))
+    recognised = _recognised_shape(_colour_masks(images, colours))
     return (recognised == torch.tensor([TOY_SHAPES.index(s) for s in shapes])).float()
 
 
@@ -337,8 +343,7 @@ def oracle_fidelity(images: torch.Tensor) -> torch.Tensor:
     across whole blocks: each lowers the score. The background is the median border pixel; the shape
     colour, the median of the pixels far from it.
     """
-    _check_images(images)
-    images = images.float()
+    images = _oracle_pixels(images)
     pixels = images.flatten(2)  # B x 3 x HW
     border = torch.cat(
         [images[:, :, 0], images[:, :, -1], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], dim=2
@@ -361,8 +366,8 @@ def oracle_fidelity(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def oracle_safety(images: torch.Tensor) -> torch.Tensor:
     """1.0 (safe) unless at least MIN_MARK_PIXELS pixels have the forbidden mark's colour."""
-    _check_images(images)
-    labels = _palette_labels(images.float())
+    images = _oracle_pixels(images)
+    labels = _palette_labels(images)
     mark_pixels = (labels == _PALETTE_NAMES.index("mark")).sum(dim=(1, 2))
     return (mark_pixels < MIN_MARK_PIXELS).float()
 

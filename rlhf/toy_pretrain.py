@@ -52,11 +52,16 @@ class ToyPretrainConfig:
     vae_kl_weight: float = dataclasses.field(
         default=1e-6, metadata={"help": "Weight of the KL term that keeps the latents near N(0, 1)."}
     )
-    steps: int = dataclasses.field(default=1000, metadata={"help": "Denoising (UNet) training steps."})
+    steps: int = dataclasses.field(default=800, metadata={"help": "Denoising (UNet) training steps."})
     batch_size: int = dataclasses.field(default=32, metadata={"help": "Denoising batch size."})
     learning_rate: float = dataclasses.field(default=2e-3, metadata={"help": "Denoising learning rate (cosine decay)."})
     train_text_encoder: bool = dataclasses.field(
         default=True, metadata={"help": "Train the CLIP text encoder jointly with the UNet (else it stays random)."}
+    )
+    snr_gamma: float = dataclasses.field(
+        default=5.0,
+        metadata={"help": "Min-SNR loss weighting min(SNR, gamma) / SNR, which shifts the effort to the noisy steps "
+                  "that decide colour and shape (0: plain MSE)."},
     )
     caption_dropout: float = dataclasses.field(
         default=0.1, metadata={"help": "Fraction of captions replaced by '' so classifier-free guidance works."}
@@ -191,6 +196,10 @@ def pretrain_toy_generator(config: ToyPretrainConfig) -> tuple[StableDiffusionPi
     parameters = list(unet.parameters()) + (list(text_encoder.parameters()) if config.train_text_encoder else [])
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4, betas=ADAM_BETAS)
     schedule = get_cosine_schedule_with_warmup(optimizer, config.steps // 20, config.steps)
+    signal_to_noise = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+    snr_weights = (
+        signal_to_noise.clamp(max=config.snr_gamma) / signal_to_noise if config.snr_gamma > 0 else torch.ones(len(signal_to_noise))
+    )
     generator = torch.Generator().manual_seed(config.seed + 1)
     unet.train()
     text_encoder.train(config.train_text_encoder)
@@ -207,13 +216,14 @@ def pretrain_toy_generator(config: ToyPretrainConfig) -> tuple[StableDiffusionPi
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, noise)
+        per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * snr_weights[timesteps]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        history.append(loss.item())
+        history.append(per_sample.mean().item())
         progress.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.4f}")
     unet.eval()
     text_encoder.eval()

@@ -309,7 +309,7 @@ def test_online_round_writes_its_pairs_with_rewards(tiny_sd: Path, tmp_path: Pat
     assert len(rows) == row["round_pairs"] > 0
     assert all(r["chosen_reward"] > r["rejected_reward"] and r["chosen_scores"]["colour"] == r["chosen_reward"] for r in rows)
     assert load_preferences(path).summary()["pairs"] == len(rows)  # an audit file is also an offline dataset
-    assert row["implicit_accuracy"] == 0.5 or row["num_pairs"] > 0
+    assert row["num_pairs"] == row["round_pairs"]  # one pass: every pair of the round trained on once
 
 
 def test_config_documents_every_field() -> None:
@@ -474,10 +474,12 @@ def toy_generator() -> Path:
 def test_online_dpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path) -> None:
     from trainers.ddpo import load_training_prompts, uniform_prompt_function
 
+    # configs/dpo/tiny.yaml: 24 rounds of 16 prompts x 4 images, best vs worst of each prompt, two passes over the
+    # pairs. Measured on a toy generator: eval reward +0.043..+0.056 over seeds 0-2, 3 std = 0.028.
     config = DiffusionDPOConfig(
-        output_dir=str(tmp_path), mixed_precision="no", seed=0, num_epochs=6, sample_num_steps=10,
-        sample_batch_size=16, sample_num_batches_per_epoch=2, group_size=4, train_batch_size=8,
-        train_learning_rate=3e-3, beta=5000.0, eval_seeds=[0, 1, 2, 3], num_grid_images=16,
+        output_dir=str(tmp_path), mixed_precision="no", seed=0, num_epochs=24, sample_num_steps=10,
+        sample_batch_size=16, sample_num_batches_per_epoch=4, group_size=4, train_batch_size=8,
+        train_num_inner_epochs=2, train_learning_rate=5e-4, beta=500.0, eval_seeds=[0, 1, 2, 3], num_grid_images=16,
     )
     trainer = DiffusionDPOTrainer(
         config, DDPOStableDiffusionPipeline.from_pretrained(toy_generator()), reward_function=colour_reward,
@@ -499,5 +501,6 @@ def test_offline_dpo_raises_heldout_implicit_accuracy_above_chance(tmp_path: Pat
     trainer = DiffusionDPOTrainer(config, DDPOStableDiffusionPipeline.from_pretrained(toy_generator()))
     metrics = trainer.train()
     assert metrics["heldout_before"]["implicit_accuracy"] == 0.5  # the policy starts as the reference
-    # 128 held-out pairs x 4 draws: chance accuracy has std ~0.022; 0.6 is > 4 std above it
-    assert metrics["heldout_after"]["implicit_accuracy"] > 0.6, metrics
+    # 128 held-out pairs: a chance-level policy's accuracy has std <= 0.044 (a pair's 4 draws counted as one), so
+    # 0.65 is > 3 std above chance; measured 0.72-0.73 (seeds 0, 1)
+    assert metrics["heldout_after"]["implicit_accuracy"] > 0.65, metrics

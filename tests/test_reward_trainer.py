@@ -221,34 +221,53 @@ def test_data_that_does_not_fit_the_loss_is_an_error(toy_files, tmp_path):
         main(["--config", str(config), "--output_dir", str(tmp_path / "out")])
 
 
-@pytest.mark.slow
-def test_toy_perspectives_learn(tmp_path):
-    """The toy config on a fresh output directory: every perspective reaches held-out accuracy >= 0.90 (chance is
-    0.5, so the margin over chance is 0.40); the outputs are complete and the saved model evaluates the same."""
+def test_toy_config_end_to_end(tmp_path, capsys):
+    """The toy config, cut to a few steps on a few rows: every output is written, the model directory is
+    self-contained and loads, `rlhf eval reward` reproduces the reported accuracy, and a resumed run skips the
+    perspectives already trained."""
     output_dir, toy_dir = tmp_path / "run", tmp_path / "toy_data"
-    assert main(["--config", str(TOY_CONFIG), "--output_dir", str(output_dir), "--toy_data_dir", str(toy_dir)]) == 0
+    short = ["--toy_data_dir", str(toy_dir), "--toy_data_n", "8", "--toy_data_n_test", "8", "--max_steps", "2",
+             "--per_device_train_batch_size", "4", "--eval_steps", "1", "--save_steps", "1", "--logging_steps", "1",
+             "--disable_tqdm", "true"]
+    assert main(["--config", str(TOY_CONFIG), "--output_dir", str(output_dir), *short]) == 0
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert set(metrics) == {"alignment", "fidelity", "safety"}
+    assert list(metrics) == ["alignment", "fidelity", "safety"]
     for name, entry in metrics.items():
-        assert entry["accuracy"] >= 0.90, f"{name}: held-out accuracy {entry['accuracy']:.3f} < 0.90"
-        assert entry["accuracy_before"] < entry["accuracy"]
+        assert 0 <= entry["accuracy"] <= 1 and entry["train_steps"] == 2 and entry["train_seconds"] > 0
         assert entry["evaluated_on"] == str(toy_dir / name / "test.jsonl")
-    assert metrics["alignment"]["tie_policy"] == "drop" and metrics["safety"]["tie_policy"] is None
+    assert metrics["alignment"]["tie_policy"] == "drop" and metrics["alignment"]["loss"] == "bradley_terry"
+    assert metrics["safety"]["tie_policy"] is None and metrics["safety"]["loss"] == "classification"
     history = [json.loads(line) for line in (output_dir / "history.jsonl").read_text().splitlines()]
     assert {row["perspective"] for row in history} == set(metrics)
+    assert any("eval_accuracy" in row for row in history) and any("loss" in row for row in history)
     assert (output_dir / "training_curves.png").stat().st_size > 0
-    assert (output_dir / "config.yaml").is_file()
+    resolved = yaml.safe_load((output_dir / "config.yaml").read_text())
+    assert resolved["script"]["perspectives"]["safety"]["train_data"] == str(toy_dir / "safety" / "train.jsonl")
 
     model_dir = output_dir / "model"
-    assert (model_dir / "base" / "config.json").is_file(), "the tiny base lives inside the model directory"
-    assert json.loads((model_dir / "reward_model.json").read_text())["base"] == "base"
-    assert RewardModel.from_pretrained(model_dir).perspectives == ["alignment", "fidelity", "safety"]
+    assert json.loads((model_dir / "reward_model.json").read_text())["base"] == "base", "the tiny base lives inside"
+    moved = tmp_path / "moved"
+    model_dir.rename(moved)
+    assert RewardModel.from_pretrained(moved).perspectives == ["alignment", "fidelity", "safety"]
+    moved.rename(model_dir)
 
-    # `rlhf eval reward` on the run directory reproduces the held-out accuracy the training run reported
     eval_dir = tmp_path / "eval"
     test_file = toy_dir / "safety" / "test.jsonl"
     assert eval_main(["--model", str(output_dir), "--data", str(test_file), "--perspective", "safety",
                       "--output_dir", str(eval_dir)]) == 0
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     assert evaluated["safety"]["accuracy"] == pytest.approx(metrics["safety"]["accuracy"])
-    assert len(load_preferences(test_file).labels) == evaluated["safety"]["eval"]["num_examples"]
+    assert evaluated["safety"]["eval"]["num_examples"] == len(load_preferences(test_file).labels)
+
+    capsys.readouterr()
+    assert main(["--config", str(TOY_CONFIG), "--output_dir", str(output_dir), *short,
+                 "--resume_from_checkpoint", "true"]) == 0
+    assert capsys.readouterr().out.count("already trained") == 3
+    assert json.loads((output_dir / "metrics.json").read_text()) == metrics
+
+
+def test_eval_errors(tmp_path, toy_files):
+    with pytest.raises(ConfigError, match="--model and --data are required"):
+        eval_main(["--data", str(toy_files["safety"]["test"])])
+    with pytest.raises(ValueError, match="holds no reward_model.json"):
+        eval_main(["--model", str(tmp_path), "--data", str(toy_files["safety"]["test"])])

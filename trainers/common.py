@@ -292,7 +292,7 @@ def toy_oracle(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.
 
 
 def evaluate(
-    sample_fn: Callable[[list[str], torch.Generator], torch.Tensor],
+    sample_fn: Callable[[list[str], list[torch.Generator]], torch.Tensor],
     reward_fn: Callable[..., Any],
     prompts: Sequence[str],
     seeds: Sequence[int],
@@ -301,8 +301,9 @@ def evaluate(
 ) -> tuple[dict[str, Any], torch.Tensor | None]:
     """Score a policy on fixed prompts and seeds; the seeds are shared out across processes.
 
-    `sample_fn(prompts, generator)` draws one image per prompt (float [N, 3, H, W] in [0, 1]); batch b of seed s
-    draws from `seeded_generator(s, b)`, so an evaluation does not depend on the process count.
+    `sample_fn(prompts, generators)` draws one image per prompt (float [N, 3, H, W] in [0, 1]), image i from
+    its own generator; prompt i of seed s draws from `seeded_generator(s, i)`, so an evaluation depends on
+    neither the batch size nor the process count.
 
     Returns `{"reward_mean", "reward_std" (sample std over seeds of the per-seed mean; 0 with one seed),
     "per_perspective": {name: mean}, "oracle": {name: mean} or None, "num_seeds", "num_prompts"}` and, on the
@@ -315,9 +316,10 @@ def evaluate(
     results, first_images = [], None
     for seed in seeds[rank::world]:
         rewards, perspectives, oracles, images = [], {}, {}, []
-        for batch, start in enumerate(range(0, len(prompts), batch_size)):
+        for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            batch_images = sample_fn(chunk, seeded_generator(seed, batch)).float().cpu()
+            generators = [seeded_generator(seed, index) for index in range(start, start + len(chunk))]
+            batch_images = sample_fn(chunk, generators).float().cpu()
             batch_rewards, info = reward_call(reward_fn, batch_images, chunk, [{} for _ in chunk])
             rewards.append(batch_rewards)
             for name, values in perspective_values(info).items():

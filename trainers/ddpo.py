@@ -374,7 +374,7 @@ class DDPOTrainer:
 
     # ---- sampling --------------------------------------------------------------------------------------------
 
-    def _sample(self, prompts: list[str], generator: torch.Generator) -> Any:
+    def _sample(self, prompts: list[str], generator: torch.Generator | list[torch.Generator]) -> Any:
         negative = [self.config.negative_prompts] * len(prompts) if self.config.negative_prompts else None
         return self.sd_pipeline(
             prompts,

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -321,9 +322,12 @@ def build_preference_pairs(
     for start in range(0, len(values), group_size):
         members = [i for i in range(start, min(start + group_size, len(values))) if math.isfinite(values[i])]
         if strategy == "best_worst":
-            candidates = [(max(members, key=values.__getitem__), min(members, key=values.__getitem__))] if members else []
+            ranked = sorted(members, key=lambda i: -values[i])  # stable: the first of equal rewards ranks first
+            candidates = [(ranked[0], ranked[-1])] if members else []
         else:
-            candidates = [(i, j) if values[i] >= values[j] else (j, i) for k, i in enumerate(members) for j in members[k + 1 :]]
+            candidates = [
+                (i, j) if values[i] >= values[j] else (j, i) for k, i in enumerate(members) for j in members[k + 1 :]
+            ]
         pairs += [(c, r) for c, r in candidates if values[c] - values[r] > margin]
     return pairs
 
@@ -360,7 +364,9 @@ def load_pairs(
     try:
         rows = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise FileNotFoundError(f"{field_name}: cannot read {source!r} as a file, dataset directory or hub id: {error}") from error
+        raise FileNotFoundError(
+            f"{field_name}: cannot read {source!r} as a file, dataset directory or hub id: {error}"
+        ) from error
     if isinstance(rows, datasets.DatasetDict):
         if split not in rows:
             raise ValueError(f"{field_name}: split {split!r} not in {list(rows)}")
@@ -381,8 +387,6 @@ class DatasetPairs(Sequence):
     SCAN_ROWS = 256
 
     def __init__(self, dataset: Any, kind: str, image_root: str, check_images: bool, limit: int = 0) -> None:
-        import warnings
-
         from reward.data import BadRowWarning
 
         self.dataset, self.kind, self.image_root = dataset, kind, image_root or None
@@ -507,7 +511,8 @@ class PairLatents:
             identity.update(f"{self.pairs.dataset._fingerprint}\0{self.pairs.index}".encode())
         else:
             for pair in self.pairs:
-                identity.update(f"{pair.prompt}\0{_image_identity(pair.chosen)}\0{_image_identity(pair.rejected)}\n".encode())
+                images = f"{_image_identity(pair.chosen)}\0{_image_identity(pair.rejected)}"
+                identity.update(f"{pair.prompt}\0{images}\n".encode())
         fingerprint = {
             "model": self.pipeline.base_model,
             "resolution": self.resolution,
@@ -525,8 +530,9 @@ class PairLatents:
             if PartialState().is_main_process and (record is None or record["encoded"] < len(self.pairs)):
                 directory.mkdir(parents=True, exist_ok=True)
                 mode = "r+" if record is not None else "w+"
-                latents = np.lib.format.open_memmap(directory / "latents.npy", mode=mode, dtype=np.float16, shape=shape)
-                sizes = np.lib.format.open_memmap(directory / "size_ids.npy", mode=mode, dtype=np.int32, shape=(shape[0], 2, 4))
+                open_memmap = np.lib.format.open_memmap
+                latents = open_memmap(directory / "latents.npy", mode=mode, dtype=np.float16, shape=shape)
+                sizes = open_memmap(directory / "size_ids.npy", mode=mode, dtype=np.int32, shape=(shape[0], 2, 4))
                 done = record["encoded"] if record is not None else 0
                 for start in tqdm(range(done, len(self.pairs), batch_size), desc="encoding latents", unit="batch"):
                     chunk = [self.pairs[i] for i in range(start, min(start + batch_size, len(self.pairs)))]
@@ -585,9 +591,9 @@ class OnlineRound:
     def batch(self, pair_indices: torch.Tensor) -> PairBatch:
         chosen = torch.tensor([self.pairs[i][0] for i in pair_indices.tolist()])
         rejected = torch.tensor([self.pairs[i][1] for i in pair_indices.tolist()])
-        rows = torch.cat([chosen, rejected]).to(self.latents.device)
-        conditioning = {key: value[rows] for key, value in self.conditioning.items()}
-        return PairBatch(self.latents[chosen.to(self.latents.device)], self.latents[rejected.to(self.latents.device)], conditioning)
+        chosen, rejected = chosen.to(self.latents.device), rejected.to(self.latents.device)
+        conditioning = {key: value[torch.cat([chosen, rejected])] for key, value in self.conditioning.items()}
+        return PairBatch(self.latents[chosen], self.latents[rejected], conditioning)
 
 
 class DiffusionDPOTrainer:
@@ -633,7 +639,9 @@ class DiffusionDPOTrainer:
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         if self.accelerator.is_main_process and config.log_with:
-            self.accelerator.init_trackers(config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs)
+            self.accelerator.init_trackers(
+                config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs
+            )
         sd_pipeline.to(self.accelerator.device, inference_dtype(config.mixed_precision))
         sd_pipeline.set_progress_bar_config(disable=True)
         self.height = config.sample_height or sd_pipeline.default_size
@@ -679,14 +687,16 @@ class DiffusionDPOTrainer:
 
         def read(source: str, split: str, limit: int, field_name: str) -> list:
             if source.startswith(TOY_DATASET_PREFIX):
-                source = str(toy_pair_files(config, source[len(TOY_DATASET_PREFIX):])[split if split == "test" else "train"])
+                files = toy_pair_files(config, source[len(TOY_DATASET_PREFIX) :])
+                source = str(files["test" if split == "test" else "train"])
             return load_pairs(source, config.dataset_kind, split, config.image_root, config.check_images, limit, field_name)
 
         cache = Path(config.latent_cache_dir) if config.latent_cache_dir else None
         train = heldout = None
         if config.mode == "offline":
-            pairs = train_pairs if train_pairs is not None else read(config.dataset, config.dataset_split, config.max_train_pairs, "dataset")
-            train = PairLatents(pairs, self.sd_pipeline, resolution, cache and cache / "train", config.train_batch_size)
+            if train_pairs is None:
+                train_pairs = read(config.dataset, config.dataset_split, config.max_train_pairs, "dataset")
+            train = PairLatents(train_pairs, self.sd_pipeline, resolution, cache and cache / "train", config.train_batch_size)
         if eval_pairs is None and config.eval_dataset:
             eval_pairs = read(config.eval_dataset, config.eval_dataset_split, config.max_eval_pairs, "eval_dataset")
         if eval_pairs:
@@ -708,11 +718,14 @@ class DiffusionDPOTrainer:
         save_file(self.sd_pipeline.policy_state_dict(), directory / POLICY_WEIGHTS_FILE)
 
     def _load_policy(self, directory: Path) -> None:
-        self.sd_pipeline.load_policy_state_dict(load_file(directory / POLICY_WEIGHTS_FILE, device=str(self.accelerator.device)))
+        state = load_file(directory / POLICY_WEIGHTS_FILE, device=str(self.accelerator.device))
+        self.sd_pipeline.load_policy_state_dict(state)
 
     # ---- the loss --------------------------------------------------------------------------------------------
 
-    def reference_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reference_prediction(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """The reference UNet's prediction: the policy's own UNet with its LoRA disabled, without gradients."""
         with torch.no_grad(), self.sd_pipeline.reference_policy(), self.accelerator.autocast():
             return self.sd_pipeline.predict_noise(noisy, timesteps, conditioning, 1.0)
@@ -724,7 +737,8 @@ class DiffusionDPOTrainer:
         count = len(batch.chosen)
         noise = torch.randn(batch.chosen.shape, generator=generator).to(batch.chosen.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator)
-        latents, noise, timesteps = torch.cat([batch.chosen, batch.rejected]), noise.repeat(2, 1, 1, 1), timesteps.repeat(2).to(noise.device)
+        latents = torch.cat([batch.chosen, batch.rejected])
+        noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2).to(noise.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction_type = scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -738,13 +752,16 @@ class DiffusionDPOTrainer:
         with torch.enable_grad() if with_grad else torch.no_grad():
             prediction = self.sd_pipeline.predict_noise(noisy, timesteps, batch.conditioning, 1.0, unet=self.unet)
             model = ((prediction - target.float()) ** 2).mean(dim=(1, 2, 3))
-        reference = ((self.reference_prediction(noisy, timesteps, batch.conditioning) - target.float()) ** 2).mean(dim=(1, 2, 3))
+        reference = self.reference_prediction(noisy, timesteps, batch.conditioning)
+        reference = ((reference - target.float()) ** 2).mean(dim=(1, 2, 3))
         return {
             "model_chosen": model[:count], "model_rejected": model[count:],
             "reference_chosen": reference[:count], "reference_rejected": reference[count:],
         }
 
-    def pair_loss(self, batch: PairBatch, generator: torch.Generator, with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_loss(
+        self, batch: PairBatch, generator: torch.Generator, with_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The minibatch loss (mean over pairs of the DPO loss + `sft_weight` * policy error on the chosen image) and
         the per-pair sums of `STAT_NAMES` (float64, CPU)."""
         config = self.config
@@ -762,8 +779,8 @@ class DiffusionDPOTrainer:
                 scale * (errors["reference_rejected"] - errors["model_rejected"]),
                 errors["model_chosen"], errors["model_rejected"], errors["reference_chosen"], errors["reference_rejected"],
             ]
-            stats = torch.cat([torch.stack([c.detach().sum() for c in columns]), torch.tensor([float(len(losses))], device=losses.device)])
-        return per_pair.mean(), stats.double().cpu()
+            sums = torch.stack([column.sum() for column in columns]).double().cpu()
+        return per_pair.mean(), torch.cat([sums, torch.tensor([float(len(losses))], dtype=torch.float64)])
 
     def training_step(self, batches: Sequence[PairBatch], generator: torch.Generator) -> torch.Tensor:
         """One optimizer step over the minibatches `batches` (gradients accumulated, synchronised on the last);
@@ -783,11 +800,11 @@ class DiffusionDPOTrainer:
         self.global_step += 1
         return totals
 
-    def _summarise(self, totals: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    def _summarise(self, totals: torch.Tensor) -> dict[str, float]:
         totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
         count = float(totals[-1])
-        values = {f"{prefix}{name}": float(totals[i]) / count if count else float("nan") for i, name in enumerate(STAT_NAMES)}
-        return {**values, f"{prefix}num_pairs": int(count)}
+        values = {name: float(totals[i]) / count if count else float("nan") for i, name in enumerate(STAT_NAMES)}
+        return {**values, "num_pairs": int(count)}
 
     # ---- offline ---------------------------------------------------------------------------------------------
 
@@ -811,7 +828,8 @@ class DiffusionDPOTrainer:
         generator = seeded_generator(config.seed, epoch, self.accelerator.process_index, NOISE)
         totals = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64)
         steps = self.steps_per_epoch()
-        for step in tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=not self.accelerator.is_local_main_process):
+        quiet = not self.accelerator.is_local_main_process
+        for step in tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=quiet):
             first = (epoch * steps + step) * accumulation
             batches = [self.train_data.batch(self._offline_indices(first + k)) for k in range(accumulation)]
             totals += self.training_step(batches, generator)
@@ -938,7 +956,8 @@ class DiffusionDPOTrainer:
         finite = rewards[torch.isfinite(rewards)]
         self.num_nonfinite += len(rewards) - len(finite)
         gaps = torch.tensor([float(round_.rewards[c] - round_.rewards[r]) for c, r in round_.pairs], dtype=torch.float64)
-        gap_sum = accelerator.reduce(torch.tensor([gaps.sum(), len(gaps)], dtype=torch.float64, device=accelerator.device), "sum").cpu()
+        gap_sum = torch.tensor([gaps.sum(), len(gaps)], dtype=torch.float64, device=accelerator.device)
+        gap_sum = accelerator.reduce(gap_sum, "sum").cpu()
         row: dict[str, Any] = {
             "reward_mean": float(finite.mean()) if len(finite) else float("nan"),
             "reward_std": float(finite.std(unbiased=False)) if len(finite) else float("nan"),

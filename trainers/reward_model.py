@@ -439,7 +439,8 @@ def main(argv: list[str]) -> int:
     script, args = parse_config([RewardTrainingScript, RewardConfig], argv)
     trainings = script.perspective_trainings()
     if script.toy_data_dir:
-        _prepare_toy_data(script)
+        with args.main_process_first(desc="writing the toy datasets"):
+            _prepare_toy_data(script)
     resume = args.resume_from_checkpoint
     if resume is not None and str(resume).lower() not in ("true", "last"):
         raise ConfigError(f"resume_from_checkpoint: this command resumes its own output_dir; use 'true', got {resume!r}")
@@ -455,11 +456,13 @@ def main(argv: list[str]) -> int:
     output_dir = Path(args.output_dir)
     model_dir = output_dir / MODEL_SUBDIR
     outputs = RunOutputs(output_dir, args.should_save)
-    base = _base_path(script, model_dir)
+    with args.main_process_first(desc="building the tiny base"):
+        base = _base_path(script, model_dir)
     resolved = {**dataclasses.asdict(script), "perspectives": {
         entry.name: {k: v for k, v in dataclasses.asdict(entry).items() if k != "name"} for entry in trainings}}
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(
-        {"script": resolved, "training": json.loads(args.to_json_string())}, sort_keys=False))
+    if args.should_save:
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(
+            {"script": resolved, "training": json.loads(args.to_json_string())}, sort_keys=False))
     model = RewardModel.from_backbone(base, [entry.perspective_config() for entry in trainings], dtype=script.dtype,
                                       max_prompt_tokens=script.max_prompt_tokens, seed=args.seed)
     metrics_path = output_dir / "metrics.json"
