@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from rlhf.toy import TOY_VOCABULARY
@@ -23,28 +23,36 @@ BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 TOY_GENERATOR_DIR = Path(__file__).resolve().parent / "assets" / "toy_generator"
 
 
-def build_tiny_tokenizer(words: tuple[str, ...] = TOY_VOCABULARY + EXTRA_WORDS) -> CLIPTokenizer:
-    """A CLIP tokenizer built locally: byte-level BPE whose merges make each of `words` one token.
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges learnt on `words` until each is one token; ties go to the smallest pair, so the result
+    (and with it every token id) is the same in every process, unlike the `tokenizers` trainer's."""
+    segmented = [list(word[:-1]) + [word[-1] + "</w>"] for word in words]
+    merges: list[tuple[str, str]] = []
+    while any(len(parts) > 1 for parts in segmented):
+        counts = Counter(pair for parts in segmented for pair in zip(parts, parts[1:]))
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for index, parts in enumerate(segmented):
+            merged, position = [], 0
+            while position < len(parts):
+                if tuple(parts[position : position + 2]) == best:
+                    merged.append(parts[position] + parts[position + 1])
+                    position += 2
+                else:
+                    merged.append(parts[position])
+                    position += 1
+            segmented[index] = merged
+    return merges
 
-    Any other text still tokenizes, into byte-level characters.
-    """
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=EOS_TOKEN))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,
-        special_tokens=[BOS_TOKEN, EOS_TOKEN],
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    bpe.train_from_iterator(sorted(set(words)), trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
-    # single characters ending a word must exist too, or an unseen word's last letter would become unknown
-    for char in sorted(alphabet):
-        vocab.setdefault(char + "</w>", len(vocab))
-    merges = [tuple(pair) for pair in model["merges"]]
+
+def build_tiny_tokenizer(words: tuple[str, ...] = TOY_VOCABULARY + EXTRA_WORDS) -> CLIPTokenizer:
+    """A CLIP tokenizer built locally and deterministically: byte-level BPE whose merges make each of `words`
+    one token. Any other text still tokenizes, into byte-level characters."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = _learn_merges(sorted(set(words)))
+    tokens = alphabet + [char + "</w>" for char in alphabet] + ["".join(pair) for pair in merges]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_LENGTH)
 
 

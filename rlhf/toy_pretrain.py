@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from diffusers import AutoencoderKL, StableDiffusionPipeline  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 from diffusers.optimization import get_cosine_schedule_with_warmup  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -163,27 +163,20 @@ def _encode(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 256) -> 
     return torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
 
 
-def pretrain_toy_generator(config: ToyPretrainConfig) -> tuple[StableDiffusionPipeline, dict, torch.Tensor]:
-    """Train the tiny pipeline on toy images and captions.
+def _min_snr_weights(scheduler: DDIMScheduler, gamma: float) -> torch.Tensor:
+    """Per-timestep loss weights min(SNR, gamma) / SNR (all ones when gamma is 0)."""
+    signal_to_noise = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+    return signal_to_noise.clamp(max=gamma) / signal_to_noise if gamma > 0 else torch.ones(len(signal_to_noise))
 
-    Returns the pipeline, its report (oracle numbers per guidance scale, chance, timings) and the evaluation
-    samples at the headline guidance scale (prompt-major).
-    """
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    components = tiny_sd_components(config.seed)
-    vae, unet, text_encoder = components["vae"], components["unet"], components["text_encoder"]
-    tokenizer, scheduler = components["tokenizer"], components["scheduler"]
-    images, captions = sample_toy_images(config.n_images, seed=config.seed)
-    pixels = images * 2 - 1  # the VAE works in [-1, 1]
 
-    _train_vae(vae, pixels, config)
-    vae.requires_grad_(False)
-    latent_means, latent_stds = _encode(vae, pixels)
-    # SD's convention: latents are scaled to unit variance before diffusion and unscaled before decoding
-    vae.register_to_config(scaling_factor=float(1.0 / latent_means.std()))
-    scale = vae.config.scaling_factor
+def _train_denoiser(
+    components: dict, latent_means: torch.Tensor, latent_stds: torch.Tensor, captions: list[str],
+    config: ToyPretrainConfig,
+) -> list[float]:
+    """Train the UNet (and the text encoder, if asked) to predict the noise; return the per-step mean loss."""
+    unet, text_encoder, tokenizer = components["unet"], components["text_encoder"], components["tokenizer"]
+    scheduler = components["scheduler"]
+    scale = components["vae"].config.scaling_factor
 
     def token_ids(texts: list[str]) -> torch.Tensor:
         return tokenizer(
@@ -196,16 +189,13 @@ def pretrain_toy_generator(config: ToyPretrainConfig) -> tuple[StableDiffusionPi
     parameters = list(unet.parameters()) + (list(text_encoder.parameters()) if config.train_text_encoder else [])
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4, betas=ADAM_BETAS)
     schedule = get_cosine_schedule_with_warmup(optimizer, config.steps // 20, config.steps)
-    signal_to_noise = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
-    snr_weights = (
-        signal_to_noise.clamp(max=config.snr_gamma) / signal_to_noise if config.snr_gamma > 0 else torch.ones(len(signal_to_noise))
-    )
+    snr_weights = _min_snr_weights(scheduler, config.snr_gamma)
     generator = torch.Generator().manual_seed(config.seed + 1)
     unet.train()
     text_encoder.train(config.train_text_encoder)
     history = []
     progress = tqdm(range(config.steps), desc="toy pretrain: unet", unit="step")
-    for step in progress:
+    for _ in progress:
         index = torch.randint(0, config.n_images, (config.batch_size,), generator=generator)
         noise_in_latent = torch.randn(latent_means[index].shape, generator=generator)
         latents = (latent_means[index] + latent_stds[index] * noise_in_latent) * scale
@@ -227,6 +217,30 @@ def pretrain_toy_generator(config: ToyPretrainConfig) -> tuple[StableDiffusionPi
         progress.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.4f}")
     unet.eval()
     text_encoder.eval()
+    return history
+
+
+def pretrain_toy_generator(config: ToyPretrainConfig) -> tuple[StableDiffusionPipeline, dict, torch.Tensor]:
+    """Train the tiny pipeline on toy images and captions.
+
+    Returns the pipeline, its report (oracle numbers per guidance scale, chance, timings) and the evaluation
+    samples at the headline guidance scale (prompt-major).
+    """
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    components = tiny_sd_components(config.seed)
+    vae = components["vae"]
+    images, captions = sample_toy_images(config.n_images, seed=config.seed)
+    pixels = images * 2 - 1  # the VAE works in [-1, 1]
+
+    _train_vae(vae, pixels, config)
+    vae.requires_grad_(False)
+    latent_means, latent_stds = _encode(vae, pixels)
+    # SD's convention: latents are scaled to unit variance before diffusion and unscaled before decoding
+    vae.register_to_config(scaling_factor=float(1.0 / latent_means.std()))
+
+    history = _train_denoiser(components, latent_means, latent_stds, captions, config)
     train_seconds = time.perf_counter() - started
 
     pipeline = assemble_pipeline(components)

@@ -195,6 +195,10 @@ def write_config(path: Path, toy_files, **changes) -> Path:
     ({"perspectives": {"alignment": {"train_data": "x.jsonl", "training": {"learning_rte": 1}}}},
      r"perspectives.alignment.training: unknown or per-run key\(s\) \['learning_rte'\]"),
     ({"perspectives": {"alignment": {"lora_r": 4}}}, r"perspectives.alignment.train_data: required"),
+    ({"perspectives": {"alignment": {"train_data": "x.jsonl", "lora_r": "eight"}}},
+     r"perspectives.alignment.lora_r: expected int, got 'eight'"),
+    ({"perspectives": {"alignment": {"train_data": "x.jsonl", "training": [1]}}},
+     r"perspectives.alignment.training: expected dict, got \[1\]"),
     ({"perspectives": {}}, r"perspectives: expected a mapping of perspective name"),
     ({"base_model": "tiny:blip"}, r"base_model: tiny bases are \['tiny:llava', 'tiny:qwen2_vl'\]"),
 ])

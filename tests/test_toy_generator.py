@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from rlhf.cli import main as rlhf_main
-from rlhf.testing import build_tiny_sd, toy_generator_path
+from rlhf.testing import build_tiny_sd, build_tiny_tokenizer, toy_generator_path
 from rlhf.toy import EVAL_PROMPTS, TOY_COLOURS, TOY_SHAPES, oracle_colour, parse_prompt
 from rlhf.toy_pretrain import evaluate_toy_generator
 
@@ -46,6 +46,11 @@ def test_committed_generator_is_small_and_described():
     report = json.loads((path / "toy_generator.json").read_text())
     assert report["chance"]["alignment"] < report["oracle"]["alignment"] < 0.8
     assert report["command"].startswith("rlhf toy pretrain")
+
+
+def test_committed_tokenizer_is_the_one_the_code_builds(pipeline):
+    # token ids must not depend on the process that built them, or a re-run of `rlhf toy pretrain` would differ
+    assert pipeline.tokenizer.get_vocab() == build_tiny_tokenizer().get_vocab()
 
 
 def test_oracle_alignment_is_above_chance_by_the_margin(samples):

@@ -284,6 +284,11 @@ class PerspectiveTraining(PerspectiveConfig):
         return PerspectiveConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PerspectiveConfig)})
 
 
+# the annotation of each PerspectiveTraining field -> the YAML values it accepts
+_OPTION_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "float | None": (int, float, type(None)),
+                 "bool": (bool,), "dict": (dict,)}
+
+
 @dataclasses.dataclass
 class RewardTrainingScript:
     """What `rlhf train reward` trains; TRL's `RewardConfig` (in the same YAML) gives the training arguments.
@@ -325,8 +330,11 @@ class RewardTrainingScript:
             if unknown:
                 raise ConfigError(f"perspectives.{name}: unknown key(s) {unknown}; allowed keys: {allowed}")
             entry = PerspectiveTraining(name=str(name), **options)
-            if not isinstance(entry.training, Mapping):
-                raise ConfigError(f"perspectives.{name}.training: expected a mapping of RewardConfig fields")
+            for field in dataclasses.fields(PerspectiveTraining):
+                expected = _OPTION_TYPES[str(field.type)]
+                value = getattr(entry, field.name)
+                if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+                    raise ConfigError(f"perspectives.{name}.{field.name}: expected {field.type}, got {value!r}")
             unknown = sorted(set(entry.training) - set(training_keys) - {"output_dir"})
             if unknown or "output_dir" in entry.training:
                 raise ConfigError(f"perspectives.{name}.training: unknown or per-run key(s) "
