@@ -1,4 +1,4 @@
-"""Tiny offline Stable Diffusion pipelines: a random one for plumbing tests, and the committed pre-trained toy generator."""
+"""Tiny offline Stable Diffusion pipelines: a random one for plumbing tests, and the committed toy generator."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from rlhf.toy import TOY_VOCABULARY
 
 IMAGE_SIZE = 32
-# Two VAE down blocks would give 16x16 latents; three give 8x8, which keeps the UNet cheap while 32 px images stay sharp.
+# Three VAE down blocks give 8x8 latents (two would give 16x16): the UNet stays cheap and 32 px images stay sharp.
 LATENT_SIZE = 8
 TEXT_MAX_LENGTH = 16
 # Words beyond the toy world so that ordinary test prompts ("a photo of a cat") get whole-word tokens too.
@@ -142,8 +142,8 @@ def toy_generator_path() -> Path:
     return TOY_GENERATOR_DIR
 
 
-def load_toy_generator(torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+def load_toy_generator(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """The committed toy generator as a `StableDiffusionPipeline`, on the CPU with progress bars off."""
-    pipeline = StableDiffusionPipeline.from_pretrained(toy_generator_path(), torch_dtype=torch_dtype)
+    pipeline = StableDiffusionPipeline.from_pretrained(toy_generator_path(), dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

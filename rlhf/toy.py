@@ -398,12 +398,11 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
 def _alignment_row(rng: np.random.Generator, save: Callable[[torch.Tensor, str], str]) -> dict:
     chosen = random_scene(rng)
     wrong = rng.choice(["colour", "shape", "both"])
-    colour = (
-        str(rng.choice([c for c in TOY_COLOURS if c != chosen.colour]))
-        if wrong in ("colour", "both")
-        else chosen.colour
-    )
-    shape = str(rng.choice([s for s in TOY_SHAPES if s != chosen.shape])) if wrong in ("shape", "both") else chosen.shape
+    colour, shape = chosen.colour, chosen.shape
+    if wrong in ("colour", "both"):
+        colour = str(rng.choice([c for c in TOY_COLOURS if c != chosen.colour]))
+    if wrong in ("shape", "both"):
+        shape = str(rng.choice([s for s in TOY_SHAPES if s != chosen.shape]))
     rejected = random_scene(rng, colour=colour, shape=shape, background=chosen.background)
     return {
         "prompt": chosen.prompt,

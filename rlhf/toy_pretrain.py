@@ -1,4 +1,4 @@
-"""`rlhf toy pretrain`: pre-train the tiny Stable Diffusion pipeline on toy-world images, the embedded default generator."""
+"""`rlhf toy pretrain`: pre-train the tiny Stable Diffusion pipeline on toy-world images (the toy generator)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The committed toy generator: it loads as a diffusers pipeline and draws what the prompt asks, often but not always."""
+"""The committed toy generator: it loads as a diffusers pipeline and draws what the prompt asks, often, not always."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from rlhf.toy import EVAL_PROMPTS, TOY_COLOURS, TOY_SHAPES, oracle_colour, parse
 from rlhf.toy_pretrain import evaluate_toy_generator
 
 CHANCE_ALIGNMENT = 1 / (len(TOY_COLOURS) * len(TOY_SHAPES))  # a drawer that ignores the prompt
-# Margin over chance on these seeds: the committed generator measures 0.167 here (chance 1/15 = 0.067).
-ALIGNMENT_MARGIN = 0.08
+# Margin over chance on these seeds: the committed generator measures 0.50 here (chance 1/15 = 0.067).
+ALIGNMENT_MARGIN = 0.25
 SEEDS = [0, 1]
 
 

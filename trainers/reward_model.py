@@ -543,7 +543,8 @@ def eval_main(argv: list[str]) -> int:
         raise ConfigError(f"perspective: {config.perspective!r} is not in {config.model}; it has {model.perspectives}")
     names = [config.perspective] if config.perspective else model.perspectives
     args = RewardConfig(output_dir=config.output_dir, per_device_eval_batch_size=config.batch_size, bf16=False,
-                        use_cpu=config.device == "cpu", report_to="none", save_strategy="no")
+                        use_cpu=config.device == "cpu", report_to="none", save_strategy="no",
+                        dataloader_pin_memory=config.device != "cpu" and torch.cuda.is_available())
     metrics = {}
     for name in names:
         trainer = RewardModelTrainer(model, name, args, eval_dataset=data, tau=config.tau,
