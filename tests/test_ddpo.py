@@ -256,11 +256,21 @@ def test_gdpo_weighting_computes_the_advantages(tiny_sd: Path, tmp_path: Path) -
     torch.testing.assert_close(rollout.tensors["advantages"], expected)
 
 
-def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, tmp_path: Path) -> None:
-    # every stateful part on: inner epochs, the per-prompt tracker, the KL term, rewards scored in threads
+def running_weighted_colour_reward():
+    from rlhf.reward_fn import build_reward
+
+    return build_reward({"builtin": "toy_colour_soft", "differentiable": False,
+                         "weighting": {"perspectives": {"colour": {"weight": 1.0, "normalize": "running"}}}})
+
+
+@pytest.mark.parametrize("reward_factory", [lambda: colour_reward, running_weighted_colour_reward],
+                         ids=["plain_reward", "running_weighting"])
+def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, tmp_path: Path, reward_factory) -> None:
+    # every stateful part on: inner epochs, the per-prompt tracker, the KL term, rewards scored in threads, and
+    # (second case) the weighting's running statistics, which only a checkpoint can carry across the restart
     overrides = dict(num_epochs=2, train_num_inner_epochs=2, per_prompt_stat_tracking=True,
                      per_prompt_stat_tracking_min_count=2, kl_coef=0.1, async_reward_computation=True)
-    uninterrupted = make_trainer(tiny_sd, small_config(tmp_path / "a", **overrides))
+    uninterrupted = make_trainer(tiny_sd, small_config(tmp_path / "a", **overrides), reward=reward_factory())
     uninterrupted.train()
     expected = uninterrupted.sd_pipeline.policy_state_dict()
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -269,13 +279,15 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, tmp_pa
         if global_step > 0:
             raise KeyboardInterrupt("simulated interruption")
 
-    interrupted = make_trainer(tiny_sd, small_config(tmp_path / "b", **overrides), hook=crash_in_second_epoch)
+    interrupted = make_trainer(tiny_sd, small_config(tmp_path / "b", **overrides), reward=reward_factory(),
+                               hook=crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     assert (tmp_path / "b" / "checkpoints" / "checkpoint_0").is_dir()
     AcceleratorState._reset_state(reset_partial_state=True)
 
-    resumed = make_trainer(tiny_sd, small_config(tmp_path / "b", resume_from=str(tmp_path / "b"), **overrides))
+    resumed = make_trainer(tiny_sd, small_config(tmp_path / "b", resume_from=str(tmp_path / "b"), **overrides),
+                           reward=reward_factory())
     assert resumed.first_epoch == 1
     resumed.train()
     for name, value in resumed.sd_pipeline.policy_state_dict().items():
@@ -386,3 +398,17 @@ def test_ddpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path) -> No
     before, after = metrics["eval_before"], metrics["eval_after"]
     margin = 3 * max(before["reward_std"], after["reward_std"])
     assert after["reward_mean"] - before["reward_mean"] > margin, metrics
+
+
+def test_evaluation_summary_reports_std_over_seeds_of_reward_and_oracles() -> None:
+    from trainers.common import summarise_evaluation
+
+    results = [  # two seeds of two prompts
+        {"rewards": [1.0, 3.0], "perspectives": {}, "oracle": {"alignment": [0.0, 1.0]}},
+        {"rewards": [3.0, 5.0], "perspectives": {}, "oracle": {"alignment": [1.0, 1.0]}},
+    ]
+    summary = summarise_evaluation(results, num_prompts=2)
+    # per-seed means: reward 2 and 4 (sample std sqrt(2)); alignment 0.5 and 1.0 (sample std sqrt(0.125))
+    assert summary["reward_mean"] == pytest.approx(3.0) and summary["reward_std"] == pytest.approx(2**0.5)
+    assert summary["oracle"] == {"alignment": pytest.approx(0.75)}
+    assert summary["oracle_std"] == {"alignment": pytest.approx(0.125**0.5)}

@@ -47,13 +47,14 @@ def snapshot(model: RewardModel) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("perspective, loss, extra", [
+@pytest.mark.parametrize("family, perspective, loss, extra", [
     # BT cannot move the head's bias (it cancels in r_chosen - r_rejected): centering gives it a gradient
-    ("alignment", "bradley_terry", {"center_rewards_coefficient": 0.01}),
-    ("safety", "classification", {}),
+    ("llava", "alignment", "bradley_terry", {"center_rewards_coefficient": 0.01}),
+    ("llava", "safety", "classification", {}),
+    ("qwen2_vl", "safety", "classification", {}),
 ])
-def test_exactly_the_perspective_trains(tiny_vlm_paths, toy_files, tmp_path, perspective, loss, extra):
-    model = small_model(tiny_vlm_paths["llava"])
+def test_exactly_the_perspective_trains(tiny_vlm_paths, toy_files, tmp_path, family, perspective, loss, extra):
+    model = small_model(tiny_vlm_paths[family])
     data = toy_files[perspective]["train"]
     trainer = RewardModelTrainer(model, perspective, small_args(tmp_path, **extra), train_dataset=data, loss=loss)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -71,7 +72,7 @@ def test_exactly_the_perspective_trains(tiny_vlm_paths, toy_files, tmp_path, per
     assert not changed_frozen, f"frozen but changed: {changed_frozen}"
     # the other perspective and the vision tower are among the frozen ones checked above
     other = "safety" if perspective == "alignment" else "alignment"
-    assert any(f".{other}." in n for n in before) and any("vision_tower" in n for n in before)
+    assert any(f".{other}." in n for n in before) and any(".visual." in n or "vision_tower" in n for n in before)
 
 
 class StopAfter(TrainerCallback):
@@ -231,7 +232,7 @@ def test_toy_config_end_to_end(tmp_path, capsys):
     perspectives already trained."""
     output_dir, toy_dir = tmp_path / "run", tmp_path / "toy_data"
     short = ["--toy_data_dir", str(toy_dir), "--toy_data_n", "8", "--toy_data_n_test", "8", "--max_steps", "2",
-             "--per_device_train_batch_size", "4", "--eval_steps", "1", "--save_steps", "1", "--logging_steps", "1",
+             "--per_device_train_batch_size", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
              "--disable_tqdm", "true"]
     assert main(["--config", str(TOY_CONFIG), "--output_dir", str(output_dir), *short]) == 0
     metrics = json.loads((output_dir / "metrics.json").read_text())
@@ -275,3 +276,20 @@ def test_eval_errors(tmp_path, toy_files):
         eval_main(["--data", str(toy_files["safety"]["test"])])
     with pytest.raises(ValueError, match="holds no reward_model.json"):
         eval_main(["--model", str(tmp_path), "--data", str(toy_files["safety"]["test"])])
+
+
+@pytest.mark.slow
+def test_toy_perspectives_reach_ninety_percent_on_held_out_data(tmp_path):
+    """`configs/reward/toy.yaml` as committed (seed 0; 1000 steps of 32 per perspective, 4096 training rows):
+    every toy perspective reaches accuracy >= 0.90 on its held-out split of 256 (chance 0.5). Measured here
+    (margins 0.04 / 0.096 / 0.065):
+    alignment 0.94, fidelity 0.996, safety 0.965, in about 5 minutes of a shared 2-core CPU."""
+    toy = yaml.safe_load(TOY_CONFIG.read_text())
+    output_dir, toy_dir = tmp_path / "run", tmp_path / "toy_data"
+    assert main(["--config", str(TOY_CONFIG), "--output_dir", str(output_dir), "--toy_data_dir", str(toy_dir),
+                 "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true"]) == 0
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert set(metrics) >= {"alignment", "fidelity", "safety"}
+    for name in ("alignment", "fidelity", "safety"):
+        assert metrics[name]["eval"].get("num_pairs", metrics[name]["eval"].get("num_examples")) == toy["toy_data_n_test"]
+        assert metrics[name]["accuracy"] >= 0.90, f"held-out {name} accuracy {metrics[name]['accuracy']:.3f} < 0.90"

@@ -82,14 +82,16 @@ def test_fk_without_potential_or_resampling_is_plain_sampling(pipeline):
 def test_fk_steering_with_a_potential_beats_plain_sampling(pipeline):
     steered, plain = [], []
     for seed in range(2):
-        for prompt in PROMPTS[:3]:
-            kwargs = dict(particles=4, resample_every=2, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=seed)
-            steered.append(float(fk_steering(pipeline, prompt, colour_reward, lam=20.0, **kwargs)
+        for prompt in PROMPTS:
+            # 20 steps, resampling every 5: at 6-12 steps the x0-hat of this generator is too coarse to predict the
+            # final reward and steering measured no gain (-0.01 at 6 and 12 steps)
+            kwargs = dict(particles=4, resample_every=5, num_inference_steps=20, guidance_scale=GUIDANCE, seed=seed)
+            steered.append(float(fk_steering(pipeline, prompt, colour_reward, lam=30.0, **kwargs)
                                  .candidate_rewards.mean()))
             plain.append(float(fk_steering(pipeline, prompt, colour_reward, lam=0.0, resampling="none", **kwargs)
                                .candidate_rewards.mean()))
-    # the mean over particles, not the best one: steering must move the whole population (measured: 0.321 vs 0.293)
-    margin = 0.01
+    # the mean over particles, not the best one: steering must move the whole population (measured: 0.715 vs 0.647)
+    margin = 0.02
     assert sum(steered) / len(steered) > sum(plain) / len(plain) + margin, (plain, steered)
 
 

@@ -291,6 +291,19 @@ def toy_oracle(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.
     return {"alignment": toy.oracle_alignment(images, prompts), "colour": toy.oracle_colour(images, prompts)}
 
 
+def weighting_state(reward_fn: Any) -> dict[str, Any] | None:
+    """The running normalisation statistics of a reward's weighting (None without one), for checkpoints: a
+    resumed run must fold rewards exactly as the uninterrupted one."""
+    weighting = getattr(reward_fn, "weighting", None)
+    return weighting.state_dict() if weighting is not None else None
+
+
+def load_weighting_state(reward_fn: Any, state: dict[str, Any] | None) -> None:
+    """Restore what `weighting_state` saved (nothing to do for a reward without a weighting)."""
+    if state is not None:
+        reward_fn.weighting.load_state_dict(state)
+
+
 def evaluate(
     sample_fn: Callable[[list[str], list[torch.Generator]], torch.Tensor],
     reward_fn: Callable[..., Any],
@@ -306,7 +319,8 @@ def evaluate(
     neither the batch size nor the process count.
 
     Returns `{"reward_mean", "reward_std" (sample std over seeds of the per-seed mean; 0 with one seed),
-    "per_perspective": {name: mean}, "oracle": {name: mean} or None, "num_seeds", "num_prompts"}` and, on the
+    "per_perspective": {name: mean}, "oracle": {name: mean} or None, "oracle_std": {name: sample std over seeds
+    of the per-seed mean} or None, "num_seeds", "num_prompts"}` and, on the
     process that evaluated the first seed, that seed's images (else None).
     """
     prompts, seeds = list(prompts), list(seeds)
@@ -349,11 +363,17 @@ def summarise_evaluation(results: list[dict[str, Any]], num_prompts: int) -> dic
         names = sorted({name for r in results for name in r[key]})
         return {name: float(np.nanmean([v for r in results for v in r[key].get(name, [])])) for name in names}
 
+    def stds_over_seeds(key: str) -> dict[str, float]:
+        names = sorted({name for r in results for name in r[key]})
+        per_seed_means = {name: [np.nanmean(r[key][name]) for r in results if r[key].get(name)] for name in names}
+        return {name: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for name, v in per_seed_means.items()}
+
     return {
         "reward_mean": float(np.mean(finite)) if finite else float("nan"),
         "reward_std": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0,
         "per_perspective": means("perspectives"),
         "oracle": means("oracle") or None,
+        "oracle_std": stds_over_seeds("oracle") or None,
         "num_seeds": len(results),
         "num_prompts": num_prompts,
     }

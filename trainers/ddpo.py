@@ -29,11 +29,13 @@ from trainers.common import (
     build_accelerator,
     evaluate,
     inference_dtype,
+    load_weighting_state,
     peak_memory_mb,
     perspective_values,
     reseed_global_rngs,
     reward_call,
     seeded_generator,
+    weighting_state,
 )
 
 POLICY_WEIGHTS_FILE = "policy.safetensors"
@@ -345,6 +347,7 @@ class DDPOTrainer:
             self.eval_before = state["eval_before"]
             if self.stat_tracker is not None:
                 self.stat_tracker.load_state_dict(state["stat_tracker"])
+            load_weighting_state(self.reward_fn, state.get("weighting"))
             self.outputs.keep_history_until(state["epoch"])
 
     # ---- setup helpers ---------------------------------------------------------------------------------------
@@ -641,6 +644,7 @@ class DDPOTrainer:
                     "num_nonfinite_rewards": self.num_nonfinite,
                     "eval_before": self.eval_before,
                     "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker is not None else None,
+                    "weighting": weighting_state(self.reward_fn),
                 },
             )
         self.last_row = row

@@ -32,12 +32,14 @@ from trainers.common import (
     build_accelerator,
     evaluate,
     inference_dtype,
+    load_weighting_state,
     peak_memory_mb,
     perspective_values,
     reseed_global_rngs,
     reward_call,
     save_image_grid,
     seeded_generator,
+    weighting_state,
 )
 from trainers.ddpo import POLICY_WEIGHTS_FILE, load_policy, load_training_prompts, uniform_prompt_function
 
@@ -673,6 +675,7 @@ class DiffusionDPOTrainer:
             self.first_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
             self.num_nonfinite, self.before = state["num_nonfinite_rewards"], state["before"]
             resumed_epoch = state["epoch"]
+            load_weighting_state(self.reward_fn, state.get("weighting"))
         self.outputs.keep_history_until(resumed_epoch)
 
     # ---- setup -----------------------------------------------------------------------------------------------
@@ -990,7 +993,8 @@ class DiffusionDPOTrainer:
         if self.config.log_with:
             self.accelerator.log(row, step=epoch)
         if (epoch + 1) % self.config.save_freq == 0 or epoch == self.config.num_epochs - 1:
-            state = {"global_step": self.global_step, "num_nonfinite_rewards": self.num_nonfinite, "before": self.before}
+            state = {"global_step": self.global_step, "num_nonfinite_rewards": self.num_nonfinite, "before": self.before,
+                     "weighting": weighting_state(self.reward_fn)}
             self.checkpointer.save(epoch, state)
         self.last_row = row
         return row
