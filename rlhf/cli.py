@@ -18,6 +18,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("search",): "rlhf.search:main",
     ("demo",): "rlhf.demo:main",
     ("train", "dpo"): "trainers.dpo:main",
+    ("train", "alignprop"): "trainers.alignprop:main",
 }
 
 

@@ -1,12 +1,14 @@
-"""Stable Diffusion (1.x/2.x, SDXL) sampling that records every latent and DDIM log-prob, with a LoRA policy."""
+"""Stable Diffusion (1.x/2.x, SDXL) sampling that records every latent and DDIM log-prob, or keeps the graph to a
+LoRA policy for reward back-propagation."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -16,7 +18,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
-from rlhf.scheduling import ddim_step_with_logprob
+from rlhf.scheduling import ddim_posterior, ddim_step_with_logprob
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # written next to an exported LoRA so that `from_pretrained(export_dir)` knows which base model it belongs to
@@ -51,6 +53,24 @@ class DDPOPipelineOutput:
     @property
     def negative_prompt_embeds(self) -> torch.Tensor | None:
         return self.conditioning.get("negative_prompt_embeds")
+
+
+@dataclass
+class RGBWithGradOutput:
+    """What `rgb_with_grad` returns.
+
+    Attributes:
+        images: float32 [B, 3, H, W] in [0, 1] with the graph to the trainable weights ([B * lv_copies] with
+            DRaFT-LV, sample-major).
+        backprop_steps: K, the number of final denoising steps the graph goes through.
+        timesteps: [num_steps] the scheduler's timesteps, in sampling order.
+        lv_copies: DRaFT-LV's re-noised copies per sample (0 = off).
+    """
+
+    images: torch.Tensor
+    backprop_steps: int
+    timesteps: torch.Tensor
+    lv_copies: int = 0
 
 
 @dataclass
@@ -372,33 +392,29 @@ class DDPOStableDiffusionPipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> float32 images [B, 3, H, W] in [0, 1]."""
+        return self._decode_latents(latents)
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def __call__(
+    def _prepare_sampling(
         self,
-        prompt: str | Sequence[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | Sequence[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 1.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pt",
-    ) -> DDPOPipelineOutput:
-        """Sample images with stochastic DDIM (`eta` > 0), recording every latent and step log-prob.
-
-        Every random draw (initial noise, per-step noise) comes from `generator`, so a call reproduces from
-        its seed; without one the global torch RNG is used, as in diffusers. `height`/`width` default to the
-        UNet's configured size. Guidance applies when `guidance_scale > 1`.
-        """
+        prompt: str | Sequence[str] | None,
+        height: int | None,
+        width: int | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        negative_prompt: str | Sequence[str] | None,
+        num_images_per_prompt: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The conditioning and the scaled initial latents of a sampling call; sets the scheduler's timesteps."""
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         if prompts is not None:
             prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -429,7 +445,35 @@ class DDPOStableDiffusionPipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        latents = latents.to(self.device, torch.float32) * self.scheduler.init_noise_sigma
+        return conditioning, latents.to(self.device, torch.float32) * self.scheduler.init_noise_sigma
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pt",
+    ) -> DDPOPipelineOutput:
+        """Sample images with stochastic DDIM (`eta` > 0), recording every latent and step log-prob.
+
+        Every random draw (initial noise, per-step noise) comes from `generator`, so a call reproduces from
+        its seed; without one the global torch RNG is used, as in diffusers. `height`/`width` default to the
+        UNet's configured size. Guidance applies when `guidance_scale > 1`.
+        """
+        conditioning, latents = self._prepare_sampling(
+            prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
+            generator, latents, prompt_embeds, negative_prompt_embeds,
+        )
         all_latents, all_log_probs = [latents], []
         with self.sd_pipeline.progress_bar(total=num_inference_steps) as progress:
             for timestep in self.scheduler.timesteps:
@@ -447,6 +491,157 @@ class DDPOStableDiffusionPipeline:
         elif output_type != "pt":
             raise ValueError(f"output_type: expected 'pt', 'pil' or 'np', got {output_type!r}")
         return DDPOPipelineOutput(images, all_latents, all_log_probs, self.scheduler.timesteps.clone(), conditioning)
+
+    def backprop_steps(
+        self,
+        num_inference_steps: int,
+        *,
+        truncated_backprop: bool = True,
+        truncated_backprop_rand: bool = True,
+        truncated_backprop_timestep: int = 49,
+        truncated_rand_backprop_minmax: tuple[int, int] = (0, 50),
+    ) -> int:
+        """K, how many of the last denoising steps `rgb_with_grad` back-propagates through (TRL 0.23's options).
+
+        Steps are indexed 0..N-1 in sampling order and gradients flow through steps `i >= start`: `start` is
+        `truncated_backprop_timestep`, or with `truncated_backprop_rand` drawn once per call with Python's
+        `random.randint` over `truncated_rand_backprop_minmax` (inclusive, as TRL; the trainers reseed `random`
+        per epoch). A drawn start past the last step is clamped to it, so K >= 1 (TRL's K = 0 trained nothing).
+        Without `truncated_backprop`, K = N.
+        """
+        steps = num_inference_steps
+        if not truncated_backprop:
+            return steps
+        if truncated_backprop_rand:
+            low, high = truncated_rand_backprop_minmax
+            if not 0 <= low <= high:
+                raise ValueError(
+                    f"truncated_rand_backprop_minmax: expected 0 <= min <= max, got {tuple(truncated_rand_backprop_minmax)}"
+                )
+            return steps - min(random.randint(low, high), steps - 1)
+        if not 0 <= truncated_backprop_timestep < steps:
+            raise ValueError(
+                f"truncated_backprop_timestep: expected a step index in [0, {steps - 1}], got {truncated_backprop_timestep}"
+            )
+        return steps - truncated_backprop_timestep
+
+    def rgb_with_grad(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        truncated_backprop: bool = True,
+        truncated_backprop_rand: bool = True,
+        gradient_checkpoint: bool = True,
+        truncated_backprop_timestep: int = 49,
+        truncated_rand_backprop_minmax: tuple[int, int] = (0, 50),
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        *,
+        backprop_steps: int | None = None,
+        decode_checkpoint: bool = False,
+        lv_copies: int = 0,
+        unet: torch.nn.Module | None = None,
+    ) -> "RGBWithGradOutput":
+        """Sample images that keep the graph to the trainable weights (AlignProp, DRaFT-K, DRaFT-LV).
+
+        The first N - K steps run under `no_grad`; each of the last K UNet calls builds a graph, recomputed in
+        the backward pass instead of stored when `gradient_checkpoint` (activation memory O(1) in K instead of
+        O(K)). K is `backprop_steps` if given, else `self.backprop_steps(...)` from TRL's truncation options.
+        With the same generator and K = N the images equal `__call__`'s; `eta = 0` is deterministic DDIM. Called
+        under `torch.no_grad()` it builds no graph: a sampler (the trainers evaluate with it).
+
+        DRaFT-LV (`lv_copies = n > 0`, K = 1): the whole chain runs without a graph; its final latent x_0 is
+        re-noised n times to the last timestep (fresh noise from `generator`) and each copy takes that last step
+        with a graph. Images are then [B * n], sample-major (each sample's n copies adjacent): average the
+        reward over them.
+
+        `decode_checkpoint` recomputes the VAE decode in the backward pass (its activations dominate at high
+        resolution). `unet` overrides the module called (default: this pipeline's UNet); a DDP wrapper would need
+        `static_graph=True` for K forwards before one backward, so `AlignPropTrainer` calls the bare UNet and
+        averages the LoRA gradients itself.
+        """
+        if lv_copies < 0:
+            raise ValueError(f"lv_copies: expected a count >= 0, got {lv_copies}")
+        conditioning, latents = self._prepare_sampling(
+            prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
+            generator, latents, prompt_embeds, negative_prompt_embeds,
+        )
+        timesteps = self.scheduler.timesteps
+        steps = len(timesteps)
+        if lv_copies:
+            backprop_steps = 0  # the chain runs without a graph; the copies take the graph-building last step
+        elif backprop_steps is None:
+            backprop_steps = self.backprop_steps(
+                steps,
+                truncated_backprop=truncated_backprop,
+                truncated_backprop_rand=truncated_backprop_rand,
+                truncated_backprop_timestep=truncated_backprop_timestep,
+                truncated_rand_backprop_minmax=truncated_rand_backprop_minmax,
+            )
+        elif not 1 <= backprop_steps <= steps:
+            raise ValueError(f"backprop_steps: expected K in [1, {steps}], got {backprop_steps}")
+
+        graph_allowed = torch.is_grad_enabled()  # under no_grad this is a plain sampler (eta = 0 included)
+
+        def step(sample: torch.Tensor, timestep: torch.Tensor, step_conditioning: dict[str, torch.Tensor],
+                 step_generator: Any, with_grad: bool) -> torch.Tensor:
+            with_grad = with_grad and graph_allowed
+            with torch.set_grad_enabled(with_grad):
+                if with_grad and gradient_checkpoint:
+                    noise_pred = torch.utils.checkpoint.checkpoint(
+                        self.predict_noise, sample, timestep, step_conditioning, guidance_scale, unet,
+                        use_reentrant=False,
+                    )
+                else:
+                    noise_pred = self.predict_noise(sample, timestep, step_conditioning, guidance_scale, unet)
+                if eta > 0:
+                    return ddim_step_with_logprob(
+                        self.scheduler, noise_pred, timestep, sample, eta=eta, generator=step_generator
+                    )[0]
+                return ddim_posterior(self.scheduler, noise_pred, timestep, sample, eta)[0]
+
+        first_with_grad = steps - backprop_steps
+        for index, timestep in enumerate(timesteps):
+            latents = step(latents, timestep, conditioning, generator, index >= first_with_grad)
+        if lv_copies:
+            latents = self._draft_lv_last_step(latents, conditioning, lv_copies, generator, step)
+        if decode_checkpoint and latents.requires_grad:
+            images = torch.utils.checkpoint.checkpoint(self._decode_latents, latents, use_reentrant=False)
+        else:
+            with torch.set_grad_enabled(latents.requires_grad):
+                images = self._decode_latents(latents)
+        return RGBWithGradOutput(images, max(backprop_steps, 1), timesteps.clone(), lv_copies)
+
+    def _draft_lv_last_step(
+        self,
+        final_latents: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        copies: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        step: Callable[..., torch.Tensor],
+    ) -> torch.Tensor:
+        """DRaFT-LV: `copies` re-noisings of each x_0 to the last timestep, each denoised by one graph-building
+        step; [B * copies] latents, sample-major."""
+        last = self.scheduler.timesteps[-1]
+        noise = torch.stack(
+            [randn_tensor(final_latents.shape, generator=generator, device=self.device, dtype=torch.float32)
+             for _ in range(copies)],
+            dim=1,
+        ).flatten(0, 1)
+        repeated = final_latents.repeat_interleave(copies, dim=0)
+        noisy = self.scheduler.add_noise(repeated, noise, last.expand(len(repeated)))
+        copy_conditioning = {key: value.repeat_interleave(copies, dim=0) for key, value in conditioning.items()}
+        # one generator per image does not cover the copies: their step noise comes from the first generator
+        copy_generator = generator[0] if isinstance(generator, list) else generator
+        return step(noisy, last, copy_conditioning, copy_generator, True)
 
     # ---- export --------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
 
-def _ddim_posterior(
+def ddim_posterior(
     scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, eta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation (float32) of the DDIM step x_t -> x_{t-1}."""
@@ -100,7 +100,7 @@ def ddim_step_with_logprob(
     if prev_sample is not None and generator is not None:
         raise ValueError("prev_sample and generator: pass one or the other (a given prev_sample is not drawn)")
 
-    mean, std = _ddim_posterior(scheduler, model_output, timestep, sample, eta)
+    mean, std = ddim_posterior(scheduler, model_output, timestep, sample, eta)
 
     if prev_sample is None:
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
@@ -128,7 +128,7 @@ def ddim_step_kl(
     """
     if not eta > 0:
         raise ValueError(f"eta: expected a value > 0 for a step with a log-prob, got {eta}")
-    mean, std = _ddim_posterior(scheduler, model_output, timestep, sample, eta)
-    reference_mean, _ = _ddim_posterior(scheduler, reference_output, timestep, sample, eta)
+    mean, std = ddim_posterior(scheduler, model_output, timestep, sample, eta)
+    reference_mean, _ = ddim_posterior(scheduler, reference_output, timestep, sample, eta)
     kl = (mean - reference_mean) ** 2 / (2 * std**2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))

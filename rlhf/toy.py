@@ -46,6 +46,12 @@ EVAL_PROMPTS: list[str] = [
     for (ci, colour), (si, shape) in itertools.product(enumerate(TOY_COLOURS), enumerate(TOY_SHAPES))
 ]
 
+# Every colour x shape x background: evaluations whose per-seed means must vary little between seeds
+ALL_PROMPTS: list[str] = [
+    f"a {colour} {shape} on a {background} background"
+    for colour, shape, background in itertools.product(TOY_COLOURS, TOY_SHAPES, TOY_BACKGROUNDS)
+]
+
 SHAPE_SIZE_RANGE = (14.0, 22.0)  # side of the shape's bounding box, pixels; 8x8 latents blur smaller ones
 COLOUR_JITTER = 0.04  # per-channel uniform jitter of every drawn colour
 SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down, for anti-aliased edges

@@ -368,31 +368,24 @@ def test_cli_rejects_an_unknown_key(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- learning
 
 
-def oracle_reward(images: torch.Tensor, prompts: list[str], metadata: list) -> tuple[torch.Tensor, dict]:
-    """The toy colour oracle, smoothed: presence of the named colour (0/1) plus its soft coverage score."""
-    score = colour_score(images, prompts)
-    return oracle_colour(images, prompts) + score, {"raw": {"colour_soft": score}}
-
-
 @pytest.mark.slow
-@pytest.mark.skip(reason="issue 5 open: with the committed toy generator (reward already 0.845) six epochs gave "
-                  "+0.055 against the 3-std bar of 0.136 (measured 2026-11-30); recalibrate with the final generator")
 def test_ddpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path) -> None:
+    """The toy generator, DDPO on the soft colour oracle (the prompt's colour coverage): 16 epochs of 32 samples,
+    evaluated on every colour x shape x background prompt with 4 seeds. Measured: 0.543 +- 0.028 -> 0.676 +- 0.025,
+    a gain of 0.133 against the 3-std bar 0.084 (oracle alignment 0.47 -> 0.61, colour 0.72 -> 0.88), ~45 s."""
     from rlhf.testing import toy_generator_path
+    from rlhf.toy import ALL_PROMPTS
     from trainers.ddpo import load_training_prompts, uniform_prompt_function
 
-    try:
-        generator = toy_generator_path()
-    except FileNotFoundError:
-        pytest.skip("the toy generator is not committed yet (rlhf toy pretrain)")
     config = DDPOConfig(
-        output_dir=str(tmp_path), mixed_precision="no", seed=0, num_epochs=6, sample_num_steps=10,
-        sample_batch_size=8, sample_num_batches_per_epoch=2, train_batch_size=8, train_learning_rate=3e-3,
-        train_clip_range=1e-2, group_size=4, eval_seeds=[0, 1, 2, 3], num_grid_images=16,
+        output_dir=str(tmp_path), mixed_precision="no", seed=0, num_epochs=16, sample_num_steps=10,
+        sample_guidance_scale=3.0, sample_batch_size=16, sample_num_batches_per_epoch=2, train_batch_size=8,
+        train_learning_rate=5e-3, train_clip_range=1e-2, group_size=4, eval_seeds=[0, 1, 2, 3],
+        eval_prompts=ALL_PROMPTS, num_grid_images=16,
     )
     trainer = DDPOTrainer(
-        config, oracle_reward, uniform_prompt_function(load_training_prompts(config)),
-        DDPOStableDiffusionPipeline.from_pretrained(generator),
+        config, colour_reward, uniform_prompt_function(load_training_prompts(config)),
+        DDPOStableDiffusionPipeline.from_pretrained(toy_generator_path()),
     )
     metrics = trainer.train()
     before, after = metrics["eval_before"], metrics["eval_after"]

@@ -1,5 +1,6 @@
 """Training loops on accelerate: the reward model, DDPO, Diffusion-DPO, AlignProp/DRaFT."""
 
+from trainers.alignprop import AlignPropConfig, AlignPropTrainer
 from trainers.ddpo import DDPOConfig, DDPOTrainer
 
-__all__ = ["DDPOConfig", "DDPOTrainer"]
+__all__ = ["AlignPropConfig", "AlignPropTrainer", "DDPOConfig", "DDPOTrainer"]

@@ -1,0 +1,584 @@
+"""Reward back-propagation (AlignProp, DRaFT-K, DRaFT-LV): the gradient of a differentiable reward, taken through
+the last denoising steps, trains a LoRA Stable Diffusion policy."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from accelerate import PartialState
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
+from trainers.common import (
+    Checkpointer,
+    RunOutputs,
+    are_toy_prompts,
+    build_accelerator,
+    evaluate,
+    inference_dtype,
+    load_weighting_state,
+    peak_memory_mb,
+    perspective_values,
+    reseed_global_rngs,
+    seeded_generator,
+    weighting_state,
+)
+from trainers.ddpo import DDPOConfig, load_policy, load_training_prompts, uniform_prompt_function
+
+POLICY_WEIGHTS_FILE = "policy.safetensors"
+METHODS = ("alignprop", "draft_k", "draft_lv")
+
+
+@dataclass
+class AlignPropConfig:
+    r"""Configuration of `AlignPropTrainer`: every field of TRL 0.23's `AlignPropConfig` (same names and
+    defaults; `truncated_rand_backprop_minmax` is a two-item list instead of a tuple, for the CLI), then this
+    project's own. Each field's `help` says its default and meaning.
+
+    Methods (`method`):
+    - `alignprop` (AlignProp, Prabhudesai et al. 2023): back-propagate through the steps from index `start` on,
+      `start` drawn per batch from `truncated_rand_backprop_minmax` (`truncated_backprop_rand`), else fixed at
+      `truncated_backprop_timestep`; with `truncated_backprop_timestep = 0` and no randomisation, all steps.
+    - `draft_k` (DRaFT-K, Clark et al. 2023): through the last `draft_k` steps only.
+    - `draft_lv` (DRaFT-LV): the last step only, on `draft_lv_copies` re-noised copies of each final latent,
+      rewards averaged (a lower-variance gradient for one extra UNet call per copy).
+    The loss is minus the mean (weighted) reward; its gradient is what every method follows.
+    """
+
+    # ---- TRL 0.23 ----
+    exp_name: str = field(
+        default=os.path.basename(sys.argv[0])[: -len(".py")],
+        metadata={"help": "Name of this experiment (default: the script's file name without extension)."},
+    )
+    run_name: str = field(default="", metadata={"help": "Name of this run, for the tracker (default '')."})
+    seed: int = field(default=0, metadata={"help": "Random seed; every draw of the run derives from it (default 0)."})
+    log_with: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tracker: 'wandb' or 'tensorboard' (default None: files only).", "choices": ["wandb", "tensorboard"]},
+    )
+    log_image_freq: int = field(
+        default=1, metadata={"help": "Call image_samples_hook every this many epochs (default 1)."}
+    )
+    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "init_kwargs for the tracker (default {})."})
+    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
+    project_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "Extra accelerate ProjectConfiguration kwargs (default {})."}
+    )
+    tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project name (default 'trl')."})
+    logdir: str = field(
+        default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
+    )
+    num_epochs: int = field(
+        default=100, metadata={"help": "Number of epochs; one epoch is one optimizer step (default 100)."}
+    )
+    save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
+    num_checkpoint_limit: int = field(default=5, metadata={"help": "Checkpoints kept; older ones deleted (default 5)."})
+    mixed_precision: str = field(
+        default="fp16",
+        metadata={"help": "'no', 'fp16' (CUDA only) or 'bf16': dtype of the frozen weights; LoRA stays float32 (default 'fp16')."},
+    )
+    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (default True)."})
+    resume_from: str = field(
+        default="",
+        metadata={"help": "Resume from a checkpoint_<epoch> directory, or the latest one in a run directory (default '')."},
+    )
+    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per image (default 50)."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, >= 0; 0 = deterministic DDIM (default 1.0)."})
+    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance weight (default 5.0)."})
+    train_batch_size: int = field(
+        default=1, metadata={"help": "Images sampled with a graph per minibatch, per process (default 1)."}
+    )
+    train_use_8bit_adam: bool = field(
+        default=False, metadata={"help": "8-bit AdamW from bitsandbytes (must be installed) (default False)."}
+    )
+    train_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate (default 1e-3)."})
+    train_adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (default 0.9)."})
+    train_adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (default 0.999)."})
+    train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay (default 1e-4)."})
+    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon (default 1e-8)."})
+    train_gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Minibatches accumulated per optimizer step, i.e. per epoch (default 1)."}
+    )
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (default 1.0)."})
+    negative_prompts: str = field(
+        default="", metadata={"help": "One negative prompt used for every sample; '' = unconditional (default '')."}
+    )
+    truncated_backprop_rand: bool = field(
+        default=True,
+        metadata={"help": "alignprop: draw the first back-propagated step per batch from "
+                  "truncated_rand_backprop_minmax (default True)."},
+    )
+    truncated_backprop_timestep: int = field(
+        default=49,
+        metadata={"help": "alignprop without randomisation: index of the first back-propagated step; K = "
+                  "sample_num_steps - this (default 49: the last of 50 steps)."},
+    )
+    truncated_rand_backprop_minmax: list[int] = field(
+        default_factory=lambda: [0, 50],
+        metadata={"help": "alignprop: [min, max] (inclusive) of the drawn first back-propagated step; a draw past "
+                  "the last step back-propagates through the last step only (default 0 50)."},
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Not supported here (offline-first): true is an error; upload output_dir/lora yourself."},
+    )
+    # ---- this project ----
+    method: str = field(
+        default="alignprop",
+        metadata={"help": "alignprop, draft_k or draft_lv (see the class notes) (default alignprop).", "choices": list(METHODS)},
+    )
+    draft_k: int = field(default=1, metadata={"help": "draft_k: steps back-propagated through, K (default 1)."})
+    draft_lv_copies: int = field(
+        default=2, metadata={"help": "draft_lv: re-noised copies of each image's last step (default 2)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Recompute each back-propagated UNet call in the backward pass instead of storing its "
+                  "activations (default True)."},
+    )
+    decode_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute the VAE decode in the backward pass too (default False)."}
+    )
+    output_dir: str = field(default="runs/alignprop", metadata={"help": "Run directory (default 'runs/alignprop')."})
+    pretrained_model: str = field(
+        default="",
+        metadata={"help": "CLI: diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random "
+                  "tiny pipeline (plumbing only) (default '')."},
+    )
+    pretrained_revision: str = field(default="main", metadata={"help": "CLI: hub revision (default 'main')."})
+    use_lora: bool = field(default=True, metadata={"help": "CLI: train a LoRA (True) or the whole UNet (default True)."})
+    lora_rank: int = field(default=4, metadata={"help": "CLI: LoRA rank (default 4)."})
+    lora_alpha: float = field(default=4.0, metadata={"help": "CLI: LoRA alpha (default 4)."})
+    prompts: list[str] = field(
+        default_factory=list, metadata={"help": "CLI: training prompts, drawn uniformly (default: toy prompts)."}
+    )
+    prompts_file: str = field(
+        default="", metadata={"help": "CLI: a text file of training prompts, one per line (default '')."}
+    )
+    reward: dict = field(
+        default_factory=lambda: {"builtin": "toy_colour_soft"},
+        metadata={"help": "CLI: the reward block for rlhf.reward_fn.build_reward; it must give gradients "
+                  "(default {builtin: toy_colour_soft})."},
+    )
+    sample_height: int = field(default=0, metadata={"help": "Image height; 0 = the model's size (default 0)."})
+    sample_width: int = field(default=0, metadata={"help": "Image width; 0 = the model's size (default 0)."})
+    train_lr_scheduler: str = field(
+        default="constant", metadata={"help": "diffusers LR schedule name, e.g. constant, cosine (default constant)."}
+    )
+    train_lr_warmup_steps: int = field(default=0, metadata={"help": "LR warmup optimizer steps (default 0)."})
+    eval_prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Evaluation prompts (default: the toy EVAL_PROMPTS; the CLI uses the first 8 training "
+                  "prompts when they are not toy prompts)."},
+    )
+    eval_seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."}
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Images per evaluation sampling call (default 8)."})
+    num_grid_images: int = field(default=16, metadata={"help": "Images per epoch sample grid (default 16)."})
+
+    to_dict = DDPOConfig.to_dict
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that does not fit."""
+        minmax = list(self.truncated_rand_backprop_minmax)
+        checks = [
+            (self.method in METHODS, "method", f"one of {list(METHODS)}, got {self.method!r}"),
+            (self.num_epochs >= 0, "num_epochs", "a value >= 0"),
+            (self.sample_num_steps >= 1, "sample_num_steps", "a value >= 1"),
+            (self.sample_eta >= 0, "sample_eta", "a value >= 0"),
+            (self.train_batch_size >= 1, "train_batch_size", "a value >= 1"),
+            (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps", "a value >= 1"),
+            (self.method != "alignprop" or self.truncated_backprop_rand
+             or 0 <= self.truncated_backprop_timestep < self.sample_num_steps, "truncated_backprop_timestep",
+             f"a step index in [0, sample_num_steps - 1 = {self.sample_num_steps - 1}]"),
+            (len(minmax) == 2 and 0 <= minmax[0] <= minmax[1], "truncated_rand_backprop_minmax",
+             f"two step indices [min, max] with 0 <= min <= max, got {minmax}"),
+            (self.method != "draft_k" or 1 <= self.draft_k <= self.sample_num_steps, "draft_k", f"K in [1, sample_num_steps = {self.sample_num_steps}]"),
+            (self.draft_lv_copies >= 1, "draft_lv_copies", "a value >= 1"),
+            (self.log_image_freq >= 1, "log_image_freq", "a value >= 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size", "a value >= 1"),
+            (not self.push_to_hub, "push_to_hub", "false (not supported; upload output_dir/lora yourself)"),
+            (self.save_freq >= 1, "save_freq", "a value >= 1"),
+            (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}")
+        inference_dtype(self.mixed_precision)
+        if self.train_use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as error:
+                raise ValueError("train_use_8bit_adam: needs bitsandbytes installed (pip install bitsandbytes)") from error
+
+
+def check_differentiable_reward(
+    reward_function: Callable[..., Any], prompt_function: Callable[[], Any], height: int, width: int
+) -> None:
+    """Raise ValueError unless `reward_function` gives gradients to the pixels.
+
+    A reward that says `differentiable = False` is refused at once; one that says nothing is probed with one
+    grey image (requires_grad) and a prompt from `prompt_function` (the trainer reseeds every RNG per epoch, so
+    the probe's draw changes nothing). A non-differentiable reward would otherwise train on a silent zero.
+    """
+    declared = getattr(reward_function, "differentiable", None)
+    if declared is False:
+        raise ValueError(
+            f"reward: {type(reward_function).__name__} cannot give gradients (differentiable=False); reward "
+            "back-propagation needs a differentiable reward (a RewardModel or toy_colour_soft with "
+            "`differentiable: true`), or train with DDPO, which needs none"
+        )
+    if declared:
+        return
+    drawn = prompt_function()
+    prompt, metadata = drawn if isinstance(drawn, tuple) else (drawn, {})
+    pixels = torch.full((1, 3, height, width), 0.5, requires_grad=True)
+    result = reward_function(pixels, [prompt], [metadata])
+    rewards = result[0] if isinstance(result, tuple) else result
+    if not (isinstance(rewards, torch.Tensor) and rewards.requires_grad):
+        raise ValueError(
+            "reward: the reward function returned rewards without a graph to the images; reward "
+            "back-propagation needs a differentiable reward (or train with DDPO, which needs none)"
+        )
+
+
+class AlignPropTrainer:
+    """AlignProp / DRaFT on accelerate, with TRL 0.23's constructor and `train()`.
+
+    Args:
+        config: an `AlignPropConfig`.
+        reward_function: `reward_function(images, prompts, metadata) -> (rewards, info)` whose rewards [B] keep the
+            graph to `images` (float BCHW in [0, 1]); `info["raw"]` may map perspective names to per-image scores
+            (logged per perspective). Checked at construction: one that cannot give gradients is an error.
+        prompt_function: `prompt_function() -> (prompt, metadata)` (or just a prompt); the global RNGs are
+            reseeded from (seed, epoch, process) before each epoch's draws, so a run reproduces and resumes exactly.
+        sd_pipeline: a `DDPOStableDiffusionPipeline`.
+        image_samples_hook: called every `log_image_freq` epochs as TRL does, with
+            `({"images", "prompts", "prompt_metadata", "rewards"}, global_step, tracker or None)` for the epoch's
+            last minibatch.
+    """
+
+    def __init__(
+        self,
+        config: AlignPropConfig,
+        reward_function: Callable[..., Any],
+        prompt_function: Callable[[], Any],
+        sd_pipeline: DDPOStableDiffusionPipeline,
+        image_samples_hook: Callable[[Any, int, Any], Any] | None = None,
+    ) -> None:
+        config.validate()
+        self.height = config.sample_height or sd_pipeline.default_size
+        self.width = config.sample_width or sd_pipeline.default_size
+        check_differentiable_reward(reward_function, prompt_function, self.height, self.width)
+        self.config = config
+        self.reward_fn = reward_function
+        self.prompt_fn = prompt_function
+        self.sd_pipeline = sd_pipeline
+        self.image_samples_hook = image_samples_hook
+        self.accelerator = build_accelerator(
+            config.output_dir,
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.train_gradient_accumulation_steps,
+            log_with=config.log_with,
+            logdir=config.logdir,
+            project_kwargs=config.project_kwargs,
+            accelerator_kwargs=config.accelerator_kwargs,
+        )
+        self.outputs = RunOutputs(config.output_dir, self.accelerator.is_main_process)
+        self.outputs.save_config(config)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        if self.accelerator.is_main_process and config.log_with:
+            self.accelerator.init_trackers(
+                config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs
+            )
+        sd_pipeline.to(self.accelerator.device, inference_dtype(config.mixed_precision))
+        sd_pipeline.set_progress_bar_config(disable=True)
+        parameters = sd_pipeline.trainable_parameters()
+        optimizer = self._optimizer(parameters)
+        processes = self.accelerator.num_processes
+        # accelerate steps a prepared scheduler once per process per call (its data-parallel convention)
+        lr_scheduler = get_scheduler(
+            config.train_lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.train_lr_warmup_steps * processes,
+            num_training_steps=max(config.num_epochs, 1) * processes,
+        )
+        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(sd_pipeline.unet, optimizer, lr_scheduler)
+        self.trainable = parameters
+        self.checkpointer = Checkpointer(
+            self.accelerator, config.output_dir, config.num_checkpoint_limit, self._save_policy, self._load_policy
+        )
+        self.first_epoch, self.global_step = 0, 0
+        self.eval_before: dict[str, Any] | None = None
+        self.last_row: dict[str, Any] = {}
+        if config.resume_from:
+            state = self.checkpointer.load(config.resume_from)
+            self.first_epoch = state["epoch"] + 1
+            self.global_step = state["global_step"]
+            self.eval_before = state["eval_before"]
+            load_weighting_state(self.reward_fn, state.get("weighting"))
+            self.outputs.keep_history_until(state["epoch"])
+
+    # ---- setup helpers ---------------------------------------------------------------------------------------
+
+    def _optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        config = self.config
+        if config.train_use_8bit_adam:
+            import bitsandbytes
+
+            optimizer_class = bitsandbytes.optim.AdamW8bit
+        else:
+            optimizer_class = torch.optim.AdamW
+        return optimizer_class(
+            parameters,
+            lr=config.train_learning_rate,
+            betas=(config.train_adam_beta1, config.train_adam_beta2),
+            weight_decay=config.train_adam_weight_decay,
+            eps=config.train_adam_epsilon,
+        )
+
+    def _save_policy(self, directory: Path) -> None:
+        save_file(self.sd_pipeline.policy_state_dict(), directory / POLICY_WEIGHTS_FILE)
+
+    def _load_policy(self, directory: Path) -> None:
+        state = load_file(directory / POLICY_WEIGHTS_FILE, device=str(self.accelerator.device))
+        self.sd_pipeline.load_policy_state_dict(state)
+
+    # ---- sampling with gradients ----------------------------------------------------------------------------
+
+    def _negatives(self, count: int) -> list[str] | None:
+        return [self.config.negative_prompts] * count if self.config.negative_prompts else None
+
+    def sample_with_grad(self, prompts: list[str], generator: torch.Generator) -> RGBWithGradOutput:
+        """Images of `prompts` with the graph the configured method back-propagates through."""
+        config = self.config
+        options: dict[str, Any] = {}
+        if config.method == "alignprop":
+            options = dict(
+                truncated_backprop_rand=config.truncated_backprop_rand,
+                truncated_backprop_timestep=config.truncated_backprop_timestep,
+                truncated_rand_backprop_minmax=tuple(config.truncated_rand_backprop_minmax),
+            )
+        elif config.method == "draft_k":
+            options = dict(backprop_steps=config.draft_k)
+        else:
+            options = dict(lv_copies=config.draft_lv_copies)
+        return self.sd_pipeline.rgb_with_grad(
+            prompts,
+            height=self.height,
+            width=self.width,
+            num_inference_steps=config.sample_num_steps,
+            guidance_scale=config.sample_guidance_scale,
+            gradient_checkpoint=config.gradient_checkpointing,
+            negative_prompt=self._negatives(len(prompts)),
+            eta=config.sample_eta,
+            generator=generator,
+            decode_checkpoint=config.decode_checkpointing,
+            **options,
+        )
+
+    def _average_gradients_over_processes(self) -> None:
+        """Mean of the LoRA gradients over processes.
+
+        The sampler calls the bare UNet, not accelerate's DDP wrapper: DDP's reducer expects one forward per
+        backward, and a back-propagated chain makes K (recomputed under checkpointing). The LoRA is small, so
+        one explicit all-reduce per optimizer step costs little.
+        """
+        if self.accelerator.num_processes == 1:
+            return
+        for parameter in self.trainable:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
+
+    def _draw_prompts(self, count: int) -> tuple[list[str], list[Any]]:
+        prompts, metadata = [], []
+        for _ in range(count):
+            drawn = self.prompt_fn()
+            prompt, meta = drawn if isinstance(drawn, tuple) else (drawn, {})
+            prompts.append(prompt)
+            metadata.append(meta)
+        return prompts, metadata
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One optimizer step over `train_gradient_accumulation_steps` minibatches sampled with a graph. Returns
+        the epoch's statistics and the last minibatch (TRL's `prompt_image_pairs`)."""
+        config, accelerator = self.config, self.accelerator
+        rank = accelerator.process_index
+        reseed_global_rngs(config.seed, epoch, rank)
+        generator = seeded_generator(config.seed, epoch, rank, 0)
+        self.unet.train()
+        rewards_seen, perspectives, grid, backprop_steps = [], {}, [], []
+        loss_total, grad_norm = 0.0, float("nan")
+        last: dict[str, Any] = {}
+        for _ in range(config.train_gradient_accumulation_steps):
+            prompts, metadata = self._draw_prompts(config.train_batch_size)
+            with accelerator.accumulate(self.unet):
+                output = self.sample_with_grad(prompts, generator)
+                copies = max(output.lv_copies, 1)
+                scored_prompts = [p for p in prompts for _ in range(copies)]
+                scored_metadata = [m for m in metadata for _ in range(copies)]
+                result = self.reward_fn(output.images, scored_prompts, scored_metadata)
+                rewards, info = result if isinstance(result, tuple) else (result, {})
+                if not (isinstance(rewards, torch.Tensor) and rewards.requires_grad):
+                    raise ValueError("reward: the reward function returned rewards without a graph to the images")
+                loss = -rewards.float().mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    self._average_gradients_over_processes()
+                    grad_norm = float(accelerator.clip_grad_norm_(self.trainable, config.train_max_grad_norm))
+                    self.global_step += 1
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad()
+            detached = rewards.detach().float().reshape(-1, copies).mean(dim=1)
+            rewards_seen.append(detached)
+            for name, values in perspective_values(info).items():
+                perspectives.setdefault(name, []).append(values)
+            grid.append(output.images.detach().float().cpu()[::copies])
+            backprop_steps.append(output.backprop_steps)
+            loss_total += float(loss.detach())
+            last = {"images": grid[-1], "prompts": prompts, "prompt_metadata": metadata, "rewards": detached.cpu()}
+        rewards_all = accelerator.gather(torch.cat(rewards_seen).to(accelerator.device)).cpu().double()
+        stats = {
+            "reward_mean": float(rewards_all.mean()),
+            "reward_std": float(rewards_all.std(unbiased=False)),
+            "loss": loss_total / config.train_gradient_accumulation_steps,
+            "grad_norm": grad_norm,
+            "backprop_steps_mean": sum(backprop_steps) / len(backprop_steps),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+        }
+        for name, values in perspectives.items():
+            gathered = accelerator.gather(torch.cat(values).to(accelerator.device)).cpu().double()
+            stats[f"reward_{name}_mean"] = float(gathered.mean())
+        if accelerator.is_main_process and config.num_grid_images > 0:
+            self.outputs.save_grid(torch.cat(grid)[: config.num_grid_images], f"samples/epoch_{epoch:04d}.png")
+        return stats, last
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch: sample with a graph, back-propagate the reward, step, log, checkpoint. Returns the global
+        step (TRL 0.23's signature)."""
+        self.global_step = global_step
+        began = time.perf_counter()
+        stats, last = self.train_epoch(epoch)
+        if self.image_samples_hook is not None and epoch % self.config.log_image_freq == 0:
+            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
+            self.image_samples_hook(last, self.global_step, tracker)
+        row = {
+            "epoch": epoch,
+            "global_step": self.global_step,
+            **stats,
+            "time_epoch": time.perf_counter() - began,
+            "peak_memory_mb": peak_memory_mb(self.accelerator.device),
+        }
+        self.outputs.append_history(row)
+        if self.config.log_with:
+            self.accelerator.log(row, step=epoch)
+        if (epoch + 1) % self.config.save_freq == 0 or epoch == self.config.num_epochs - 1:
+            self.checkpointer.save(
+                epoch,
+                {"global_step": self.global_step, "eval_before": self.eval_before, "weighting": weighting_state(self.reward_fn)},
+            )
+        self.last_row = row
+        return self.global_step
+
+    def _sample(self, prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
+        config = self.config
+        with torch.no_grad():
+            return self.sd_pipeline.rgb_with_grad(
+                prompts,
+                height=self.height,
+                width=self.width,
+                num_inference_steps=config.sample_num_steps,
+                guidance_scale=config.sample_guidance_scale,
+                negative_prompt=self._negatives(len(prompts)),
+                eta=config.sample_eta,
+                generator=generators,
+                backprop_steps=config.sample_num_steps,
+            ).images
+
+    def evaluate(self, grid_name: str | None = None) -> dict[str, Any]:
+        """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`)."""
+        self.sd_pipeline.unet.eval()
+        metrics, images = evaluate(
+            self._sample,
+            self.reward_fn,
+            self.eval_prompts(),
+            self.config.eval_seeds,
+            batch_size=self.config.eval_batch_size,
+            accelerator=self.accelerator,
+        )
+        if grid_name and images is not None:
+            self.outputs.save_grid(images, grid_name)
+        return metrics
+
+    def eval_prompts(self) -> list[str]:
+        if self.config.eval_prompts:
+            return list(self.config.eval_prompts)
+        from rlhf.toy import EVAL_PROMPTS
+
+        return list(EVAL_PROMPTS)
+
+    def train(self, epochs: int | None = None) -> dict[str, Any]:
+        """Evaluate, train from `first_epoch` to `epochs` (default `num_epochs`), evaluate again; write
+        `metrics.json`, the curves and the final policy (`output_dir/lora`). Returns the metrics."""
+        end = self.config.num_epochs if epochs is None else epochs
+        if self.eval_before is None:
+            self.eval_before = self.evaluate("eval_before.png")
+        progress = tqdm(
+            range(self.first_epoch, end),
+            desc=f"{self.config.method} epochs",
+            disable=not self.accelerator.is_local_main_process,
+        )
+        for epoch in progress:
+            self.step(epoch, self.global_step)
+            progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
+        eval_after = self.evaluate("eval_after.png")
+        metrics = {"eval_before": self.eval_before, "eval_after": eval_after, "epochs": end, "global_step": self.global_step}
+        self.outputs.write_metrics(metrics)
+        self.outputs.plot_history(["reward_mean", "loss", "grad_norm", "backprop_steps_mean"])
+        self.accelerator.wait_for_everyone()
+        self.sd_pipeline.save_pretrained(Path(self.config.output_dir) / "lora", self.accelerator.is_main_process)
+        self.accelerator.end_training()
+        return metrics
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str]) -> int:
+    """`rlhf train alignprop --config configs/alignprop/X.yaml [--field value ...]`."""
+    from rlhf.config import parse_config
+    from rlhf.reward_fn import build_reward
+
+    (config,) = parse_config(AlignPropConfig, argv)
+    config.validate()
+    prompts = load_training_prompts(config)
+    if not config.eval_prompts and not are_toy_prompts(prompts):
+        config.eval_prompts = prompts[:8]
+    spec = dict(config.reward)
+    if "model" in spec and "device" not in spec:
+        spec["device"] = str(PartialState().device)  # each process scores on its own accelerator
+    spec.setdefault("differentiable", True)
+    reward = build_reward(spec)
+    trainer = AlignPropTrainer(config, reward, uniform_prompt_function(prompts), load_policy(config))
+    metrics = trainer.train()
+    if trainer.accelerator.is_main_process:
+        before, after = metrics["eval_before"], metrics["eval_after"]
+        print(
+            f"eval reward {before['reward_mean']:.4f} ± {before['reward_std']:.4f} -> "
+            f"{after['reward_mean']:.4f} ± {after['reward_std']:.4f} (std over seeds); outputs in {config.output_dir}"
+        )
+    return 0
