@@ -79,11 +79,15 @@ def generator_stage(out: Path, name: str, quick: bool, seed: int) -> dict[str, A
         "sample_num_steps": 10,
         "eval_seeds": [0, 1, 2, 3],
     }
-    if name == "ddpo":
-        return {**common, "num_epochs": 4 if quick else 10, "save_freq": 100, "mixed_precision": "no",
-                "sample_batch_size": 8, "sample_num_batches_per_epoch": 2, "train_batch_size": 8,
-                "train_learning_rate": 3.0e-3, "train_clip_range": 1.0e-2, "group_size": 4}
-    return {**common, "mode": "online", "num_epochs": 3 if quick else 8}
+    if name == "ddpo":  # configs/ddpo/tiny.yaml's settings, with the learned reward
+        return {**common, "num_epochs": 8 if quick else 16, "save_freq": 100, "mixed_precision": "no",
+                "sample_guidance_scale": 3.0, "sample_batch_size": 16, "sample_num_batches_per_epoch": 2,
+                "train_batch_size": 8, "train_learning_rate": 5.0e-3, "train_clip_range": 1.0e-2, "group_size": 4}
+    # configs/dpo/tiny.yaml's settings, with the learned reward
+    return {**common, "mode": "online", "num_epochs": 8 if quick else 16, "save_freq": 100, "mixed_precision": "no",
+            "sample_guidance_scale": 3.0, "sample_batch_size": 16, "sample_num_batches_per_epoch": 4,
+            "group_size": 4, "pair_strategy": "best_worst", "train_batch_size": 8, "train_num_inner_epochs": 2,
+            "train_learning_rate": 5.0e-4, "beta": 500.0}
 
 
 def _run(words: list[str], config: dict[str, Any], path: Path) -> None:
