@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from rlhf.config import parse_config
+from rlhf.toy import ALL_PROMPTS
 
 
 @dataclass
@@ -44,10 +45,12 @@ class DemoConfig:
 
 
 STAGES = ("reward", "ddpo", "dpo")
+# Raw scores, not batch z-scores: a batch-normalised reward has mean ~0 in every evaluation batch, so before/after
+# could not be compared (DDPO normalises advantages within each prompt's group anyway).
 WEIGHTING = {
     "perspectives": {
-        "alignment": {"weight": 1.0, "normalize": "batch"},
-        "fidelity": {"weight": 0.5, "normalize": "batch"},
+        "alignment": {"weight": 1.0},
+        "fidelity": {"weight": 0.5},
         "safety": {"constraint": "gate", "threshold": 0.0, "floor": -3.0},
     }
 }
@@ -78,6 +81,7 @@ def generator_stage(out: Path, name: str, quick: bool, seed: int) -> dict[str, A
         "reward": reward,
         "sample_num_steps": 10,
         "eval_seeds": [0, 1, 2, 3],
+        "eval_prompts": ALL_PROMPTS,  # 45 prompts: the per-seed means, and so the std over seeds, vary less
     }
     if name == "ddpo":  # configs/ddpo/tiny.yaml's settings, with the learned reward
         return {**common, "num_epochs": 8 if quick else 16, "save_freq": 100, "mixed_precision": "no",
@@ -100,24 +104,30 @@ def _run(words: list[str], config: dict[str, Any], path: Path) -> None:
 
 
 def _gain(metrics: dict[str, Any], key: str) -> dict[str, float] | None:
-    """Before/after of one oracle or reward number, and the gain in units of the before-run's std over seeds."""
+    """Before/after of the reward, a learned perspective ("learned NAME") or a toy oracle (NAME), and the gain in
+    units of the std over seeds (the larger of the two runs' std, as the trainers' tests use)."""
     before, after = metrics.get("eval_before") or {}, metrics.get("eval_after") or {}
     if key == "reward":
-        b, a, std = before.get("reward_mean"), after.get("reward_mean"), before.get("reward_std")
+        b, a = before.get("reward_mean"), after.get("reward_mean")
+        std = max(before.get("reward_std") or 0.0, after.get("reward_std") or 0.0)
+    elif key.startswith("learned "):
+        name = key.removeprefix("learned ")
+        b, a = (before.get("per_perspective") or {}).get(name), (after.get("per_perspective") or {}).get(name)
+        std = None
     else:
         b, a = (before.get("oracle") or {}).get(key), (after.get("oracle") or {}).get(key)
-        std = (before.get("oracle_std") or {}).get(key)
+        std = max((before.get("oracle_std") or {}).get(key) or 0.0, (after.get("oracle_std") or {}).get(key) or 0.0)
     if b is None or a is None:
         return None
-    sigmas = (a - b) / std if std else math.inf if a > b else -math.inf if a < b else 0.0
-    return {"before": b, "after": a, "std_before": std, "gain_in_std": sigmas}
+    sigmas = None if std is None else (a - b) / std if std else math.inf if a > b else -math.inf if a < b else 0.0
+    return {"before": b, "after": a, "std": std, "gain_in_std": sigmas}
 
 
 def write_report(out: Path, summary: dict[str, Any]) -> None:
     lines = ["# Toy-world demo", "",
              "A tiny LLaVA-Reward model learns three perspectives of the toy world (coloured shapes); the toy "
-             "generator is then fine-tuned on their weighted reward (alignment 1.0, fidelity 0.5, both batch "
-             "z-scored; safety a gate: below 0 the reward is -3). The oracles read the truth from pixels and are "
+             "generator is then fine-tuned on their weighted reward (alignment 1.0, fidelity 0.5 on raw scores; "
+             "safety a gate: below 0 the reward is -3). The oracles read the truth from pixels and are "
              "never used in training.", ""]
     if "reward" in summary:
         lines += ["## Reward model (held-out toy data)", "", "| perspective | accuracy | metric | before training |"
@@ -130,18 +140,24 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         if stage not in summary:
             continue
         lines += [f"## {stage.upper()} on the learned reward", "",
-                  "| number | before | after | gain in before-run std over seeds |", "|---|---|---|---|"]
+                  "| number | before | after | gain in std over seeds |", "|---|---|---|---|"]
         for key, gain in summary[stage].items():
             if gain:
-                lines.append(f"| {key} | {gain['before']:.4f} | {gain['after']:.4f} | {gain['gain_in_std']:+.1f} |")
-        lines += ["", f"Sample grids and curves: `{stage}/`.", ""]
+                sigmas = "" if gain["gain_in_std"] is None else f"{gain['gain_in_std']:+.1f}"
+                label = key if key.startswith("learned") or key == "reward" else f"oracle {key}"
+                lines.append(f"| {label} | {gain['before']:.4f} | {gain['after']:.4f} | {sigmas} |")
+        lines += ["", f"Evaluation samples (first seed, one image per prompt) before and after, and the training curves:",
+                  "", f"![before]({stage}/eval_before.png) ![after]({stage}/eval_after.png)", "",
+                  f"![{stage} training curves]({stage}/training_curves.png)", ""]
     lines += ["## What the numbers mean", "",
               "- *accuracy*: for pairs, the fraction of held-out pairs whose preferred image scores higher "
               "(ground-truth ties dropped); for safety, the fraction of labelled images classified right.",
               "- *reward*: the weighted learned reward on fixed evaluation prompts and seeds.",
               "- *oracle alignment*: the fraction of generated images whose colour and shape match the prompt, "
               "read from pixels; *oracle colour*: the named colour is present.",
-              "- *gain in std*: (after - before) / the std over evaluation seeds of the before-run's per-seed mean.",
+              "- *learned NAME*: the mean raw score of that learned perspective (arbitrary units; higher is better).",
+              "- *gain in std*: (after - before) / the larger std over evaluation seeds of the per-seed mean; "
+              "above +3 counts as a real gain.",
               "", f"Total time: {summary['seconds']:.0f} s."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
@@ -163,7 +179,8 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(out / stage, ignore_errors=True)  # a demo rerun starts over, never resumes a stale run
         _run(["train", stage], generator_stage(out, stage, config.quick, config.seed), out / "configs" / f"{stage}.yaml")
         metrics = json.loads((out / stage / "metrics.json").read_text())
-        summary[stage] = {key: _gain(metrics, key) for key in ("reward", "alignment", "colour")}
+        keys = ["reward", *(f"learned {name}" for name in WEIGHTING["perspectives"]), "alignment", "colour"]
+        summary[stage] = {key: _gain(metrics, key) for key in keys}
     summary["seconds"] = time.perf_counter() - start
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     write_report(out, summary)

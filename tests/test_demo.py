@@ -1,0 +1,49 @@
+"""`rlhf demo`: its report states every number with its gain in std over seeds, and links the PNGs it writes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rlhf.cli import main as rlhf_main
+from rlhf.demo import _gain, write_report
+
+
+def evaluation(reward: float, reward_std: float, alignment: float, alignment_std: float) -> dict:
+    return {"reward_mean": reward, "reward_std": reward_std, "per_perspective": {"alignment": reward},
+            "oracle": {"alignment": alignment, "colour": 0.5}, "oracle_std": {"alignment": alignment_std, "colour": 0.0}}
+
+
+def test_gain_is_measured_in_the_larger_std_over_seeds():
+    metrics = {"eval_before": evaluation(0.0, 0.1, 0.4, 0.05), "eval_after": evaluation(0.6, 0.2, 0.5, 0.02)}
+    assert _gain(metrics, "reward")["gain_in_std"] == pytest.approx(3.0)  # 0.6 / max(0.1, 0.2)
+    assert _gain(metrics, "alignment")["gain_in_std"] == pytest.approx(2.0)  # 0.1 / 0.05
+    assert _gain(metrics, "learned alignment") == {"before": 0.0, "after": 0.6, "std": None, "gain_in_std": None}
+    assert _gain(metrics, "colour")["gain_in_std"] == 0.0  # equal with zero std: no gain
+    assert _gain(metrics, "shape") is None
+    metrics["eval_after"]["oracle"]["colour"] = 0.6
+    assert _gain(metrics, "colour")["gain_in_std"] == math.inf
+
+
+def test_report_lists_every_stage_with_its_pictures(tmp_path):
+    metrics = {"eval_before": evaluation(0.0, 0.1, 0.4, 0.05), "eval_after": evaluation(0.6, 0.2, 0.5, 0.02)}
+    summary = {
+        "reward": {"alignment": {"accuracy": 0.94, "metric": "pairwise accuracy", "tie_policy": "drop",
+                                 "accuracy_before": 0.5, "train_seconds": 80.0}},
+        "ddpo": {key: _gain(metrics, key) for key in ("reward", "learned alignment", "alignment")},
+        "seconds": 321.0,
+    }
+    write_report(tmp_path, summary)
+    report = (tmp_path / "report.md").read_text()
+    assert "| alignment | 0.940 | pairwise accuracy" in report
+    assert "| oracle alignment | 0.4000 | 0.5000 | +2.0 |" in report and "| reward | 0.0000 | 0.6000 | +3.0 |" in report
+    for picture in ("reward/training_curves.png", "ddpo/eval_before.png", "ddpo/eval_after.png",
+                    "ddpo/training_curves.png"):
+        assert f"({picture})" in report
+    assert "DPO on the learned reward" not in report.replace("DDPO on the learned reward", "")
+
+
+def test_demo_rejects_an_unknown_stage(capsys):
+    assert rlhf_main(["demo", "--stages", "ddpo", "sampling"]) == 2
+    assert "stages" in capsys.readouterr().err
