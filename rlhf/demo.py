@@ -146,7 +146,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
                 sigmas = "" if gain["gain_in_std"] is None else f"{gain['gain_in_std']:+.1f}"
                 label = key if key.startswith("learned") or key == "reward" else f"oracle {key}"
                 lines.append(f"| {label} | {gain['before']:.4f} | {gain['after']:.4f} | {sigmas} |")
-        lines += ["", f"Evaluation samples (first seed, one image per prompt) before and after, and the training curves:",
+        lines += ["", "Evaluation samples (first seed, one image per prompt) before and after, and the training curves:",
                   "", f"![before]({stage}/eval_before.png) ![after]({stage}/eval_after.png)", "",
                   f"![{stage} training curves]({stage}/training_curves.png)", ""]
     lines += ["## What the numbers mean", "",

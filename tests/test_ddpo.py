@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from rlhf.testing import build_tiny_sd
-from rlhf.toy import colour_score, oracle_colour
+from rlhf.toy import colour_score
 from trainers import DDPOConfig, DDPOTrainer
 from trainers.ddpo import main
 

@@ -19,9 +19,7 @@ from tqdm.auto import tqdm
 from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
 from trainers.common import (
     Checkpointer,
-    RunOutputs,
     are_toy_prompts,
-    build_accelerator,
     evaluate,
     inference_dtype,
     load_weighting_state,
@@ -29,6 +27,7 @@ from trainers.common import (
     perspective_values,
     reseed_global_rngs,
     seeded_generator,
+    start_run,
     weighting_state,
 )
 from trainers.ddpo import DDPOConfig, load_policy, load_training_prompts, uniform_prompt_function
@@ -284,25 +283,7 @@ class AlignPropTrainer:
         self.prompt_fn = prompt_function
         self.sd_pipeline = sd_pipeline
         self.image_samples_hook = image_samples_hook
-        self.accelerator = build_accelerator(
-            config.output_dir,
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.train_gradient_accumulation_steps,
-            log_with=config.log_with,
-            logdir=config.logdir,
-            project_kwargs=config.project_kwargs,
-            accelerator_kwargs=config.accelerator_kwargs,
-        )
-        self.outputs = RunOutputs(config.output_dir, self.accelerator.is_main_process)
-        self.outputs.save_config(config)
-        if config.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-        if self.accelerator.is_main_process and config.log_with:
-            self.accelerator.init_trackers(
-                config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs
-            )
-        sd_pipeline.to(self.accelerator.device, inference_dtype(config.mixed_precision))
-        sd_pipeline.set_progress_bar_config(disable=True)
+        self.accelerator, self.outputs = start_run(config, sd_pipeline, config.train_gradient_accumulation_steps)
         parameters = sd_pipeline.trainable_parameters()
         optimizer = self._optimizer(parameters)
         processes = self.accelerator.num_processes

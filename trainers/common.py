@@ -87,6 +87,29 @@ def build_accelerator(
     )
 
 
+def start_run(config: Any, sd_pipeline: Any, gradient_accumulation_steps: int = 1) -> tuple[Accelerator, "RunOutputs"]:
+    """What every diffusion trainer does first, from its TRL-style config: the accelerator, the run's outputs (with
+    the config saved), TF32, trackers, and the pipeline moved to the device in the frozen weights' dtype."""
+    accelerator = build_accelerator(
+        config.output_dir,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=config.log_with,
+        logdir=config.logdir,
+        project_kwargs=config.project_kwargs,
+        accelerator_kwargs=config.accelerator_kwargs,
+    )
+    outputs = RunOutputs(config.output_dir, accelerator.is_main_process)
+    outputs.save_config(config)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process and config.log_with:
+        accelerator.init_trackers(config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs)
+    sd_pipeline.to(accelerator.device, inference_dtype(config.mixed_precision))
+    sd_pipeline.set_progress_bar_config(disable=True)
+    return accelerator, outputs
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory so far: CUDA allocator peak on a GPU, the process's max resident set on a CPU."""
     if device.type == "cuda":

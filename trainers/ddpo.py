@@ -25,8 +25,6 @@ from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from trainers.common import (
     Checkpointer,
     are_toy_prompts,
-    RunOutputs,
-    build_accelerator,
     evaluate,
     inference_dtype,
     load_weighting_state,
@@ -35,6 +33,7 @@ from trainers.common import (
     reseed_global_rngs,
     reward_call,
     seeded_generator,
+    start_run,
     weighting_state,
 )
 
@@ -281,26 +280,9 @@ class DDPOTrainer:
         self.timesteps_per_forward = config.train_timesteps_per_forward or self.num_train_timesteps
         forwards_per_minibatch = -(-self.num_train_timesteps // self.timesteps_per_forward)
         # accelerate counts backward calls: one per timestep chunk, over every accumulated minibatch
-        self.accelerator = build_accelerator(
-            config.output_dir,
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.train_gradient_accumulation_steps * forwards_per_minibatch,
-            log_with=config.log_with,
-            logdir=config.logdir,
-            project_kwargs=config.project_kwargs,
-            accelerator_kwargs=config.accelerator_kwargs,
+        self.accelerator, self.outputs = start_run(
+            config, sd_pipeline, config.train_gradient_accumulation_steps * forwards_per_minibatch
         )
-        self.outputs = RunOutputs(config.output_dir, self.accelerator.is_main_process)
-        self.outputs.save_config(config)
-        if config.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-        if self.accelerator.is_main_process and config.log_with:
-            self.accelerator.init_trackers(
-                config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs
-            )
-
-        sd_pipeline.to(self.accelerator.device, inference_dtype(config.mixed_precision))
-        sd_pipeline.set_progress_bar_config(disable=True)
         self.height = config.sample_height or sd_pipeline.default_size
         self.width = config.sample_width or sd_pipeline.default_size
         parameters = sd_pipeline.trainable_parameters()

@@ -27,9 +27,7 @@ from tqdm.auto import tqdm
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from trainers.common import (
     Checkpointer,
-    RunOutputs,
     are_toy_prompts,
-    build_accelerator,
     evaluate,
     inference_dtype,
     load_weighting_state,
@@ -39,6 +37,7 @@ from trainers.common import (
     reward_call,
     save_image_grid,
     seeded_generator,
+    start_run,
     weighting_state,
 )
 from trainers.ddpo import POLICY_WEIGHTS_FILE, load_policy, load_training_prompts, uniform_prompt_function
@@ -628,24 +627,7 @@ class DiffusionDPOTrainer:
             raise ValueError("mode: 'online' needs a reward_function and a prompt_function")
         self.config, self.sd_pipeline = config, sd_pipeline
         self.reward_fn, self.prompt_fn = reward_function, prompt_function
-        self.accelerator = build_accelerator(
-            config.output_dir,
-            mixed_precision=config.mixed_precision,
-            log_with=config.log_with,
-            logdir=config.logdir,
-            project_kwargs=config.project_kwargs,
-            accelerator_kwargs=config.accelerator_kwargs,
-        )
-        self.outputs = RunOutputs(config.output_dir, self.accelerator.is_main_process)
-        self.outputs.save_config(config)
-        if config.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-        if self.accelerator.is_main_process and config.log_with:
-            self.accelerator.init_trackers(
-                config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs
-            )
-        sd_pipeline.to(self.accelerator.device, inference_dtype(config.mixed_precision))
-        sd_pipeline.set_progress_bar_config(disable=True)
+        self.accelerator, self.outputs = start_run(config, sd_pipeline)
         self.height = config.sample_height or sd_pipeline.default_size
         self.width = config.sample_width or sd_pipeline.default_size
         self.train_data, self.heldout = self._offline_data(train_pairs, eval_pairs)
