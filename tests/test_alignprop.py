@@ -293,3 +293,45 @@ LEARNING_CONFIG = dict(
     train_batch_size=8, train_learning_rate=1e-3, truncated_backprop_rand=False, truncated_backprop_timestep=0,
     eval_seeds=[0, 1, 2, 3], eval_batch_size=8, num_grid_images=8, save_freq=100,
 )
+
+
+TWO_PROCESS_SCRIPT = """
+import sys, torch
+from safetensors.torch import save_file
+from tests.test_alignprop import make_trainer, small_config
+from pathlib import Path
+
+torch.set_num_threads(1)
+out = sys.argv[2]
+trainer = make_trainer(Path(sys.argv[1]), small_config(out, eval_seeds=[0, 1, 2]))
+trainer.train()
+save_file(trainer.sd_pipeline.policy_state_dict(), f"{out}/rank{trainer.accelerator.process_index}.safetensors")
+if trainer.accelerator.is_main_process:
+    open(f"{out}/ranks.txt", "w").write(f"num_processes={trainer.accelerator.num_processes}")
+"""
+
+
+def test_two_cpu_processes_end_with_identical_lora(tiny_sd: Path, tmp_path: Path) -> None:
+    """The trainer all-reduces LoRA gradients itself (it calls the bare UNet, not a DDP wrapper): ranks that
+    back-propagate different samples must still end with the same, trained, LoRA."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "two_process.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    # torchrun + ACCELERATE_USE_CPU gives accelerate two gloo ranks (see tests/test_ddpo.py)
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script), str(tiny_sd),
+               str(tmp_path / "run")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "num_processes=2" in (tmp_path / "run" / "ranks.txt").read_text()
+    rank0, rank1 = (load_file(tmp_path / "run" / f"rank{rank}.safetensors") for rank in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert any(rank0[name].abs().max() > 0 for name in rank0 if "lora_B" in name)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_before"]["num_seeds"] == 3
