@@ -13,18 +13,19 @@ from typing import Any, Callable, Optional
 import torch
 from accelerate import PartialState
 from diffusers.optimization import get_scheduler
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
 from trainers.common import (
-    Checkpointer,
     are_toy_prompts,
+    build_optimizer,
+    draw_prompts,
     evaluate,
     inference_dtype,
     load_weighting_state,
     peak_memory_mb,
     perspective_values,
+    policy_checkpointer,
     reseed_global_rngs,
     seeded_generator,
     start_run,
@@ -32,7 +33,6 @@ from trainers.common import (
 )
 from trainers.ddpo import DDPOConfig, load_policy, load_training_prompts, uniform_prompt_function
 
-POLICY_WEIGHTS_FILE = "policy.safetensors"
 METHODS = ("alignprop", "draft_k", "draft_lv")
 
 
@@ -285,7 +285,7 @@ class AlignPropTrainer:
         self.image_samples_hook = image_samples_hook
         self.accelerator, self.outputs = start_run(config, sd_pipeline, config.train_gradient_accumulation_steps)
         parameters = sd_pipeline.trainable_parameters()
-        optimizer = self._optimizer(parameters)
+        optimizer = build_optimizer(config, parameters)
         processes = self.accelerator.num_processes
         # accelerate steps a prepared scheduler once per process per call (its data-parallel convention)
         lr_scheduler = get_scheduler(
@@ -296,9 +296,7 @@ class AlignPropTrainer:
         )
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(sd_pipeline.unet, optimizer, lr_scheduler)
         self.trainable = parameters
-        self.checkpointer = Checkpointer(
-            self.accelerator, config.output_dir, config.num_checkpoint_limit, self._save_policy, self._load_policy
-        )
+        self.checkpointer = policy_checkpointer(self.accelerator, config, sd_pipeline)
         self.first_epoch, self.global_step = 0, 0
         self.eval_before: dict[str, Any] | None = None
         self.last_row: dict[str, Any] = {}
@@ -311,29 +309,6 @@ class AlignPropTrainer:
             self.outputs.keep_history_until(state["epoch"])
 
     # ---- setup helpers ---------------------------------------------------------------------------------------
-
-    def _optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        config = self.config
-        if config.train_use_8bit_adam:
-            import bitsandbytes
-
-            optimizer_class = bitsandbytes.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        return optimizer_class(
-            parameters,
-            lr=config.train_learning_rate,
-            betas=(config.train_adam_beta1, config.train_adam_beta2),
-            weight_decay=config.train_adam_weight_decay,
-            eps=config.train_adam_epsilon,
-        )
-
-    def _save_policy(self, directory: Path) -> None:
-        save_file(self.sd_pipeline.policy_state_dict(), directory / POLICY_WEIGHTS_FILE)
-
-    def _load_policy(self, directory: Path) -> None:
-        state = load_file(directory / POLICY_WEIGHTS_FILE, device=str(self.accelerator.device))
-        self.sd_pipeline.load_policy_state_dict(state)
 
     # ---- sampling with gradients ----------------------------------------------------------------------------
 
@@ -354,17 +329,25 @@ class AlignPropTrainer:
             options = dict(backprop_steps=config.draft_k)
         else:
             options = dict(lv_copies=config.draft_lv_copies)
+        return self._rgb_with_grad(
+            prompts, generator, gradient_checkpoint=config.gradient_checkpointing,
+            decode_checkpoint=config.decode_checkpointing, **options,
+        )
+
+    def _rgb_with_grad(
+        self, prompts: list[str], generator: torch.Generator | list[torch.Generator], **options: Any
+    ) -> RGBWithGradOutput:
+        """`rgb_with_grad` with the configured size, steps, guidance, negative prompts and eta."""
+        config = self.config
         return self.sd_pipeline.rgb_with_grad(
             prompts,
             height=self.height,
             width=self.width,
             num_inference_steps=config.sample_num_steps,
             guidance_scale=config.sample_guidance_scale,
-            gradient_checkpoint=config.gradient_checkpointing,
             negative_prompt=self._negatives(len(prompts)),
             eta=config.sample_eta,
             generator=generator,
-            decode_checkpoint=config.decode_checkpointing,
             **options,
         )
 
@@ -382,15 +365,6 @@ class AlignPropTrainer:
                 parameter.grad = torch.zeros_like(parameter)
             parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
 
-    def _draw_prompts(self, count: int) -> tuple[list[str], list[Any]]:
-        prompts, metadata = [], []
-        for _ in range(count):
-            drawn = self.prompt_fn()
-            prompt, meta = drawn if isinstance(drawn, tuple) else (drawn, {})
-            prompts.append(prompt)
-            metadata.append(meta)
-        return prompts, metadata
-
     # ---- the loop --------------------------------------------------------------------------------------------
 
     def train_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -405,7 +379,7 @@ class AlignPropTrainer:
         loss_total, grad_norm = 0.0, float("nan")
         last: dict[str, Any] = {}
         for _ in range(config.train_gradient_accumulation_steps):
-            prompts, metadata = self._draw_prompts(config.train_batch_size)
+            prompts, metadata = draw_prompts(self.prompt_fn, config.train_batch_size)
             with accelerator.accumulate(self.unet):
                 output = self.sample_with_grad(prompts, generator)
                 copies = max(output.lv_copies, 1)
@@ -476,19 +450,8 @@ class AlignPropTrainer:
         return self.global_step
 
     def _sample(self, prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
-        config = self.config
         with torch.no_grad():
-            return self.sd_pipeline.rgb_with_grad(
-                prompts,
-                height=self.height,
-                width=self.width,
-                num_inference_steps=config.sample_num_steps,
-                guidance_scale=config.sample_guidance_scale,
-                negative_prompt=self._negatives(len(prompts)),
-                eta=config.sample_eta,
-                generator=generators,
-                backprop_steps=config.sample_num_steps,
-            ).images
+            return self._rgb_with_grad(prompts, generators, backprop_steps=self.config.sample_num_steps).images
 
     def evaluate(self, grid_name: str | None = None) -> dict[str, Any]:
         """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`)."""

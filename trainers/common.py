@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from rlhf.config import save_config
 
@@ -25,6 +26,7 @@ CHECKPOINT_PREFIX = "checkpoint_"
 TRAINER_STATE_FILE = "trainer_state.json"
 HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
+POLICY_WEIGHTS_FILE = "policy.safetensors"
 
 # ------------------------------------------------------------------------------------------- seeds
 
@@ -194,6 +196,48 @@ class Checkpointer:
 
 
 # ------------------------------------------------------------------------------------------- run outputs
+
+
+def policy_checkpointer(accelerator: Accelerator, config: Any, sd_pipeline: Any) -> Checkpointer:
+    """A `Checkpointer` (`config.output_dir`, `config.num_checkpoint_limit`) whose weights are the pipeline's
+    trainable policy (its LoRA, or the whole UNet without one), in one safetensors file."""
+
+    def save(directory: Path) -> None:
+        save_file(sd_pipeline.policy_state_dict(), directory / POLICY_WEIGHTS_FILE)
+
+    def load(directory: Path) -> None:
+        sd_pipeline.load_policy_state_dict(load_file(directory / POLICY_WEIGHTS_FILE, device=str(accelerator.device)))
+
+    return Checkpointer(accelerator, config.output_dir, config.num_checkpoint_limit, save, load)
+
+
+def build_optimizer(config: Any, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (8-bit from bitsandbytes with `train_use_8bit_adam`) from TRL's `train_*` optimizer fields."""
+    if config.train_use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        parameters,
+        lr=config.train_learning_rate,
+        betas=(config.train_adam_beta1, config.train_adam_beta2),
+        weight_decay=config.train_adam_weight_decay,
+        eps=config.train_adam_epsilon,
+    )
+
+
+def draw_prompts(prompt_fn: Callable[[], Any], groups: int, group_size: int = 1) -> tuple[list[str], list[Any]]:
+    """`groups` draws of a TRL-style `prompt_fn() -> (prompt, metadata)` (or just a prompt), each repeated
+    `group_size` times in a row."""
+    prompts, metadata = [], []
+    for _ in range(groups):
+        drawn = prompt_fn()
+        prompt, meta = drawn if isinstance(drawn, tuple) else (drawn, {})
+        prompts += [prompt] * group_size
+        metadata += [meta] * group_size
+    return prompts, metadata
 
 
 class RunOutputs:

@@ -16,20 +16,21 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from diffusers.optimization import get_scheduler
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from trainers.common import (
-    Checkpointer,
     are_toy_prompts,
+    build_optimizer,
+    draw_prompts,
     evaluate,
     inference_dtype,
     load_weighting_state,
     peak_memory_mb,
     perspective_values,
+    policy_checkpointer,
     reseed_global_rngs,
     reward_call,
     seeded_generator,
@@ -37,7 +38,6 @@ from trainers.common import (
     weighting_state,
 )
 
-POLICY_WEIGHTS_FILE = "policy.safetensors"
 TINY_MODEL = "tiny"
 
 
@@ -286,7 +286,7 @@ class DDPOTrainer:
         self.height = config.sample_height or sd_pipeline.default_size
         self.width = config.sample_width or sd_pipeline.default_size
         parameters = sd_pipeline.trainable_parameters()
-        optimizer = self._optimizer(parameters)
+        optimizer = build_optimizer(config, parameters)
         minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
         optimizer_steps = config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
         # accelerate steps a prepared scheduler once per process per call (its data-parallel convention)
@@ -314,9 +314,7 @@ class DDPOTrainer:
             if config.per_prompt_stat_tracking
             else None
         )
-        self.checkpointer = Checkpointer(
-            self.accelerator, config.output_dir, config.num_checkpoint_limit, self._save_policy, self._load_policy
-        )
+        self.checkpointer = policy_checkpointer(self.accelerator, config, sd_pipeline)
         self.executor = ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
         self.first_epoch, self.global_step, self.num_nonfinite = 0, 0, 0
         self.eval_before: dict[str, Any] | None = None
@@ -334,29 +332,6 @@ class DDPOTrainer:
 
     # ---- setup helpers ---------------------------------------------------------------------------------------
 
-    def _optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        config = self.config
-        if config.train_use_8bit_adam:
-            import bitsandbytes
-
-            optimizer_class = bitsandbytes.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        return optimizer_class(
-            parameters,
-            lr=config.train_learning_rate,
-            betas=(config.train_adam_beta1, config.train_adam_beta2),
-            weight_decay=config.train_adam_weight_decay,
-            eps=config.train_adam_epsilon,
-        )
-
-    def _save_policy(self, directory: Path) -> None:
-        save_file(self.sd_pipeline.policy_state_dict(), directory / POLICY_WEIGHTS_FILE)
-
-    def _load_policy(self, directory: Path) -> None:
-        state = load_file(directory / POLICY_WEIGHTS_FILE, device=str(self.accelerator.device))
-        self.sd_pipeline.load_policy_state_dict(state)
-
     # ---- sampling --------------------------------------------------------------------------------------------
 
     def _sample(self, prompts: list[str], generator: torch.Generator | list[torch.Generator]) -> Any:
@@ -372,15 +347,6 @@ class DDPOTrainer:
             generator=generator,
         )
 
-    def _draw_prompts(self, count: int) -> tuple[list[str], list[Any]]:
-        prompts, metadata = [], []
-        for _ in range(count // self.config.group_size):
-            drawn = self.prompt_fn()
-            prompt, meta = drawn if isinstance(drawn, tuple) else (drawn, {})
-            prompts += [prompt] * self.config.group_size
-            metadata += [meta] * self.config.group_size
-        return prompts, metadata
-
     def sample_epoch(self, epoch: int) -> tuple["Rollout", dict[str, float]]:
         """Sample and score this process's trajectories for `epoch`; with async rewards each batch is scored
         in a thread while the next one samples. Returns the rollout and the phase timings (seconds)."""
@@ -388,7 +354,9 @@ class DDPOTrainer:
         reseed_global_rngs(config.seed, epoch, rank)
         generator = seeded_generator(config.seed, epoch, rank, 0)
         size = config.sample_batch_size
-        prompts, metadata = self._draw_prompts(size * config.sample_num_batches_per_epoch)
+        prompts, metadata = draw_prompts(
+            self.prompt_fn, size * config.sample_num_batches_per_epoch // config.group_size, config.group_size
+        )
         batches, images, pending = [], [], []
         sampling_time = reward_time = 0.0
         self.sd_pipeline.unet.eval()

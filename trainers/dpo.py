@@ -21,18 +21,19 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from diffusers.optimization import get_scheduler
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from trainers.common import (
-    Checkpointer,
     are_toy_prompts,
+    build_optimizer,
+    draw_prompts,
     evaluate,
     inference_dtype,
     load_weighting_state,
     peak_memory_mb,
     perspective_values,
+    policy_checkpointer,
     reseed_global_rngs,
     reward_call,
     save_image_grid,
@@ -40,7 +41,7 @@ from trainers.common import (
     start_run,
     weighting_state,
 )
-from trainers.ddpo import POLICY_WEIGHTS_FILE, load_policy, load_training_prompts, uniform_prompt_function
+from trainers.ddpo import load_policy, load_training_prompts, uniform_prompt_function
 
 MODES = ("offline", "online")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -634,7 +635,7 @@ class DiffusionDPOTrainer:
         self._data_order: tuple[int, torch.Tensor] = (-1, torch.empty(0))  # (data pass, its permutation)
 
         self.trainable = sd_pipeline.trainable_parameters()
-        optimizer = _adamw(config, self.trainable)
+        optimizer = build_optimizer(config, self.trainable)
         processes = self.accelerator.num_processes
         # accelerate steps a prepared scheduler once per process per call (its data-parallel convention)
         lr_scheduler = get_scheduler(
@@ -644,9 +645,7 @@ class DiffusionDPOTrainer:
             num_training_steps=max(config.num_epochs * self.steps_per_epoch(), 1) * processes,
         )
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(sd_pipeline.unet, optimizer, lr_scheduler)
-        self.checkpointer = Checkpointer(
-            self.accelerator, config.output_dir, config.num_checkpoint_limit, self._save_policy, self._load_policy
-        )
+        self.checkpointer = policy_checkpointer(self.accelerator, config, sd_pipeline)
         self.first_epoch, self.global_step, self.num_nonfinite = 0, 0, 0
         self.before: dict[str, Any] | None = None
         self.last_row: dict[str, Any] = {}
@@ -698,13 +697,6 @@ class DiffusionDPOTrainer:
         per_group = 1 if config.pair_strategy == "best_worst" else config.group_size * (config.group_size - 1) // 2
         minibatches = math.ceil(groups * per_group / config.train_batch_size)
         return config.train_num_inner_epochs * math.ceil(minibatches / config.train_gradient_accumulation_steps)
-
-    def _save_policy(self, directory: Path) -> None:
-        save_file(self.sd_pipeline.policy_state_dict(), directory / POLICY_WEIGHTS_FILE)
-
-    def _load_policy(self, directory: Path) -> None:
-        state = load_file(directory / POLICY_WEIGHTS_FILE, device=str(self.accelerator.device))
-        self.sd_pipeline.load_policy_state_dict(state)
 
     # ---- the loss --------------------------------------------------------------------------------------------
 
@@ -857,12 +849,8 @@ class DiffusionDPOTrainer:
         config, rank = self.config, self.accelerator.process_index
         reseed_global_rngs(config.seed, epoch, rank)
         generator = seeded_generator(config.seed, epoch, rank, SAMPLING)
-        prompts, metadata = [], []
-        for _ in range(config.sample_batch_size * config.sample_num_batches_per_epoch // config.group_size):
-            drawn = self.prompt_fn()
-            prompt, meta = drawn if isinstance(drawn, tuple) else (drawn, {})
-            prompts += [prompt] * config.group_size
-            metadata += [meta] * config.group_size
+        groups = config.sample_batch_size * config.sample_num_batches_per_epoch // config.group_size
+        prompts, metadata = draw_prompts(self.prompt_fn, groups, config.group_size)
         self.unet.eval()
         latents, conditioning, images, rewards, perspectives = [], [], [], [], {}
         timings = {"time_sampling": 0.0, "time_reward": 0.0}
@@ -1033,21 +1021,6 @@ class DiffusionDPOTrainer:
         self.accelerator.end_training()
         return metrics
 
-
-def _adamw(config: DiffusionDPOConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if config.train_use_8bit_adam:
-        import bitsandbytes
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(
-        parameters,
-        lr=config.train_learning_rate,
-        betas=(config.train_adam_beta1, config.train_adam_beta2),
-        weight_decay=config.train_adam_weight_decay,
-        eps=config.train_adam_epsilon,
-    )
 
 
 # ------------------------------------------------------------------------------------------- CLI
