@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny VLMs built once per test session."""
+"""Shared fixtures: tiny VLMs built once per test session; a tiny random Stable Diffusion pipeline per module,
+and the trainer tests' single-threaded, accelerator-resetting isolation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from reward.testing import build_tiny_vlm
+from rlhf.testing import build_tiny_sd
 
 torch.set_num_threads(2)
 
@@ -14,6 +19,22 @@ torch.set_num_threads(2)
 def tiny_vlm_paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_vlms")
     return {family: build_tiny_vlm(root / family, family) for family in ("llava", "qwen2_vl")}
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture()
+def isolated_accelerator():
+    """For trainer tests (`pytestmark = pytest.mark.usefixtures("isolated_accelerator")`): one thread (the tiny
+    models are latency-bound; extra threads only contend on a shared CPU) and a fresh accelerate state after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(params=["llava", "qwen2_vl"])

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
-from rlhf.testing import build_tiny_sd
 from rlhf.toy import colour_score
 from trainers import DDPOConfig, DDPOTrainer
 from trainers.ddpo import main
@@ -27,19 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 
 
-@pytest.fixture(autouse=True)
-def isolated_accelerator():
-    # the tiny models are latency-bound; extra threads only contend on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+pytestmark = pytest.mark.usefixtures("isolated_accelerator")
 
 
 def colour_reward(images: torch.Tensor, prompts: list[str], metadata: list) -> tuple[torch.Tensor, dict]:

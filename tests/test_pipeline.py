@@ -11,7 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline, DefaultDDPOStableDiffusionPipeline
 from rlhf.scheduling import ddim_step_with_logprob
-from rlhf.testing import TEXT_MAX_LENGTH, build_tiny_sd, build_tiny_tokenizer
+from rlhf.testing import TEXT_MAX_LENGTH, build_tiny_tokenizer
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 STEPS = 4
@@ -24,11 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
 
 
 def load(path: Path, **kwargs) -> DDPOStableDiffusionPipeline:
