@@ -156,7 +156,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
               "(ground-truth ties dropped); for safety, the fraction of labelled images classified right.",
               "- *reward*: the weighted learned reward on fixed evaluation prompts and seeds.",
               "- *oracle alignment*: the fraction of generated images whose colour and shape match the prompt, "
-              "read from pixels; *oracle colour*: the named colour is present.",
+              "read from pixels; *oracle colour*: the named colour is present; *oracle shape*: the image's "
+              "dominant colour draws the named shape (alignment needs both at once).",
               "- *learned NAME*: the mean raw score of that learned perspective (arbitrary units; higher is better).",
               "- *gain in std*: (after - before) / the larger std over evaluation seeds of the per-seed mean; "
               "above +3 counts as a real gain.",
@@ -181,7 +182,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(out / stage, ignore_errors=True)  # a demo rerun starts over, never resumes a stale run
         _run(["train", stage], generator_stage(out, stage, config.quick, config.seed), out / "configs" / f"{stage}.yaml")
         metrics = json.loads((out / stage / "metrics.json").read_text())
-        keys = ["reward", *(f"learned {name}" for name in WEIGHTING["perspectives"]), "alignment", "colour"]
+        keys = ["reward", *(f"learned {name}" for name in WEIGHTING["perspectives"]), "alignment", "colour", "shape"]
         summary[stage] = {key: _gain(metrics, key) for key in keys}
     summary["seconds"] = time.perf_counter() - start
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))

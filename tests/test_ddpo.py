@@ -99,11 +99,29 @@ def test_config_accepts_every_trl_field_with_its_default() -> None:
         ({"kl_coef": 0.1, "use_lora": False}, "kl_coef"),
         ({"push_to_hub": True}, "push_to_hub"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
+        # diffusers' "constant" schedule would drop the warmup silently
+        ({"train_lr_warmup_steps": 4}, "train_lr_warmup_steps"),
+        ({"train_lr_warmup_steps": -1, "train_lr_scheduler": "constant_with_warmup"}, "train_lr_warmup_steps"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path: Path, overrides: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         small_config(tmp_path, **overrides).validate()
+
+
+def test_warmup_is_accepted_with_a_schedule_that_has_one_and_warms_up(tmp_path: Path) -> None:
+    from trainers.common import build_lr_scheduler
+
+    config = small_config(tmp_path, train_lr_warmup_steps=4, train_lr_scheduler="constant_with_warmup")
+    config.validate()
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_lr_scheduler(config, optimizer, optimizer_steps=10, processes=1)
+    rates = []
+    for _ in range(6):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
 
 
 def test_every_shipped_config_parses_and_validates() -> None:
@@ -339,7 +357,7 @@ def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path) -> None:
     metrics = json.loads((output / "metrics.json").read_text())
     for key in ("eval_before", "eval_after"):
         assert set(metrics[key]) >= {"reward_mean", "reward_std", "per_perspective", "oracle"}
-        assert set(metrics[key]["oracle"]) == {"alignment", "colour"}  # toy prompts: the toy oracle is reported
+        assert set(metrics[key]["oracle"]) == {"alignment", "colour", "shape"}  # toy prompts: the toy oracle is reported
     assert len((output / "history.jsonl").read_text().splitlines()) == 1
     for name in ("eval_before.png", "eval_after.png", "samples/epoch_0000.png", "training_curves.png", "config.yaml"):
         assert (output / name).is_file(), name

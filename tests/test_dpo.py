@@ -316,6 +316,7 @@ def test_config_documents_every_field() -> None:
         ({"mode": "offline"}, "dataset"),
         ({"reward": {}}, "reward"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"train_lr_warmup_steps": 200}, "train_lr_warmup_steps"),  # with the default "constant" schedule
     ],
 )
 def test_config_errors_name_the_field(tmp_path: Path, overrides: dict, field: str) -> None:

@@ -12,12 +12,12 @@ from typing import Any, Callable, Optional
 
 import torch
 from accelerate import PartialState
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
 from trainers.common import (
     are_toy_prompts,
+    build_lr_scheduler,
     build_optimizer,
     draw_prompts,
     evaluate,
@@ -29,6 +29,7 @@ from trainers.common import (
     reseed_global_rngs,
     seeded_generator,
     start_run,
+    warmup_check,
     weighting_state,
 )
 from trainers.ddpo import DDPOConfig, load_policy, load_training_prompts, uniform_prompt_function
@@ -208,6 +209,7 @@ class AlignPropConfig:
             (not self.push_to_hub, "push_to_hub", "false (not supported; upload output_dir/lora yourself)"),
             (self.save_freq >= 1, "save_freq", "a value >= 1"),
             (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
+            warmup_check(self),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -286,14 +288,7 @@ class AlignPropTrainer:
         self.accelerator, self.outputs = start_run(config, sd_pipeline, config.train_gradient_accumulation_steps)
         parameters = sd_pipeline.trainable_parameters()
         optimizer = build_optimizer(config, parameters)
-        processes = self.accelerator.num_processes
-        # accelerate steps a prepared scheduler once per process per call (its data-parallel convention)
-        lr_scheduler = get_scheduler(
-            config.train_lr_scheduler,
-            optimizer,
-            num_warmup_steps=config.train_lr_warmup_steps * processes,
-            num_training_steps=max(config.num_epochs, 1) * processes,
-        )
+        lr_scheduler = build_lr_scheduler(config, optimizer, config.num_epochs, self.accelerator.num_processes)
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(sd_pipeline.unet, optimizer, lr_scheduler)
         self.trainable = parameters
         self.checkpointer = policy_checkpointer(self.accelerator, config, sd_pipeline)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object
+from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -228,6 +229,27 @@ def build_optimizer(config: Any, parameters: list[torch.nn.Parameter]) -> torch.
     )
 
 
+def warmup_check(config: Any) -> tuple[bool, str, str]:
+    """A trainer config's `(ok, field, expected)` check of its LR warmup, for its `validate()`."""
+    # diffusers' "constant" schedule drops num_warmup_steps without a word: such a run would train without warmup
+    warmup = config.train_lr_warmup_steps
+    ok = warmup >= 0 and not (warmup and config.train_lr_scheduler == "constant")
+    return ok, "train_lr_warmup_steps", (f"a value >= 0, and 0 with train_lr_scheduler 'constant' (which ignores "
+                                         f"warmup; use 'constant_with_warmup'); got {warmup} with "
+                                         f"{config.train_lr_scheduler!r}")
+
+
+def build_lr_scheduler(config: Any, optimizer: torch.optim.Optimizer, optimizer_steps: int, processes: int) -> Any:
+    """diffusers' `train_lr_scheduler` over `optimizer_steps`, with `train_lr_warmup_steps` of warmup."""
+    # accelerate steps a prepared scheduler once per process per call (its data-parallel convention)
+    return get_scheduler(
+        config.train_lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.train_lr_warmup_steps * processes,
+        num_training_steps=max(optimizer_steps, 1) * processes,
+    )
+
+
 def draw_prompts(prompt_fn: Callable[[], Any], groups: int, group_size: int = 1) -> tuple[list[str], list[Any]]:
     """`groups` draws of a TRL-style `prompt_fn() -> (prompt, metadata)` (or just a prompt), each repeated
     `group_size` times in a row."""
@@ -350,12 +372,13 @@ def are_toy_prompts(prompts: Sequence[str]) -> bool:
 
 
 def toy_oracle(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor] | None:
-    """The toy world's oracles (alignment, colour) when every prompt is a toy prompt, else None."""
+    """The toy world's oracles (alignment, colour, shape) when every prompt is a toy prompt, else None."""
     from rlhf import toy
 
     if not are_toy_prompts(prompts):
         return None
-    return {"alignment": toy.oracle_alignment(images, prompts), "colour": toy.oracle_colour(images, prompts)}
+    return {"alignment": toy.oracle_alignment(images, prompts), "colour": toy.oracle_colour(images, prompts),
+            "shape": toy.oracle_shape(images, prompts)}
 
 
 def weighting_state(reward_fn: Any) -> dict[str, Any] | None:

@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
@@ -23,6 +22,7 @@ from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from trainers.common import (
     are_toy_prompts,
+    build_lr_scheduler,
     build_optimizer,
     draw_prompts,
     evaluate,
@@ -35,6 +35,7 @@ from trainers.common import (
     reward_call,
     seeded_generator,
     start_run,
+    warmup_check,
     weighting_state,
 )
 
@@ -234,6 +235,7 @@ class DDPOConfig:
             (not self.push_to_hub, "push_to_hub", "false (not supported; upload output_dir/lora yourself)"),
             (self.save_freq >= 1, "save_freq", "a value >= 1"),
             (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
+            warmup_check(self),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -289,14 +291,7 @@ class DDPOTrainer:
         optimizer = build_optimizer(config, parameters)
         minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
         optimizer_steps = config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
-        # accelerate steps a prepared scheduler once per process per call (its data-parallel convention)
-        processes = self.accelerator.num_processes
-        lr_scheduler = get_scheduler(
-            config.train_lr_scheduler,
-            optimizer,
-            num_warmup_steps=config.train_lr_warmup_steps * processes,
-            num_training_steps=max(optimizer_steps, 1) * processes,
-        )
+        lr_scheduler = build_lr_scheduler(config, optimizer, optimizer_steps, self.accelerator.num_processes)
         deepspeed = self.accelerator.state.deepspeed_plugin
         if deepspeed is not None:
             # without a dataloader DeepSpeed cannot infer these: one minibatch of trajectories per micro-step

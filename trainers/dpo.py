@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
-from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from trainers.common import (
     are_toy_prompts,
+    build_lr_scheduler,
     build_optimizer,
     draw_prompts,
     evaluate,
@@ -39,6 +39,7 @@ from trainers.common import (
     save_image_grid,
     seeded_generator,
     start_run,
+    warmup_check,
     weighting_state,
 )
 from trainers.ddpo import load_policy, load_training_prompts, uniform_prompt_function
@@ -267,6 +268,7 @@ class DiffusionDPOConfig:
             (self.heldout_noise_draws >= 1, "heldout_noise_draws", "a value >= 1"),
             (self.max_train_pairs >= 0 and self.max_eval_pairs >= 0, "max_train_pairs/max_eval_pairs", "values >= 0"),
             (self.toy_num_train >= 1 and self.toy_num_test >= 1, "toy_num_train/toy_num_test", "values >= 1"),
+            warmup_check(self),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -636,13 +638,8 @@ class DiffusionDPOTrainer:
 
         self.trainable = sd_pipeline.trainable_parameters()
         optimizer = build_optimizer(config, self.trainable)
-        processes = self.accelerator.num_processes
-        # accelerate steps a prepared scheduler once per process per call (its data-parallel convention)
-        lr_scheduler = get_scheduler(
-            config.train_lr_scheduler,
-            optimizer,
-            num_warmup_steps=config.train_lr_warmup_steps * processes,
-            num_training_steps=max(config.num_epochs * self.steps_per_epoch(), 1) * processes,
+        lr_scheduler = build_lr_scheduler(
+            config, optimizer, config.num_epochs * self.steps_per_epoch(), self.accelerator.num_processes
         )
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(sd_pipeline.unet, optimizer, lr_scheduler)
         self.checkpointer = policy_checkpointer(self.accelerator, config, sd_pipeline)
