@@ -186,7 +186,9 @@ class DDPOConfig:
     train_lr_scheduler: str = field(
         default="constant", metadata={"help": "diffusers LR schedule name, e.g. constant, cosine (default constant)."}
     )
-    train_lr_warmup_steps: int = field(default=0, metadata={"help": "LR warmup optimizer steps (default 0)."})
+    train_lr_warmup_steps: int = field(
+        default=0, metadata={"help": "LR warmup optimizer steps; not with the 'constant' schedule, which ignores them (default 0)."}
+    )
     eval_prompts: list[str] = field(
         default_factory=list,
         metadata={"help": "Evaluation prompts (default: the toy EVAL_PROMPTS; the CLI uses the first 8 training "

@@ -220,7 +220,9 @@ class DiffusionDPOConfig:
     train_lr_scheduler: str = field(
         default="constant", metadata={"help": "diffusers LR schedule name, e.g. constant, cosine (default constant)."}
     )
-    train_lr_warmup_steps: int = field(default=0, metadata={"help": "LR warmup optimizer steps (default 0)."})
+    train_lr_warmup_steps: int = field(
+        default=0, metadata={"help": "LR warmup optimizer steps; not with the 'constant' schedule, which ignores them (default 0)."}
+    )
     # ---- evaluation ----
     eval_prompts: list[str] = field(
         default_factory=list,
