@@ -3,6 +3,7 @@ and the trainer tests' single-threaded, accelerator-resetting isolation."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,15 @@ def perturb_adapters(model, seed: int = 1) -> None:
         for name, param in model.peft_model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def assert_resumed_run_matches(resumed_pipeline, expected: dict, uninterrupted_dir: Path, resumed_dir: Path) -> None:
+    """A run resumed after a crash in its second epoch ends bit for bit where the uninterrupted run did: the same
+    trained LoRA, both epochs in its history, the same metrics.json."""
+    for name, value in resumed_pipeline.policy_state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    assert any(value.abs().max() > 0 for name, value in expected.items() if "lora_B" in name)  # it trained
+    history = [json.loads(line) for line in (resumed_dir / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [0, 1]
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (uninterrupted_dir, resumed_dir)]
+    assert metrics[0] == metrics[1]

@@ -7,20 +7,20 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
 from trainers.common import (
-    are_toy_prompts,
     build_lr_scheduler,
     build_optimizer,
+    build_process_reward,
     draw_prompts,
+    eval_reward_change,
     evaluate,
+    finish_run,
     inference_dtype,
     load_weighting_state,
     peak_memory_mb,
@@ -32,7 +32,7 @@ from trainers.common import (
     warmup_check,
     weighting_state,
 )
-from trainers.ddpo import DDPOConfig, load_policy, load_training_prompts, uniform_prompt_function
+from trainers.ddpo import DDPOConfig, load_policy, load_run_prompts, uniform_prompt_function
 
 METHODS = ("alignprop", "draft_k", "draft_lv")
 
@@ -488,11 +488,7 @@ class AlignPropTrainer:
             progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
         eval_after = self.evaluate("eval_after.png")
         metrics = {"eval_before": self.eval_before, "eval_after": eval_after, "epochs": end, "global_step": self.global_step}
-        self.outputs.write_metrics(metrics)
-        self.outputs.plot_history(["reward_mean", "loss", "grad_norm", "backprop_steps_mean"])
-        self.accelerator.wait_for_everyone()
-        self.sd_pipeline.save_pretrained(Path(self.config.output_dir) / "lora", self.accelerator.is_main_process)
-        self.accelerator.end_training()
+        finish_run(self, metrics, ["reward_mean", "loss", "grad_norm", "backprop_steps_mean"])
         return metrics
 
 
@@ -502,24 +498,13 @@ class AlignPropTrainer:
 def main(argv: list[str]) -> int:
     """`rlhf train alignprop --config configs/alignprop/X.yaml [--field value ...]`."""
     from rlhf.config import parse_config
-    from rlhf.reward_fn import build_reward
 
     (config,) = parse_config(AlignPropConfig, argv)
     config.validate()
-    prompts = load_training_prompts(config)
-    if not config.eval_prompts and not are_toy_prompts(prompts):
-        config.eval_prompts = prompts[:8]
-    spec = dict(config.reward)
-    if "model" in spec and "device" not in spec:
-        spec["device"] = str(PartialState().device)  # each process scores on its own accelerator
-    spec.setdefault("differentiable", True)
-    reward = build_reward(spec)
+    prompts = load_run_prompts(config)
+    reward = build_process_reward(config.reward, differentiable=True)
     trainer = AlignPropTrainer(config, reward, uniform_prompt_function(prompts), load_policy(config))
     metrics = trainer.train()
     if trainer.accelerator.is_main_process:
-        before, after = metrics["eval_before"], metrics["eval_after"]
-        print(
-            f"eval reward {before['reward_mean']:.4f} ± {before['reward_std']:.4f} -> "
-            f"{after['reward_mean']:.4f} ± {after['reward_std']:.4f} (std over seeds); outputs in {config.output_dir}"
-        )
+        print(f"{eval_reward_change(metrics['eval_before'], metrics['eval_after'])}; outputs in {config.output_dir}")
     return 0

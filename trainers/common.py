@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, gather_object
 from diffusers.optimization import get_scheduler
 from PIL import Image
@@ -248,6 +248,33 @@ def build_lr_scheduler(config: Any, optimizer: torch.optim.Optimizer, optimizer_
         num_warmup_steps=config.train_lr_warmup_steps * processes,
         num_training_steps=max(optimizer_steps, 1) * processes,
     )
+
+
+def build_process_reward(spec: dict[str, Any], **defaults: Any) -> Any:
+    """`rlhf.reward_fn.build_reward` for this process: `defaults` fill the keys `spec` leaves out, and a reward
+    model scores on this process's accelerator unless `spec` names a device."""
+    from rlhf.reward_fn import build_reward
+
+    spec = {**defaults, **spec}
+    if "model" in spec and "device" not in spec:
+        spec["device"] = str(PartialState().device)
+    return build_reward(spec)
+
+
+def eval_reward_change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """One line for the CLI: the evaluation reward before and after training."""
+    return (f"eval reward {before['reward_mean']:.4f} ± {before['reward_std']:.4f} -> "
+            f"{after['reward_mean']:.4f} ± {after['reward_std']:.4f} (std over seeds)")
+
+
+def finish_run(trainer: Any, metrics: dict[str, Any], curves: Sequence[str]) -> None:
+    """The end of every diffusion trainer's `train()`: metrics.json and the curves of `curves`, then the final
+    policy in `output_dir/lora`, then the trackers closed."""
+    trainer.outputs.write_metrics(metrics)
+    trainer.outputs.plot_history(list(curves))
+    trainer.accelerator.wait_for_everyone()
+    trainer.sd_pipeline.save_pretrained(Path(trainer.config.output_dir) / "lora", trainer.accelerator.is_main_process)
+    trainer.accelerator.end_training()
 
 
 def draw_prompts(prompt_fn: Callable[[], Any], groups: int, group_size: int = 1) -> tuple[list[str], list[Any]]:

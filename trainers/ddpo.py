@@ -24,8 +24,11 @@ from trainers.common import (
     are_toy_prompts,
     build_lr_scheduler,
     build_optimizer,
+    build_process_reward,
     draw_prompts,
+    eval_reward_change,
     evaluate,
+    finish_run,
     inference_dtype,
     load_weighting_state,
     peak_memory_mb,
@@ -640,13 +643,9 @@ class DDPOTrainer:
             "global_step": self.global_step,
             "num_nonfinite_rewards": self.num_nonfinite,
         }
-        self.outputs.write_metrics(metrics)
-        self.outputs.plot_history(["reward_mean", "approx_kl", "clipfrac", "loss"])
-        self.accelerator.wait_for_everyone()
-        self.sd_pipeline.save_pretrained(Path(self.config.output_dir) / "lora", self.accelerator.is_main_process)
         if self.executor is not None:
             self.executor.shutdown()
-        self.accelerator.end_training()
+        finish_run(self, metrics, ["reward_mean", "approx_kl", "clipfrac", "loss"])
         return metrics
 
 
@@ -700,6 +699,15 @@ def load_training_prompts(config: DDPOConfig) -> list[str]:
     return toy_prompts(256, seed=config.seed)
 
 
+def load_run_prompts(config: DDPOConfig) -> list[str]:
+    """`load_training_prompts`; without `eval_prompts`, the run evaluates on the first 8 of them, unless they are
+    toy prompts (then the toy EVAL_PROMPTS are the default)."""
+    prompts = load_training_prompts(config)
+    if not config.eval_prompts and not are_toy_prompts(prompts):
+        config.eval_prompts = prompts[:8]
+    return prompts
+
+
 def uniform_prompt_function(prompts: list[str]) -> Callable[[], tuple[str, dict]]:
     """A TRL-style prompt function drawing uniformly with Python's `random` (reseeded per epoch by the trainer)."""
 
@@ -739,23 +747,13 @@ def load_policy(config: DDPOConfig) -> DDPOStableDiffusionPipeline:
 def main(argv: list[str]) -> int:
     """`rlhf train ddpo --config configs/ddpo/X.yaml [--field value ...]`."""
     from rlhf.config import parse_config
-    from rlhf.reward_fn import build_reward
 
     (config,) = parse_config(DDPOConfig, argv)
     config.validate()
-    prompts = load_training_prompts(config)
-    if not config.eval_prompts and not are_toy_prompts(prompts):
-        config.eval_prompts = prompts[:8]
-    spec = dict(config.reward)
-    if "model" in spec and "device" not in spec:
-        spec["device"] = str(PartialState().device)  # each process scores on its own accelerator
-    reward = build_reward(spec)
+    prompts = load_run_prompts(config)
+    reward = build_process_reward(config.reward)
     trainer = DDPOTrainer(config, reward, uniform_prompt_function(prompts), load_policy(config))
     metrics = trainer.train()
     if trainer.accelerator.is_main_process:
-        before, after = metrics["eval_before"], metrics["eval_after"]
-        print(
-            f"eval reward {before['reward_mean']:.4f} ± {before['reward_std']:.4f} -> "
-            f"{after['reward_mean']:.4f} ± {after['reward_std']:.4f} (std over seeds); outputs in {config.output_dir}"
-        )
+        print(f"{eval_reward_change(metrics['eval_before'], metrics['eval_after'])}; outputs in {config.output_dir}")
     return 0

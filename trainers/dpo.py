@@ -27,8 +27,11 @@ from trainers.common import (
     are_toy_prompts,
     build_lr_scheduler,
     build_optimizer,
+    build_process_reward,
     draw_prompts,
+    eval_reward_change,
     evaluate,
+    finish_run,
     inference_dtype,
     load_weighting_state,
     peak_memory_mb,
@@ -42,7 +45,7 @@ from trainers.common import (
     warmup_check,
     weighting_state,
 )
-from trainers.ddpo import load_policy, load_training_prompts, uniform_prompt_function
+from trainers.ddpo import load_policy, load_run_prompts, uniform_prompt_function
 
 MODES = ("offline", "online")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -1013,11 +1016,7 @@ class DiffusionDPOTrainer:
             "global_step": self.global_step,
             "num_nonfinite_rewards": self.num_nonfinite,
         }
-        self.outputs.write_metrics(metrics)
-        self.outputs.plot_history(["loss", "implicit_accuracy", "implicit_reward_margin", "reward_mean"])
-        self.accelerator.wait_for_everyone()
-        self.sd_pipeline.save_pretrained(Path(self.config.output_dir) / "lora", self.accelerator.is_main_process)
-        self.accelerator.end_training()
+        finish_run(self, metrics, ["loss", "implicit_accuracy", "implicit_reward_margin", "reward_mean"])
         return metrics
 
 
@@ -1028,25 +1027,18 @@ class DiffusionDPOTrainer:
 def main(argv: list[str]) -> int:
     """`rlhf train dpo --config configs/dpo/X.yaml [--output_dir DIR] [--field value ...]`."""
     from rlhf.config import parse_config
-    from rlhf.reward_fn import build_reward
 
     (config,) = parse_config(DiffusionDPOConfig, argv)
     config.validate()
-    prompt_function = None
-    if config.mode == "online":
-        prompts = load_training_prompts(config)
-        if not config.eval_prompts and not are_toy_prompts(prompts):
-            config.eval_prompts = prompts[:8]
-        prompt_function = uniform_prompt_function(prompts)
-    reward = build_reward(config.reward) if config.reward else None
+    prompt_function = uniform_prompt_function(load_run_prompts(config)) if config.mode == "online" else None
+    reward = build_process_reward(config.reward) if config.reward else None
     trainer = DiffusionDPOTrainer(config, load_policy(config), reward_function=reward, prompt_function=prompt_function)
     metrics = trainer.train()
     if trainer.accelerator.is_main_process:
         for key in ("eval", "heldout"):
             before, after = metrics[f"{key}_before"], metrics[f"{key}_after"]
             if key == "eval" and before:
-                print(f"eval reward {before['reward_mean']:.4f} ± {before['reward_std']:.4f} -> "
-                      f"{after['reward_mean']:.4f} ± {after['reward_std']:.4f} (std over seeds)")
+                print(eval_reward_change(before, after))
             elif key == "heldout" and before:
                 print(f"held-out implicit accuracy {before['implicit_accuracy']:.3f} -> {after['implicit_accuracy']:.3f} "
                       f"({before['num_pairs']} pairs x {before['noise_draws']} draws)")
