@@ -324,6 +324,7 @@ BUILTINS: dict[str, tuple[dict[str, Pixels], bool]] = {
     "jpeg_compressibility": ({"jpeg_compressibility": jpeg_compressibility}, False),
     "brightness": ({"brightness": brightness}, True),
     "toy_alignment": ({"alignment": toy.oracle_alignment}, False),
+    "toy_alignment_soft": ({"alignment": toy.alignment_score}, False),
     "toy_colour": ({"colour": toy.oracle_colour}, False),
     "toy_fidelity": ({"fidelity": _toy_fidelity}, False),
     "toy_safety": ({"safety": _toy_safety}, False),

@@ -393,6 +393,21 @@ def colour_score(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     return fraction / (fraction + COLOUR_SCORE_HALF)
 
 
+@torch.no_grad()
+def alignment_score(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """A dense form of `oracle_alignment` in [0, 1): `colour_score` times the IoU of the named colour's pixels
+    with the named shape's template (0 where no pixel has that colour). Not differentiable: the mask is hard.
+
+    A reward that is ground truth for alignment yet moves with every sample (the 0/1 oracle gives a group of
+    identical rewards no advantage): it measures how far a trainer can lift oracle alignment with a perfect reward.
+    """
+    images = _oracle_pixels(images, prompts)
+    colours, shapes = zip(*(parse_prompt(p) for p in prompts))
+    wanted = torch.tensor([TOY_SHAPES.index(s) for s in shapes])
+    iou = _shape_scores(_colour_masks(images, colours))[torch.arange(len(prompts)), wanted]
+    return colour_score(images, prompts) * iou
+
+
 # ---------------------------------------------------------------- preference data
 
 

@@ -96,6 +96,19 @@ def test_colour_score_is_differentiable_and_prefers_the_named_colour():
     assert torch.isfinite(grey.grad).all() and grey.grad.abs().sum() > 0
 
 
+def test_alignment_score_is_dense_and_ranks_like_the_alignment_oracle():
+    images = toy.draw_scenes([_scene("red", "circle"), _scene("red", "square"), _scene("blue", "circle")])
+    prompts = ["a red circle on a white background"] * 3
+    scores = toy.alignment_score(images, prompts)
+    assert toy.oracle_alignment(images, prompts).tolist() == [1.0, 0.0, 0.0]
+    assert scores[0] > 0.6 and scores[0] > scores[1] > 0 and scores[2] == 0
+    assert ((0 <= scores) & (scores < 1)).all()
+    # a blurred right answer is still right for the 0/1 oracle but scores lower: the signal a trainer can climb
+    blurred = toy.corrupt(images[0], "blur", np.random.default_rng(0)).unsqueeze(0)
+    assert toy.oracle_alignment(blurred, prompts[:1]).item() == 1.0
+    assert toy.alignment_score(blurred, prompts[:1]) < scores[0]
+
+
 def test_oracles_name_bad_inputs():
     with pytest.raises(ValueError, match="BCHW"):
         toy.oracle_fidelity(torch.rand(3, 32, 32))
