@@ -307,11 +307,17 @@ def _recognised_shape(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(present & (best_iou >= MIN_SHAPE_IOU), best, torch.full_like(best, -1))
 
 
+def _named_targets(prompts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """The colour each prompt names, and the index into TOY_SHAPES of the shape it names."""
+    colours, shapes = zip(*(parse_prompt(p) for p in prompts))
+    return list(colours), torch.tensor([TOY_SHAPES.index(s) for s in shapes])
+
+
 @torch.no_grad()
 def oracle_colour(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """1.0 where the colour the prompt names covers at least MIN_COLOUR_FRACTION of the image, else 0.0."""
     images = _oracle_pixels(images, prompts)
-    masks = _colour_masks(images, [parse_prompt(p)[0] for p in prompts])
+    masks = _colour_masks(images, _named_targets(prompts)[0])
     return (masks.mean(dim=(1, 2)) >= MIN_COLOUR_FRACTION).float()
 
 
@@ -323,8 +329,7 @@ def oracle_shape(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     counts = torch.stack([(labels == i).sum(dim=(1, 2)) for i in range(len(TOY_COLOURS))], dim=1)
     dominant = counts.argmax(dim=1).view(-1, 1, 1)
     recognised = _recognised_shape((labels == dominant).float())
-    wanted = torch.tensor([TOY_SHAPES.index(parse_prompt(p)[1]) for p in prompts])
-    return (recognised == wanted).float()
+    return (recognised == _named_targets(prompts)[1]).float()
 
 
 @torch.no_grad()
@@ -335,9 +340,9 @@ def oracle_alignment(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tens
     of the same area and centroid (at least MIN_SHAPE_IOU).
     """
     images = _oracle_pixels(images, prompts)
-    colours, shapes = zip(*(parse_prompt(p) for p in prompts))
+    colours, wanted = _named_targets(prompts)
     recognised = _recognised_shape(_colour_masks(images, colours))
-    return (recognised == torch.tensor([TOY_SHAPES.index(s) for s in shapes])).float()
+    return (recognised == wanted).float()
 
 
 @torch.no_grad()
@@ -402,8 +407,7 @@ def alignment_score(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tenso
     identical rewards no advantage): it measures how far a trainer can lift oracle alignment with a perfect reward.
     """
     images = _oracle_pixels(images, prompts)
-    colours, shapes = zip(*(parse_prompt(p) for p in prompts))
-    wanted = torch.tensor([TOY_SHAPES.index(s) for s in shapes])
+    colours, wanted = _named_targets(prompts)
     iou = _shape_scores(_colour_masks(images, colours))[torch.arange(len(prompts)), wanted]
     return colour_score(images, prompts) * iou
 
