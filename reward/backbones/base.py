@@ -1,19 +1,22 @@
-"""One adapter per VLM family: prompt layout, reward token, visual tokens and the differentiable pixel path.
+"""The backbone interface: what the reward model needs from a VLM family, and the registry by `model_type`.
 
-A family is chosen from the model's `config.model_type`, never from a path. Adding a family is one subclass
-registered in `BACKBONES`.
+A family is chosen from the model's `config.model_type`, never from a path. A subclass that names its
+`model_types` registers itself in `BACKBONES`; each family lives in its own module of this package.
 """
 
 from __future__ import annotations
 
-import math
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+
+BACKBONES: dict[str, type["Backbone"]] = {}
+"""Each supported `model_type` and the Backbone subclass that reads it."""
 
 
 @dataclass
@@ -40,6 +43,11 @@ class Backbone:
     model_types: tuple[str, ...] = ()
     projector_path: str = ""
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for model_type in cls.model_types:
+            BACKBONES[model_type] = cls
+
     def __init__(self, model: torch.nn.Module, tokenizer, image_processor, max_prompt_tokens: int = 256):
         self.model = model
         self.tokenizer = tokenizer
@@ -56,19 +64,26 @@ class Backbone:
                         max_prompt_tokens: int = 256) -> "Backbone":
         """Load a VLM, its tokenizer and image processor from a path or the local Hugging Face cache."""
         config = AutoConfig.from_pretrained(path_or_id)
-        family = next((cls for cls in BACKBONES if config.model_type in cls.model_types), None)
+        family = BACKBONES.get(config.model_type)
         if family is None:
-            supported = sorted(t for cls in BACKBONES for t in cls.model_types)
             raise ValueError(f"backbone {path_or_id}: model_type {config.model_type!r} is not supported; "
-                             f"supported: {supported}")
-        model = AutoModelForImageTextToText.from_pretrained(path_or_id, dtype=dtype).to(device)
+                             f"supported: {sorted(BACKBONES)}")
+        model, tokenizer, image_processor = family.load_parts(path_or_id, dtype)
+        model = model.to(device)
         model.requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-        # the PIL image processors need no torchvision, which we do not install
-        image_processor = AutoImageProcessor.from_pretrained(path_or_id, backend="pil")
         if getattr(tokenizer, "chat_template", None) is None:
             tokenizer.chat_template = _processor_chat_template(path_or_id)
         return family(model, tokenizer, image_processor, max_prompt_tokens)
+
+    @classmethod
+    def load_parts(cls, path_or_id: str | Path, dtype: torch.dtype) -> tuple[torch.nn.Module, object, object]:
+        """The model, tokenizer and image processor of a checkpoint; a family without transformers classes
+        overrides this."""
+        model = AutoModelForImageTextToText.from_pretrained(path_or_id, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        # the PIL image processors need no torchvision, which we do not install
+        image_processor = AutoImageProcessor.from_pretrained(path_or_id, backend="pil")
+        return model, tokenizer, image_processor
 
     # -- properties shared by every family ------------------------------------------------------------------
     @property
@@ -175,95 +190,6 @@ class Backbone:
         return None
 
 
-class LlavaBackbone(Backbone):
-    """LLaVA 1.5 (CLIP tower, MLP projector, a fixed number of tokens per image)."""
-
-    model_types = ("llava",)
-    projector_path = "model.multi_modal_projector"
-
-    def _image_features(self, inputs: PixelInputs) -> list[torch.Tensor]:
-        config = self.model.config
-        out = self.model.model.get_image_features(
-            pixel_values=inputs.pixel_values, vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        )
-        return list(out.pooler_output)
-
-    def _split(self, projected: torch.Tensor, inputs: PixelInputs) -> list[torch.Tensor]:
-        return list(projected)
-
-    def pixel_inputs_differentiable(self, pixels: torch.Tensor) -> PixelInputs:
-        processor = self.image_processor
-        size = processor.size
-        shortest = size.get("shortest_edge") if hasattr(size, "get") else size.shortest_edge
-        height, width = pixels.shape[-2:]
-        if shortest and min(height, width) != shortest:
-            scale = shortest / min(height, width)
-            new_size = (max(shortest, round(height * scale)), max(shortest, round(width * scale)))
-            pixels = F.interpolate(pixels, size=new_size, mode="bicubic", align_corners=False, antialias=True)
-        crop = processor.crop_size
-        crop_h, crop_w = (crop["height"], crop["width"]) if hasattr(crop, "get") else (crop.height, crop.width)
-        top, left = (pixels.shape[-2] - crop_h) // 2, (pixels.shape[-1] - crop_w) // 2
-        pixels = pixels[..., top: top + crop_h, left: left + crop_w]
-        return PixelInputs(self._normalise(pixels).to(self.device, self.dtype))
-
-
-class Qwen2VLBackbone(Backbone):
-    """Qwen2-VL and Qwen2.5-VL (native resolution, patches merged 2x2 by the projector, M-RoPE positions)."""
-
-    model_types = ("qwen2_vl", "qwen2_5_vl")
-    projector_path = "model.visual.merger"
-
-    def _image_features(self, inputs: PixelInputs) -> list[torch.Tensor]:
-        out = self.model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw)
-        return list(out.pooler_output)
-
-    def _split(self, projected: torch.Tensor, inputs: PixelInputs) -> list[torch.Tensor]:
-        merge = self.image_processor.merge_size
-        return list(torch.split(projected, (inputs.image_grid_thw.prod(-1) // merge**2).tolist()))
-
-    def pixel_inputs_differentiable(self, pixels: torch.Tensor) -> PixelInputs:
-        processor = self.image_processor
-        patch, merge, temporal = processor.patch_size, processor.merge_size, processor.temporal_patch_size
-        size = processor.size
-        min_pixels = size["shortest_edge"] if hasattr(size, "get") else size.shortest_edge
-        max_pixels = size["longest_edge"] if hasattr(size, "get") else size.longest_edge
-        height, width = _qwen_resize(*pixels.shape[-2:], patch * merge, min_pixels, max_pixels)
-        if (height, width) != tuple(pixels.shape[-2:]):
-            pixels = F.interpolate(pixels, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
-        pixels = self._normalise(pixels)
-        batch, channels = pixels.shape[:2]
-        grid_h, grid_w = height // patch, width // patch
-        # the image processor's layout: merge windows outermost, then one frame repeated over the temporal patch
-        patches = pixels.reshape(batch, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
-        patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)
-        patches = patches.expand(*patches.shape[:6], temporal, *patches.shape[7:])
-        flat = patches.reshape(batch * grid_h * grid_w, channels * temporal * patch * patch)
-        grid = torch.tensor([[1, grid_h, grid_w]] * batch, device=self.device)
-        return PixelInputs(flat.to(self.device, self.dtype), grid)
-
-    def position_ids(self, text: TextInputs, inputs: PixelInputs) -> torch.Tensor:
-        token_types = (text.input_ids == self.image_token_id).int()
-        position_ids, _ = self.model.model.get_rope_index(
-            text.input_ids.to(self.device), mm_token_type_ids=token_types.to(self.device),
-            image_grid_thw=inputs.image_grid_thw, attention_mask=text.attention_mask.to(self.device),
-        )
-        return position_ids
-
-
-def _qwen_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's size rule: both sides multiples of `factor`, area within [min_pixels, max_pixels]."""
-    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
 def _processor_chat_template(path_or_id: str | Path) -> str:
     """Some checkpoints keep the chat template with the processor only; read it from there."""
     from transformers.utils import cached_file
@@ -276,11 +202,6 @@ def _processor_chat_template(path_or_id: str | Path) -> str:
         if found:
             text = Path(found).read_text()
             if name.endswith(".json"):
-                import json
-
                 text = json.loads(text)["chat_template"]
             return text
     raise ValueError(f"backbone {path_or_id}: no chat template in its tokenizer or processor files")
-
-
-BACKBONES: list[type[Backbone]] = [LlavaBackbone, Qwen2VLBackbone]
