@@ -25,6 +25,7 @@ class PixelInputs:
 
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None  # (height, width) per original image, for any-resolution tiling
 
 
 @dataclass
@@ -146,9 +147,10 @@ class Backbone:
     def pixel_inputs(self, images: list[Image.Image]) -> PixelInputs:
         """The black-box path: the model's own image processor."""
         out = self.image_processor(images=images, return_tensors="pt")
-        grid = out.get("image_grid_thw")
+        grid, sizes = out.get("image_grid_thw"), out.get("image_sizes")
         return PixelInputs(out["pixel_values"].to(self.device, self.dtype),
-                           None if grid is None else grid.to(self.device))
+                           None if grid is None else grid.to(self.device),
+                           None if sizes is None else sizes.to(self.device))
 
     def pixel_inputs_differentiable(self, pixels: torch.Tensor) -> PixelInputs:
         """The torch path for float BCHW pixels in [0, 1], keeping the graph to them."""
