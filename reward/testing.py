@@ -20,10 +20,12 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
+from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "llava_next")
 
 # Words the toy world and the tests use; byte-level BPE covers anything else.
 _CORPUS = (
@@ -46,6 +48,16 @@ _QWEN_TEMPLATE = (
     "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# llava-hf/llava-v1.6-vicuna's layout: "USER: <image>\n{text} ASSISTANT:" (images first, each text followed by a space)
+_VICUNA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }} "
+    "{% else %}{{ message['role'].upper() }}: "
+    "{% for item in message['content'] if item['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }} {% endfor %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+# LLaVA-1.6's pinpoints (336x672, 672x336, 672x672) scaled to the tiny tower's 32-pixel tiles
+_TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
 def _build_tokenizer(special_tokens: list[str], vocab_size: int = 400) -> Tokenizer:
@@ -74,28 +86,42 @@ LLAVA_SIZES = {
 }
 
 
-def _llava(path: Path, size: str = "tiny") -> None:
-    tokenizer = PreTrainedTokenizerFast(
+def _llama_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
+    """The LLaVA families' tokenizer: Llama's special tokens, `<image>`, `</s>` as eos."""
+    return PreTrainedTokenizerFast(
         tokenizer_object=_build_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"]),
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
-        chat_template=_LLAVA_TEMPLATE,
+        chat_template=chat_template,
     )
+
+
+def _clip_llama_configs(size: str, tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPVisionConfig, LlamaConfig]:
+    """The CLIP tower and Llama language model of the LLaVA families at one of `LLAVA_SIZES`."""
     v_hidden, v_layers, v_heads, image_size, patch, t_hidden, t_layers, t_heads, t_mlp = LLAVA_SIZES[size]
+    vision = CLIPVisionConfig(
+        hidden_size=v_hidden, intermediate_size=4 * v_hidden, num_hidden_layers=v_layers,
+        num_attention_heads=v_heads, image_size=image_size, patch_size=patch, projection_dim=v_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=t_hidden, intermediate_size=t_mlp, num_hidden_layers=t_layers, num_attention_heads=t_heads,
+        num_key_value_heads=max(1, t_heads // 2), vocab_size=len(tokenizer), max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return vision, text
+
+
+def _llava(path: Path, size: str = "tiny") -> None:
+    tokenizer = _llama_tokenizer(_LLAVA_TEMPLATE)
+    vision, text = _clip_llama_configs(size, tokenizer)
+    image_size, patch = vision.image_size, vision.patch_size
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=v_hidden, intermediate_size=4 * v_hidden, num_hidden_layers=v_layers,
-            num_attention_heads=v_heads, image_size=image_size, patch_size=patch, projection_dim=v_hidden,
-        ),
-        text_config=LlamaConfig(
-            hidden_size=t_hidden, intermediate_size=t_mlp, num_hidden_layers=t_layers, num_attention_heads=t_heads,
-            num_key_value_heads=max(1, t_heads // 2), vocab_size=len(tokenizer), max_position_embeddings=4096,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=vision,
+        text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
@@ -108,6 +134,31 @@ def _llava(path: Path, size: str = "tiny") -> None:
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
         vision_feature_select_strategy="default", chat_template=_LLAVA_TEMPLATE, num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(path)
+
+
+def _llava_next(path: Path) -> None:
+    tokenizer = _llama_tokenizer(_VICUNA_TEMPLATE)
+    vision, text = _clip_llama_configs("tiny", tokenizer)
+    image_size, patch = vision.image_size, vision.patch_size
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=_TINY_PINPOINTS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=(image_size // patch) ** 2,
+    )
+    LlavaNextForConditionalGeneration(config).save_pretrained(path)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=_TINY_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+        vision_feature_select_strategy="default", chat_template=_VICUNA_TEMPLATE, num_additional_image_tokens=1,
     )
     processor.save_pretrained(path)
 
@@ -148,7 +199,7 @@ def _qwen2_vl(path: Path) -> None:
 
 
 def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random VLM of `family` ("llava" or "qwen2_vl") and its processor to `path`; return it.
+    """Write a random VLM of `family` ("llava", "llava_next" or "qwen2_vl") and its processor to `path`; return it.
 
     `size` picks the LLaVA dimensions ("tiny" for tests, "bench" and "phi35" for benches); Qwen2-VL is tiny only.
     """
@@ -162,6 +213,8 @@ def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0, size:
         torch.manual_seed(seed)
         if family == "llava":
             _llava(path, size)
+        elif family == "llava_next":
+            _llava_next(path)
         else:
             _qwen2_vl(path)
     return path

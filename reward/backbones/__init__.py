@@ -3,6 +3,8 @@ found by the checkpoint's `model_type` in `BACKBONES`. Importing a family's modu
 
 from .base import BACKBONES, Backbone, PixelInputs, TextInputs
 from .llava import LlavaBackbone
+from .llava_next import LlavaNextBackbone
 from .qwen2_vl import Qwen2VLBackbone
 
-__all__ = ["BACKBONES", "Backbone", "LlavaBackbone", "PixelInputs", "Qwen2VLBackbone", "TextInputs"]
+__all__ = ["BACKBONES", "Backbone", "LlavaBackbone", "LlavaNextBackbone", "PixelInputs", "Qwen2VLBackbone",
+           "TextInputs"]
