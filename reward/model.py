@@ -87,10 +87,10 @@ class RewardModel(nn.Module):
         if config.name in self.configs:
             raise ValueError(f"perspectives: {config.name!r} already exists")
         if self.peft_model is None:  # found before LoRA wraps the Linear layers and renames them
-            self.lora_targets = "|".join(self.backbone.language_model_linear_names())
+            self.lora_targets = self.backbone.lora_target_regex()
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=rf".*language_model.*\.({self.lora_targets})",
+            target_modules=self.lora_targets,
         )
         if self.peft_model is None:
             with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question; not ours to fix

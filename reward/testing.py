@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -25,7 +28,10 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-FAMILIES = ("llava", "qwen2_vl", "llava_next")
+from .backbones.phi3_v_model import Phi3VConfig, Phi3VForCausalLM
+from .backbones.phi3_v_processing import Phi3VImageProcessor
+
+FAMILIES = ("llava", "qwen2_vl", "llava_next", "phi3_v")
 
 # Words the toy world and the tests use; byte-level BPE covers anything else.
 _CORPUS = (
@@ -55,6 +61,12 @@ _VICUNA_TEMPLATE = (
     "{% for item in message['content'] if item['type'] == 'image' %}<image>\n{% endfor %}"
     "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }} {% endfor %}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+# Phi-3.5-vision's own template: the content is a plain string holding `<|image_1|>`
+_PHI3_TEMPLATE = (
+    "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{- '<|assistant|>\\n' -}}"
+    "{% endif %}"
 )
 # LLaVA-1.6's pinpoints (336x672, 672x336, 672x672) scaled to the tiny tower's 32-pixel tiles
 _TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
@@ -163,6 +175,55 @@ def _llava_next(path: Path) -> None:
     processor.save_pretrained(path)
 
 
+def _phi3_v(path: Path) -> None:
+    """Phi-3.5-vision's layout at toy size: its config fields (LongRoPE as "su", `auto_map`, no image token id),
+    published parameter names, a leading `<s>`, an embedding padded past the tokenizer. The CLIP tower shrinks
+    to 16-pixel crops of 4x4 patches (2x2 merged tokens per crop), so a 32x32 image is a native 2x2 crop grid."""
+    specials = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>"]
+    backend = _build_tokenizer(specials)
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", chat_template=_PHI3_TEMPLATE,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                  patch_size=4, projection_dim=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    hidden, heads = 64, 4
+    factors = [1.0 + i / 32 for i in range(hidden // heads // 2)]
+    rope_scaling = {"type": "su", "short_factor": factors, "long_factor": [2 * f for f in factors]}
+    config = Phi3VConfig(
+        vocab_size=len(tokenizer) + 8, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=heads, max_position_embeddings=131072, original_max_position_embeddings=4096,
+        rope_scaling=rope_scaling, sliding_window=262144, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        embd_layer={"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                    "use_hd_transform": True, "with_learnable_separator": True},
+        img_processor={"image_dim_out": 32, "model_name": "openai/clip-vit-large-patch14-336",
+                       "name": "clip_vision_model", "num_img_tokens": 4, "vision_config": vision},
+    )
+    model = Phi3VForCausalLM(config)
+    with torch.no_grad():  # the separators start at zero; random ones make their positions visible to tests
+        model.model.vision_embed_tokens.glb_GN.normal_()
+        model.model.vision_embed_tokens.sub_GN.normal_()
+    model.save_pretrained(path)
+    # transformers 5 saves a freshly built CLIPVisionModel without its `vision_model.` level, which the published
+    # checkpoint (like any re-save of a loaded model) has: write the published names
+    weights = load_file(path / "model.safetensors")
+    save_file({name.replace(".img_processor.", ".img_processor.vision_model."): value for name, value in weights.items()},
+              path / "model.safetensors", metadata={"format": "pt"})
+    written = json.loads((path / "config.json").read_text())
+    written.pop("rope_parameters")
+    written.pop("image_token_id")
+    written.update(architectures=["Phi3VForCausalLM"], rope_scaling=rope_scaling, rope_theta=10000.0,
+                   auto_map={"AutoConfig": "configuration_phi3_v.Phi3VConfig",
+                             "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"})
+    (path / "config.json").write_text(json.dumps(written, indent=2))
+    tokenizer.save_pretrained(path)
+    Phi3VImageProcessor(num_crops=4, num_img_tokens=4, hd_crop_size=16).save_pretrained(path)
+
+
 def _qwen2_vl(path: Path) -> None:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
@@ -199,9 +260,10 @@ def _qwen2_vl(path: Path) -> None:
 
 
 def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random VLM of `family` ("llava", "llava_next" or "qwen2_vl") and its processor to `path`; return it.
+    """Write a random VLM of `family` ("llava", "llava_next", "qwen2_vl" or "phi3_v") and its processor to `path`;
+    return it.
 
-    `size` picks the LLaVA dimensions ("tiny" for tests, "bench" and "phi35" for benches); Qwen2-VL is tiny only.
+    `size` picks the LLaVA dimensions ("tiny" for tests, "bench" and "phi35" for benches); the others are tiny only.
     """
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
@@ -215,6 +277,8 @@ def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0, size:
             _llava(path, size)
         elif family == "llava_next":
             _llava_next(path)
+        elif family == "phi3_v":
+            _phi3_v(path)
         else:
             _qwen2_vl(path)
     return path

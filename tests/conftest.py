@@ -19,7 +19,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_vlm_paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_vlms")
-    return {family: build_tiny_vlm(root / family, family) for family in ("llava", "qwen2_vl", "llava_next")}
+    return {family: build_tiny_vlm(root / family, family) for family in ("llava", "qwen2_vl", "llava_next", "phi3_v")}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def isolated_accelerator():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(params=["llava", "qwen2_vl", "llava_next"])
+@pytest.fixture(params=["llava", "qwen2_vl", "llava_next", "phi3_v"])
 def tiny_vlm(request, tiny_vlm_paths):
     return tiny_vlm_paths[request.param]
 

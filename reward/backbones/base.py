@@ -112,11 +112,19 @@ class Backbone:
         return sorted({name.rsplit(".", 1)[-1] for name, module in language_model.named_modules()
                        if isinstance(module, torch.nn.Linear)})
 
+    def lora_target_regex(self) -> str:
+        """peft's `target_modules`: the language model's Linear layers, nothing in the vision tower or projector."""
+        return rf".*language_model.*\.({'|'.join(self.language_model_linear_names())})"
+
     # -- text -----------------------------------------------------------------------------------------------
     def render_prompt(self, prompt: str) -> str:
         """The chat template's user turn holding one image and the prompt; no generation prompt."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    def prompt_ids(self, rendered: str) -> list[int]:
+        """Token ids of a rendered prompt, its one image placeholder included."""
+        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     def text_inputs(self, prompts: list[str], image_token_counts: list[int]) -> TextInputs:
         """Tokenise each rendered prompt, expand its image placeholder and append the reward token."""
@@ -126,7 +134,7 @@ class Backbone:
             if len(prompt_ids) > self.max_prompt_tokens:
                 truncated.append(i)
                 prompt = self.tokenizer.decode(prompt_ids[: self.max_prompt_tokens])
-            ids = self.tokenizer(self.render_prompt(prompt), add_special_tokens=False)["input_ids"]
+            ids = self.prompt_ids(self.render_prompt(prompt))
             if ids.count(self.image_token_id) != 1:
                 raise ValueError(f"chat template: expected one image placeholder per prompt, found "
                                  f"{ids.count(self.image_token_id)} in row {i}")
