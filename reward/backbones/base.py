@@ -130,23 +130,32 @@ class Backbone:
         """Tokenise each rendered prompt, expand its image placeholder and append the reward token."""
         rows, truncated = [], []
         for i, (prompt, count) in enumerate(zip(prompts, image_token_counts)):
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            if len(prompt_ids) > self.max_prompt_tokens:
+            prompt, cut = self.truncate_prompt(prompt)
+            if cut:
                 truncated.append(i)
-                prompt = self.tokenizer.decode(prompt_ids[: self.max_prompt_tokens])
             ids = self.prompt_ids(self.render_prompt(prompt))
             if ids.count(self.image_token_id) != 1:
                 raise ValueError(f"chat template: expected one image placeholder per prompt, found "
                                  f"{ids.count(self.image_token_id)} in row {i}")
             at = ids.index(self.image_token_id)
             rows.append(ids[:at] + [self.image_token_id] * count + ids[at + 1:] + [self.reward_token_id])
+        return self.pad_rows(rows, truncated)
+
+    def truncate_prompt(self, prompt: str) -> tuple[str, bool]:
+        """The prompt cut to `max_prompt_tokens` tokens, and whether it was cut."""
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) <= self.max_prompt_tokens:
+            return prompt, False
+        return self.tokenizer.decode(prompt_ids[: self.max_prompt_tokens]), True
+
+    def pad_rows(self, rows: list[list[int]], truncated: list[int]) -> TextInputs:
+        """Right-pad token rows into a batch; each row's reward token is its last attended position."""
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, row in enumerate(rows):
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
-        # the reward token is each row's last attended position, whatever side the padding is on
         positions = torch.arange(length).expand(len(rows), -1)
         reward_positions = torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
         return TextInputs(input_ids, attention_mask, reward_positions, truncated)
