@@ -2,46 +2,100 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 from typing import Sequence
 
-# sub-command words -> "module:function"; each function takes the remaining argv and returns an exit code.
-COMMANDS: dict[tuple[str, ...], str] = {
-    ("score",): "rlhf.scoring:main",
-    ("serve",): "rlhf.server:main",
-    ("toy", "data"): "rlhf.toy:data_main",
-    ("toy", "pretrain"): "rlhf.toy_pretrain:main",
-    ("train", "reward"): "trainers.reward_model:main",
-    ("eval", "reward"): "trainers.reward_model:eval_main",
-    ("train", "ddpo"): "trainers.ddpo:main",
-    ("search",): "rlhf.search:main",
-    ("demo",): "rlhf.demo:main",
-    ("train", "dpo"): "trainers.dpo:main",
-    ("train", "alignprop"): "trainers.alignprop:main",
+from rlhf.config import running_command
+from rlhf.runs import RunInterrupted
+
+# sub-command words -> ("module:function", one-line description); each function takes the remaining argv and
+# returns an exit code. A new command is one entry here.
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("score",): ("rlhf.scoring:main", "score images against prompts with a saved reward model"),
+    ("serve",): ("rlhf.server:main", "serve a reward model over HTTP (POST /score)"),
+    ("search",): ("rlhf.search:main", "inference-time search guided by a reward (best-of-N, zero-order, FK)"),
+    ("demo",): ("rlhf.demo:main", "the toy world end to end: reward model, DDPO and DPO, judged by oracles"),
+    ("toy", "data"): ("rlhf.toy:data_main", "write toy-world preference data (JSONL + PNG)"),
+    ("toy", "pretrain"): ("rlhf.toy_pretrain:main", "pre-train the toy generator on toy-world images"),
+    ("train", "reward"): ("trainers.reward_model:main", "train LLaVA-Reward perspectives on preference data"),
+    ("eval", "reward"): ("trainers.reward_model:eval_main", "evaluate a reward model's accuracy on preference data"),
+    ("train", "ddpo"): ("trainers.ddpo:main", "fine-tune a diffusion model with DDPO (PPO on DDIM log-probs)"),
+    ("train", "dpo"): ("trainers.dpo:main", "fine-tune a diffusion model with Diffusion-DPO (offline or online)"),
+    ("train", "alignprop"): ("trainers.alignprop:main", "fine-tune by reward back-propagation (AlignProp, DRaFT)"),
 }
+HELP = ("-h", "--help")
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
-def _usage() -> str:
-    lines = ["usage: rlhf COMMAND [--config FILE.yaml] [--field value ...]", "", "commands:"]
-    lines += [f"  rlhf {' '.join(words)}" for words in COMMANDS]
+def usage(prefix: Sequence[str] = ()) -> str:
+    """The command list (those starting with `prefix`), one line each with its description."""
+    matching = {words: summary for words, (_, summary) in COMMANDS.items() if words[: len(prefix)] == tuple(prefix)}
+    width = max(len(" ".join(words)) for words in matching)
+    lines = [f"usage: rlhf {' '.join(prefix) or 'COMMAND'} ... [--config FILE.yaml] [--field value ...]", "",
+             "commands:"]
+    lines += [f"  rlhf {' '.join(words):<{width}}  {summary}" for words, summary in matching.items()]
+    lines += ["", "`rlhf COMMAND --help` lists a command's fields."]
     return "\n".join(lines)
+
+
+def _find(argv: Sequence[str]) -> tuple[str, ...] | None:
+    for words in sorted(COMMANDS, key=len, reverse=True):
+        if tuple(argv[: len(words)]) == words:
+            return words
+    return None
+
+
+def _unknown(argv: Sequence[str]) -> str:
+    """Usage for words that name no command, with the closest command; a known group ("rlhf train") lists its own."""
+    typed = " ".join(word for word in argv if not word.startswith("-")).split()[:2]
+    group = tuple(typed[:1]) if any(words[:1] == tuple(typed[:1]) for words in COMMANDS) else ()
+    if typed == list(group):  # just a group name: its commands are the answer
+        return usage(group)
+    close = difflib.get_close_matches(" ".join(typed), [" ".join(words) for words in COMMANDS], n=1, cutoff=0.5)
+    hint = f"unknown command 'rlhf {' '.join(typed)}'" + (f"; did you mean 'rlhf {close[0]}'?" if close else "")
+    return f"{hint}\n\n{usage(group)}"
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The gist of a library's long error: its text up to the first parenthesis or line break."""
+    return str(exc).split("\n")[0].split(" (")[0][:300]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for words, target in sorted(COMMANDS.items(), key=lambda item: -len(item[0])):
-        if tuple(argv[: len(words)]) == words:
-            module_name, function_name = target.split(":")
+    if not argv or argv[0] in HELP:
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    words = _find(argv)
+    if words is None:
+        print(_unknown(argv), file=sys.stderr)
+        return 2
+    target, summary = COMMANDS[words]
+    name = f"rlhf {' '.join(words)}"
+    module_name, function_name = target.split(":")
+    try:
+        with running_command(name, summary):
             command = getattr(importlib.import_module(module_name), function_name)
-            try:
-                return int(command(argv[len(words):]) or 0)
-            except (ValueError, TypeError, FileNotFoundError) as exc:
-                # errors a user controls (bad config, bad path, bad input) are told, not traced back
-                print(f"rlhf {' '.join(words)}: error: {exc}", file=sys.stderr)
-                return 2
-    print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-    return 0 if argv and argv[0] in ("-h", "--help") else 2
+            return int(command(argv[len(words):]) or 0)
+    except SystemExit as exc:  # --help, from the command's parser
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        # errors a user controls (bad config, bad path, bad input) are told, not traced back
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # a model id neither on disk nor in the Hugging Face cache: diffusers/transformers say so under ~30 frames
+        print(f"{name}: error: {_first_sentence(exc)}\n  not found locally: download it where there is network "
+              "(`hf download MODEL_ID`, into the Hugging Face cache) or pass a local directory", file=sys.stderr)
+        return 2
+    except RunInterrupted as exc:
+        print(f"\n{name}: {exc}", file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 from trl import TrlParser
@@ -15,15 +19,89 @@ class ConfigError(ValueError):
     """A config a user wrote is wrong; the message names the field and what was expected."""
 
 
+# the command being run ("rlhf train ddpo"), set by the `rlhf` dispatcher: help, usage and resume hints name it
+_COMMAND: ContextVar[str] = ContextVar("rlhf_command", default="rlhf")
+# the one-line description of that command, for the top of its --help
+_SUMMARY: ContextVar[str] = ContextVar("rlhf_command_summary", default="")
+
+
+@contextmanager
+def running_command(name: str, summary: str = "") -> Iterator[None]:
+    """Within this block `current_command()` is `name` (e.g. "rlhf train ddpo")."""
+    tokens = _COMMAND.set(name), _SUMMARY.set(summary)
+    try:
+        yield
+    finally:
+        _COMMAND.reset(tokens[0])
+        _SUMMARY.reset(tokens[1])
+
+
+def current_command() -> str:
+    """The full name of the running `rlhf` command ("rlhf" outside the dispatcher)."""
+    return _COMMAND.get()
+
+
+class _Parser(TrlParser):
+    """`TrlParser` whose errors are raised as one `ConfigError` naming the field, instead of argparse's usage dump
+    and exit 2 (a DDPO config's usage alone is ~60 lines)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
 def _allowed_keys(dataclass_types: Sequence[type]) -> list[str]:
     return sorted(f.name for t in dataclass_types for f in dataclasses.fields(t))
+
+
+def _closest(unknown: Sequence[str], allowed: Sequence[str]) -> str:
+    """" (did you mean: num_epoch -> num_epochs)" for the unknown keys that have a close allowed key, else ""."""
+    pairs = []
+    for key in unknown:
+        name = key.lstrip("-").split("=")[0]
+        close = difflib.get_close_matches(name, allowed, n=1)
+        if close:
+            pairs.append(f"{name} -> {close[0]}")
+    return f" (did you mean: {', '.join(pairs)})" if pairs else ""
+
+
+def build_parser(types: Sequence[type]) -> TrlParser:
+    """The parser of `types`: usage and description name the running command, abbreviations are refused (an
+    unknown key is an error, so `--num_epoch` must not silently mean `--num_epochs`), and with several dataclasses
+    each gets its own help section in order (ours before TRL's inherited ones)."""
+    command = current_command()
+    parser = _Parser(
+        types,
+        prog=command,
+        usage=f"{command} [--config FILE.yaml] [--field value ...]",
+        description=_SUMMARY.get() or None,
+        allow_abbrev=False,
+    )
+    dict_fields = {f.name for t in types for f in dataclasses.fields(t) if _is_dict_field(f)}
+    for action in parser._actions:
+        if action.dest in dict_fields:
+            action.type = _json_object
+    if len(types) > 1:
+        _group_by_dataclass(parser, types)
+    return parser
+
+
+def _group_by_dataclass(parser: argparse.ArgumentParser, types: Sequence[type]) -> None:
+    """Move each dataclass's options into a help section titled by it (argparse lists sections in order)."""
+    for kind in types:
+        names = {f.name for f in dataclasses.fields(kind)}
+        doc = (kind.__doc__ or "").strip().splitlines()
+        group = parser.add_argument_group(f"{kind.__name__} ({kind.__module__.split('.')[0]})", doc[0] if doc else None)
+        for action in [a for a in parser._optionals._group_actions if a.dest in names]:
+            parser._optionals._group_actions.remove(action)
+            group._group_actions.append(action)
 
 
 def parse_config(dataclass_types: type | Sequence[type], argv: Sequence[str] | None) -> tuple[Any, ...]:
     """Parse `--config file.yaml` and `--field value` overrides into instances of `dataclass_types`.
 
-    Unknown keys, in the file or on the command line, raise `ConfigError` naming the key and
-    the allowed ones. Fields typed `dict` take a YAML mapping in the file or JSON on the command line.
+    Unknown keys, in the file or on the command line, raise `ConfigError` naming the key (with the closest allowed
+    one) and the allowed ones; so does a value of the wrong type. Fields typed `dict` take a YAML mapping in the
+    file or JSON on the command line. `--help` prints the running command's help and exits 0 (`SystemExit`).
     """
     types = list(dataclass_types) if isinstance(dataclass_types, (list, tuple)) else [dataclass_types]
     argv = list(argv or [])
@@ -40,18 +118,12 @@ def parse_config(dataclass_types: type | Sequence[type], argv: Sequence[str] | N
             raise ConfigError(f"--config {path}: expected a YAML mapping of field: value")
         unknown = sorted(set(loaded) - set(allowed) - {"env"})
         if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown} in {path}; allowed keys: {allowed}")
-    parser = TrlParser(types)
-    dict_fields = {f.name for t in types for f in dataclasses.fields(t) if _is_dict_field(f)}
-    for action in parser._actions:
-        if action.dest in dict_fields:
-            action.type = _json_object
-    try:
-        *parsed, remaining = parser.parse_args_and_config(argv, return_remaining_strings=True)
-    except SystemExit as exc:  # argparse exits on a bad type; turn it into an error that says so
-        raise ConfigError(f"could not parse arguments {argv}; allowed keys: {allowed}") from exc
+            raise ConfigError(f"unknown config key(s) {unknown} in {path}{_closest(unknown, allowed)}; "
+                              f"allowed keys: {allowed}")
+    *parsed, remaining = build_parser(types).parse_args_and_config(argv, return_remaining_strings=True)
     if remaining:
-        raise ConfigError(f"unknown argument(s) {remaining}; allowed keys: {allowed}")
+        flags = [item for item in remaining if item.startswith("-")]
+        raise ConfigError(f"unknown argument(s) {remaining}{_closest(flags, allowed)}; allowed keys: {allowed}")
     return tuple(parsed)
 
 

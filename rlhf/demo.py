@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,14 @@ from rlhf.toy import ALL_PROMPTS
 
 @dataclass
 class DemoConfig:
-    """Arguments of `rlhf demo`.
+    """Arguments of `rlhf demo`."""
 
-    output_dir: where everything is written (runs/demo).
-    quick: a smaller run (fewer toy rows, training steps and epochs) that finishes in a few minutes.
-    seed: the seed of every stage (0).
-    stages: which stages to run, in order (reward, ddpo, dpo).
-    """
-
-    output_dir: str = "runs/demo"
-    quick: bool = False
-    seed: int = 0
-    stages: list[str] = None  # type: ignore[assignment]
+    output_dir: str = field(default="runs/demo", metadata={"help": "Where everything is written."})
+    quick: bool = field(default=False, metadata={"help": "A smaller run (fewer toy rows, training steps and epochs) "
+                                                         "that finishes in a few minutes."})
+    seed: int = field(default=0, metadata={"help": "The seed of every stage."})
+    stages: list[str] = field(default=None, metadata={"help": "Which stages to run, in order (default: reward ddpo "
+                                                              "dpo)."})  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         self.stages = list(self.stages or ["reward", "ddpo", "dpo"])
@@ -66,7 +62,7 @@ def reward_stage(out: Path, quick: bool, seed: int) -> dict[str, Any]:
         raise FileNotFoundError(f"{TOY_REWARD_CONFIG}: the demo runs from a checkout of this repository")
     config = yaml.safe_load(TOY_REWARD_CONFIG.read_text())
     config.update(toy_data_dir=str(out / "toy_data"), output_dir=str(out / "reward"), seed=seed,
-                  save_strategy="no", disable_tqdm=False)
+                  save_strategy="no", disable_tqdm=False, overwrite_output_dir=True)
     if quick:  # its own data directory: toy data is only written where absent
         config.update(toy_data_n=1024, max_steps=300, eval_steps=100, toy_data_dir=str(out / "toy_data_quick"))
     return config

@@ -19,31 +19,28 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 @dataclass
 class ScoreConfig:
-    """Arguments of `rlhf score`.
+    """Arguments of `rlhf score`: score images against prompts, `--data` rows or `--images` with one `--prompt`."""
 
-    model: a saved RewardModel directory (required).
-    data: a JSONL file of rows {"image": path, "prompt": str}, paths relative to the file.
-    images: a directory of images, all scored against `prompt` (instead of `data`).
-    prompt: the prompt for every image of `images`.
-    output: where to write the scores; `.csv` writes CSV, anything else JSONL (default: stdout as JSONL).
-    perspectives: which perspectives to score (default: all the model has).
-    batch_size: images per `score` call (16).
-    device: torch device for the model ("cpu").
-    """
-
-    model: str = ""
-    data: str = ""
-    images: str = ""
-    prompt: str = ""
-    output: str = ""
-    perspectives: list[str] = field(default_factory=list)
-    batch_size: int = 16
-    device: str = "cpu"
+    model: str = field(default="", metadata={"help": "A saved RewardModel directory (required)."})
+    data: str = field(default="", metadata={"help": "A JSONL file of rows {\"image\": path, \"prompt\": str}, paths "
+                                                   "relative to the file (not with --images)."})
+    images: str = field(default="", metadata={"help": "A directory of images, all scored against --prompt (not with "
+                                                       "--data)."})
+    prompt: str = field(default="", metadata={"help": "The prompt for every image of --images."})
+    output: str = field(default="", metadata={"help": "Where to write the scores: .csv writes CSV, anything else "
+                                                       "JSONL ('' = stdout as JSONL)."})
+    perspectives: list[str] = field(default_factory=list,
+                                    metadata={"help": "Perspectives to score (default: all the model has)."})
+    batch_size: int = field(default=16, metadata={"help": "Images per score call."})
+    device: str = field(default="cpu", metadata={"help": "Torch device for the model."})
 
 
 def read_rows(config: ScoreConfig) -> tuple[list[dict], list[str]]:
     """Rows to score ({"line", "image", "prompt"}) and the problems of the rows that were skipped."""
     rows, problems = [], []
+    if config.data and (config.images or config.prompt):
+        # a JSONL row carries its own prompt: --images/--prompt would be silently ignored
+        raise ValueError("data and images/prompt: give either --data FILE.jsonl or --images DIR --prompt TEXT, not both")
     if config.data:
         path = Path(config.data)
         if not path.is_file():

@@ -269,46 +269,34 @@ METHODS = ("best_of_n", "zero_order", "fk_steering")
 
 @dataclass
 class SearchConfig:
-    """Arguments of `rlhf search`.
+    """Arguments of `rlhf search`: N = `n`, K = `rounds`, k = `particles` in the methods' papers."""
 
-    pretrained_model: a Stable Diffusion pipeline path or cached hub id, or an exported LoRA directory
-        ("" = the committed toy generator).
-    prompts / prompts_file: the prompts, as a list or a file with one prompt per line.
-    method: best_of_n | zero_order | fk_steering.
-    n: best-of-N candidates, or zero-order neighbours per round (8).
-    rounds: zero-order rounds K (3). cosine: zero-order neighbours' cosine to the pivot (0.9).
-    particles: FK particles k (4). lam: FK lambda (10.0). potential: max | difference | sum.
-    resampling: multinomial | ess | none; ess_threshold: fraction of k under which "ess" resamples (0.5);
-    resample_every: FK resampling interval in steps (5).
-    num_inference_steps (20), guidance_scale (5.0), eta (-1 = 0 for best_of_n/zero_order, 1 for fk_steering),
-    seed (0; prompt i uses seed + i), height/width (0 = the model's size).
-    reward: the reward block ({"builtin": NAME} | {"model": DIR, "weighting": ...} | {"url": ...}).
-    output_dir: where the chosen images, metrics.json and the candidate grid go.
-    device: torch device.
-    """
-
-    pretrained_model: str = ""
-    prompts: list[str] = field(default_factory=list)
-    prompts_file: str = ""
-    method: str = "best_of_n"
-    n: int = 8
-    rounds: int = 3
-    cosine: float = 0.9
-    particles: int = 4
-    lam: float = 10.0
-    potential: str = "max"
-    resampling: str = "multinomial"
-    ess_threshold: float = 0.5
-    resample_every: int = 5
-    num_inference_steps: int = 20
-    guidance_scale: float = 5.0
-    eta: float = -1.0
-    seed: int = 0
-    height: int = 0
-    width: int = 0
-    reward: dict = field(default_factory=lambda: {"builtin": "toy_alignment"})
-    output_dir: str = "runs/search"
-    device: str = "cpu"
+    pretrained_model: str = field(default="", metadata={"help": "A Stable Diffusion pipeline path or cached hub id, or "
+                                                                "an exported LoRA directory ('' = the toy generator)."})
+    prompts: list[str] = field(default_factory=list, metadata={"help": "The prompts (or prompts_file)."})
+    prompts_file: str = field(default="", metadata={"help": "A file with one prompt per line."})
+    method: str = field(default="best_of_n", metadata={"help": "best_of_n | zero_order | fk_steering."})
+    n: int = field(default=8, metadata={"help": "Best-of-N candidates, or zero-order neighbours per round."})
+    rounds: int = field(default=3, metadata={"help": "Zero-order rounds."})
+    cosine: float = field(default=0.9, metadata={"help": "Zero-order neighbours' cosine to the pivot noise."})
+    particles: int = field(default=4, metadata={"help": "FK steering particles."})
+    lam: float = field(default=10.0, metadata={"help": "FK steering lambda."})
+    potential: str = field(default="max", metadata={"help": "FK potential: max | difference | sum."})
+    resampling: str = field(default="multinomial", metadata={"help": "FK resampling: multinomial | ess | none."})
+    ess_threshold: float = field(default=0.5, metadata={"help": "Fraction of particles under which 'ess' resamples."})
+    resample_every: int = field(default=5, metadata={"help": "FK resampling interval in denoising steps."})
+    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps."})
+    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance weight."})
+    eta: float = field(default=-1.0, metadata={"help": "DDIM eta; -1 = 0 for best_of_n/zero_order, 1 for fk_steering."})
+    seed: int = field(default=0, metadata={"help": "Prompt i uses seed + i."})
+    height: int = field(default=0, metadata={"help": "Image height (0 = the model's size)."})
+    width: int = field(default=0, metadata={"help": "Image width (0 = the model's size)."})
+    reward: dict = field(default_factory=lambda: {"builtin": "toy_alignment"},
+                         metadata={"help": "The reward block: {builtin: NAME} | {model: DIR, weighting: ...} | "
+                                           "{url: ...}."})
+    output_dir: str = field(default="runs/search", metadata={"help": "Where the chosen images, metrics.json and the "
+                                                                     "candidate grid go."})
+    device: str = field(default="cpu", metadata={"help": "Torch device."})
 
 
 def run_search(config: SearchConfig, pipeline: DDPOStableDiffusionPipeline, reward_fn: RewardFn, prompt: str,

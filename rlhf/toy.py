@@ -462,11 +462,15 @@ PERSPECTIVES: dict[str, Callable[[np.random.Generator, Callable[[torch.Tensor, s
 }
 
 
+TOY_DATA_MANIFEST = "toy_data.json"  # the size and seed a toy data directory was written with
+
+
 def write_toy_datasets(out: str | Path, n: int = 512, n_test: int = 128, seed: int = 0) -> dict[str, dict[str, Path]]:
     """Write the three perspectives' train/test JSONL files and PNG images under `out`.
 
     Layout: `out/{alignment,fidelity,safety}/{train,test}.jsonl`, images in `out/<perspective>/images/`,
-    referenced by paths relative to the JSONL file. Returns {perspective: {split: jsonl path}}.
+    referenced by paths relative to the JSONL file, and `out/toy_data.json` (n, n_test, seed), so a config can
+    tell whether the data is the one it asks for. Returns {perspective: {split: jsonl path}}.
     Deterministic from `seed`; the test split draws from its own stream, never from the train one.
     """
     if n < 1 or n_test < 1:
@@ -494,7 +498,21 @@ def write_toy_datasets(out: str | Path, n: int = 512, n_test: int = 128, seed: i
                 path = directory / f"{split}.jsonl"
                 path.write_text("".join(json.dumps(row) + "\n" for row in rows))
                 written[perspective][split] = path
+    (out / TOY_DATA_MANIFEST).write_text(json.dumps({"n": n, "n_test": n_test, "seed": seed}))
     return written
+
+
+def toy_data_size(out: str | Path) -> dict[str, int | None] | None:
+    """What `write_toy_datasets` wrote into `out`: `{"n", "n_test", "seed"}` from its manifest; for data written
+    before manifests existed, the row counts with `seed` None; None when a split file is missing."""
+    out = Path(out)
+    paths = {(p, split): out / p / f"{split}.jsonl" for p in PERSPECTIVES for split in ("train", "test")}
+    if not all(path.is_file() for path in paths.values()):
+        return None
+    if (out / TOY_DATA_MANIFEST).is_file():
+        return json.loads((out / TOY_DATA_MANIFEST).read_text())
+    counts = {split: len(paths[next(iter(PERSPECTIVES)), split].read_text().splitlines()) for split in ("train", "test")}
+    return {"n": counts["train"], "n_test": counts["test"], "seed": None}
 
 
 @dataclasses.dataclass

@@ -98,7 +98,6 @@ def test_config_accepts_every_trl_field_with_its_default() -> None:
         ({"train_batch_size": 3}, "train_batch_size"),
         ({"train_gradient_accumulation_steps": 3}, "train_gradient_accumulation_steps"),
         ({"kl_coef": 0.1, "use_lora": False}, "kl_coef"),
-        ({"push_to_hub": True}, "push_to_hub"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         # diffusers' "constant" schedule would drop the warmup silently
         ({"train_lr_warmup_steps": 4}, "train_lr_warmup_steps"),

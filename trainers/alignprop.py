@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
 from trainers.common import (
+    PolicyExport,
+    epoch_progress,
+    training_command,
     build_lr_scheduler,
     build_optimizer,
     build_process_reward,
@@ -128,7 +130,8 @@ class AlignPropConfig:
     )
     push_to_hub: bool = field(
         default=False,
-        metadata={"help": "Not supported here (offline-first): true is an error; upload output_dir/lora yourself."},
+        metadata={"help": "Call push_to_hub() after training: saves the LoRA locally; the upload itself needs "
+                  "network (huggingface_hub) (default False)."},
     )
     # ---- this project ----
     method: str = field(
@@ -148,6 +151,11 @@ class AlignPropConfig:
         default=False, metadata={"help": "Recompute the VAE decode in the backward pass too (default False)."}
     )
     output_dir: str = field(default="runs/alignprop", metadata={"help": "Run directory (default 'runs/alignprop')."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "
+                  "resume_from, a directory holding a run is refused (default False)."},
+    )
     pretrained_model: str = field(
         default="",
         metadata={"help": "CLI: diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random "
@@ -208,7 +216,6 @@ class AlignPropConfig:
             (self.draft_lv_copies >= 1, "draft_lv_copies", "a value >= 1"),
             (self.log_image_freq >= 1, "log_image_freq", "a value >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size", "a value >= 1"),
-            (not self.push_to_hub, "push_to_hub", "false (not supported; upload output_dir/lora yourself)"),
             (self.save_freq >= 1, "save_freq", "a value >= 1"),
             (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
             warmup_check(self),
@@ -254,7 +261,7 @@ def check_differentiable_reward(
         )
 
 
-class AlignPropTrainer:
+class AlignPropTrainer(PolicyExport):
     """AlignProp / DRaFT on accelerate, with TRL 0.23's constructor and `train()`.
 
     Args:
@@ -460,6 +467,7 @@ class AlignPropTrainer:
             self.config.eval_seeds,
             batch_size=self.config.eval_batch_size,
             accelerator=self.accelerator,
+            description=f"evaluating ({grid_name or 'policy'})",
         )
         if grid_name and images is not None:
             self.outputs.save_grid(images, grid_name)
@@ -478,11 +486,8 @@ class AlignPropTrainer:
         end = self.config.num_epochs if epochs is None else epochs
         if self.eval_before is None:
             self.eval_before = self.evaluate("eval_before.png")
-        progress = tqdm(
-            range(self.first_epoch, end),
-            desc=f"{self.config.method} epochs",
-            disable=not self.accelerator.is_local_main_process,
-        )
+        progress = epoch_progress(self.first_epoch, end, f"{self.config.method} epochs",
+                                  self.accelerator.is_local_main_process)
         for epoch in progress:
             self.step(epoch, self.global_step)
             progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
@@ -501,10 +506,13 @@ def main(argv: list[str]) -> int:
 
     (config,) = parse_config(AlignPropConfig, argv)
     config.validate()
-    prompts = load_run_prompts(config)
-    reward = build_process_reward(config.reward, differentiable=True)
-    trainer = AlignPropTrainer(config, reward, uniform_prompt_function(prompts), load_policy(config))
-    metrics = trainer.train()
+    with training_command(argv, config):
+        prompts = load_run_prompts(config)
+        reward = build_process_reward(config.reward, differentiable=True)
+        trainer = AlignPropTrainer(config, reward, uniform_prompt_function(prompts), load_policy(config))
+        metrics = trainer.train()
+    if config.push_to_hub:
+        trainer.push_to_hub()
     if trainer.accelerator.is_main_process:
         print(f"{eval_reward_change(metrics['eval_before'], metrics['eval_after'])}; outputs in {config.output_dir}")
     return 0

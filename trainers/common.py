@@ -10,8 +10,9 @@ import re
 import resource
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,14 +21,17 @@ from accelerate.utils import ProjectConfiguration, gather_object
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from rlhf.config import save_config
+from rlhf.runs import claim_output_dir, resumable
 
 CHECKPOINT_PREFIX = "checkpoint_"
 TRAINER_STATE_FILE = "trainer_state.json"
 HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
 POLICY_WEIGHTS_FILE = "policy.safetensors"
+LORA_SUBDIR = "lora"
 
 # ------------------------------------------------------------------------------------------- seeds
 
@@ -273,8 +277,54 @@ def finish_run(trainer: Any, metrics: dict[str, Any], curves: Sequence[str]) -> 
     trainer.outputs.write_metrics(metrics)
     trainer.outputs.plot_history(list(curves))
     trainer.accelerator.wait_for_everyone()
-    trainer.sd_pipeline.save_pretrained(Path(trainer.config.output_dir) / "lora", trainer.accelerator.is_main_process)
+    trainer.save_pretrained(Path(trainer.config.output_dir) / LORA_SUBDIR)
     trainer.accelerator.end_training()
+
+
+class PolicyExport:
+    """TRL 0.23's trainer methods that export the trained policy (the pipeline's LoRA in diffusers' format, or the
+    whole UNet without one), for a diffusion trainer with `sd_pipeline`, `accelerator` and `config.output_dir`."""
+
+    sd_pipeline: Any
+    accelerator: Accelerator
+    config: Any
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write the policy into `save_directory` (main process only)."""
+        self.sd_pipeline.save_pretrained(save_directory, self.accelerator.is_main_process)
+
+    def save_model(self, output_dir: str | Path | None = None) -> None:
+        """`save_pretrained` into `output_dir` (default `config.output_dir`), the call TRL's example scripts end with."""
+        self.save_pretrained(output_dir or self.config.output_dir)
+
+    def push_to_hub(self, repo_id: str | None = None, **kwargs: Any) -> Path:
+        """Save the policy into `output_dir/lora` and say how to upload it: this project runs offline, so the upload
+        to the Hugging Face Hub (which needs network) is left to `hf upload`. `kwargs` (TRL's `dataset_name`,
+        `commit_message`, ...) are accepted and unused. Returns the saved directory."""
+        directory = Path(self.config.output_dir) / LORA_SUBDIR
+        self.save_pretrained(directory)
+        if self.accelerator.is_main_process:
+            print(f"push_to_hub: saved the policy in {directory}; uploading it needs network: "
+                  f"hf upload {repo_id or 'USER/REPO'} {directory}")
+        return directory
+
+
+@contextmanager
+def training_command(argv: Sequence[str], config: Any) -> Iterator[None]:
+    """The frame of a diffusion trainer's command: `config.output_dir` must not hold another run (unless
+    `resume_from` or `overwrite_output_dir`), and a Ctrl-C ends with the command that resumes from the last
+    checkpoint."""
+    with PartialState().main_process_first():
+        claim_output_dir(config.output_dir, resuming=bool(config.resume_from), overwrite=config.overwrite_output_dir,
+                         resume_flag="--resume_from")
+    root = Path(config.output_dir) / "checkpoints"
+    with resumable(argv, ["--resume_from", str(config.output_dir)], lambda: bool(Checkpointer.sorted_checkpoints(root))):
+        yield
+
+
+def epoch_progress(first_epoch: int, end: int, description: str, enabled: bool) -> Any:
+    """A tqdm bar over epochs `first_epoch..end-1` that counts from `first_epoch` (a resumed run shows 2/5, not 0/3)."""
+    return tqdm(range(first_epoch, end), desc=description, initial=first_epoch, total=end, disable=not enabled)
 
 
 def draw_prompts(prompt_fn: Callable[[], Any], groups: int, group_size: int = 1) -> tuple[list[str], list[Any]]:
@@ -428,6 +478,7 @@ def evaluate(
     seeds: Sequence[int],
     batch_size: int,
     accelerator: Accelerator | None = None,
+    description: str = "evaluating",
 ) -> tuple[dict[str, Any], torch.Tensor | None]:
     """Score a policy on fixed prompts and seeds; the seeds are shared out across processes.
 
@@ -438,16 +489,21 @@ def evaluate(
     Returns `{"reward_mean", "reward_std" (sample std over seeds of the per-seed mean; 0 with one seed),
     "per_perspective": {name: mean}, "oracle": {name: mean} or None, "oracle_std": {name: sample std over seeds
     of the per-seed mean} or None, "num_seeds", "num_prompts"}` and, on the
-    process that evaluated the first seed, that seed's images (else None).
+    process that evaluated the first seed, that seed's images (else None). A progress bar named `description`
+    counts the sampled batches (an evaluation samples as many images as many epochs do).
     """
     prompts, seeds = list(prompts), list(seeds)
     if not prompts or not seeds:
         raise ValueError("eval_prompts and eval_seeds: expected at least one of each")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     results, first_images = [], None
+    batches = len(seeds[rank::world]) * math.ceil(len(prompts) / batch_size)
+    show = accelerator is None or accelerator.is_local_main_process
+    progress = tqdm(total=batches, desc=description, unit="batch", disable=not show, leave=False)
     for seed in seeds[rank::world]:
         rewards, perspectives, oracles, images = [], {}, {}, []
         for start in range(0, len(prompts), batch_size):
+            progress.update(1)
             chunk = prompts[start : start + batch_size]
             generators = [seeded_generator(seed, index) for index in range(start, start + len(chunk))]
             batch_images = sample_fn(chunk, generators).float().cpu()
@@ -467,6 +523,7 @@ def evaluate(
                 "oracle": {k: torch.cat(v).tolist() for k, v in oracles.items()},
             }
         )
+    progress.close()
     if accelerator is not None and world > 1:
         results = gather_object(results)
     return summarise_evaluation(results, len(prompts)), first_images

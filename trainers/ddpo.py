@@ -15,12 +15,14 @@ from typing import Any, Callable, Optional
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from trainers.common import (
+    PolicyExport,
+    epoch_progress,
+    training_command,
     are_toy_prompts,
     build_lr_scheduler,
     build_optimizer,
@@ -148,10 +150,16 @@ class DDPOConfig:
     )
     push_to_hub: bool = field(
         default=False,
-        metadata={"help": "Not supported here (offline-first): true is an error; upload output_dir/lora yourself."},
+        metadata={"help": "Call push_to_hub() after training: saves the LoRA locally; the upload itself needs "
+                  "network (huggingface_hub) (default False)."},
     )
     # ---- this project ----
     output_dir: str = field(default="runs/ddpo", metadata={"help": "Run directory (default 'runs/ddpo')."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "
+                  "resume_from, a directory holding a run is refused (default False)."},
+    )
     pretrained_model: str = field(
         default="",
         metadata={"help": "CLI: diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random "
@@ -237,7 +245,6 @@ class DDPOConfig:
             (self.kl_coef >= 0, "kl_coef", "a value >= 0"),
             (not (self.kl_coef > 0 and not self.use_lora), "kl_coef", "0 without LoRA (the reference is the LoRA-free UNet)"),
             (self.train_timesteps_per_forward >= 0, "train_timesteps_per_forward", "a value >= 0"),
-            (not self.push_to_hub, "push_to_hub", "false (not supported; upload output_dir/lora yourself)"),
             (self.save_freq >= 1, "save_freq", "a value >= 1"),
             (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
             warmup_check(self),
@@ -253,7 +260,7 @@ class DDPOConfig:
                 raise ValueError("train_use_8bit_adam: needs bitsandbytes installed (pip install bitsandbytes)") from error
 
 
-class DDPOTrainer:
+class DDPOTrainer(PolicyExport):
     """DDPO (Black et al. 2023) on accelerate, with TRL 0.23's constructor and `train()`.
 
     Args:
@@ -611,6 +618,7 @@ class DDPOTrainer:
             self.config.eval_seeds,
             batch_size=max(self.config.sample_batch_size, 1),
             accelerator=self.accelerator,
+            description=f"evaluating ({grid_name or 'policy'})",
         )
         if grid_name and images is not None:
             self.outputs.save_grid(images, grid_name)
@@ -629,9 +637,7 @@ class DDPOTrainer:
         end = self.config.num_epochs if epochs is None else epochs
         if self.eval_before is None:
             self.eval_before = self.evaluate("eval_before.png")
-        progress = tqdm(
-            range(self.first_epoch, end), desc="DDPO epochs", disable=not self.accelerator.is_local_main_process
-        )
+        progress = epoch_progress(self.first_epoch, end, "DDPO epochs", self.accelerator.is_local_main_process)
         for epoch in progress:
             self.step(epoch, self.global_step)
             progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
@@ -750,10 +756,13 @@ def main(argv: list[str]) -> int:
 
     (config,) = parse_config(DDPOConfig, argv)
     config.validate()
-    prompts = load_run_prompts(config)
-    reward = build_process_reward(config.reward)
-    trainer = DDPOTrainer(config, reward, uniform_prompt_function(prompts), load_policy(config))
-    metrics = trainer.train()
+    with training_command(argv, config):
+        prompts = load_run_prompts(config)
+        reward = build_process_reward(config.reward)
+        trainer = DDPOTrainer(config, reward, uniform_prompt_function(prompts), load_policy(config))
+        metrics = trainer.train()
+    if config.push_to_hub:
+        trainer.push_to_hub()
     if trainer.accelerator.is_main_process:
         print(f"{eval_reward_change(metrics['eval_before'], metrics['eval_after'])}; outputs in {config.output_dir}")
     return 0

@@ -24,6 +24,9 @@ from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from trainers.common import (
+    PolicyExport,
+    epoch_progress,
+    training_command,
     are_toy_prompts,
     build_lr_scheduler,
     build_optimizer,
@@ -106,6 +109,11 @@ class DiffusionDPOConfig:
         default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
     )
     output_dir: str = field(default="runs/dpo", metadata={"help": "Run directory (default 'runs/dpo')."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "
+                  "resume_from, a directory holding a run is refused (default False)."},
+    )
     mode: str = field(
         default="online", metadata={"help": "'offline' (preference dataset) or 'online' (reward-ranked samples) (default 'online')."}
     )
@@ -605,7 +613,7 @@ class OnlineRound:
         return PairBatch(self.latents[chosen], self.latents[rejected], conditioning)
 
 
-class DiffusionDPOTrainer:
+class DiffusionDPOTrainer(PolicyExport):
     """Diffusion-DPO with a LoRA policy; the reference is the same UNet with the LoRA disabled (no second copy).
 
     Args:
@@ -824,7 +832,9 @@ class DiffusionDPOTrainer:
         self.unet.eval()
         size, rank, world = self.config.train_batch_size, self.accelerator.process_index, self.accelerator.num_processes
         totals = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64)
-        for start in range(rank * size, len(self.heldout), size * world):
+        starts = range(rank * size, len(self.heldout), size * world)
+        for start in tqdm(starts, desc="held-out pairs", unit="batch", leave=False,
+                          disable=not self.accelerator.is_local_main_process):
             batch = self.heldout.batch(range(start, min(start + size, len(self.heldout))))
             for draw in range(self.config.heldout_noise_draws):
                 generator = seeded_generator(self.config.seed, HELDOUT_STREAM, start, draw)
@@ -980,6 +990,7 @@ class DiffusionDPOTrainer:
         metrics, images = evaluate(
             lambda chunk, generator: self._sample(chunk, generator).images, self.reward_fn, self.eval_prompts(),
             self.config.eval_seeds, batch_size=self.config.sample_batch_size, accelerator=self.accelerator,
+            description=f"evaluating ({grid_name or 'policy'})",
         )
         if grid_name and images is not None:
             self.outputs.save_grid(images, grid_name)
@@ -1002,7 +1013,7 @@ class DiffusionDPOTrainer:
         end = self.config.num_epochs if epochs is None else epochs
         if self.before is None:
             self.before = {"eval": self.evaluate("eval_before.png"), "heldout": self.evaluate_heldout()}
-        progress = tqdm(range(self.first_epoch, end), desc="DPO epochs", disable=not self.accelerator.is_local_main_process)
+        progress = epoch_progress(self.first_epoch, end, "DPO epochs", self.accelerator.is_local_main_process)
         for epoch in progress:
             row = self.step(epoch)
             progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_accuracy']:.3f}")
@@ -1030,10 +1041,11 @@ def main(argv: list[str]) -> int:
 
     (config,) = parse_config(DiffusionDPOConfig, argv)
     config.validate()
-    prompt_function = uniform_prompt_function(load_run_prompts(config)) if config.mode == "online" else None
-    reward = build_process_reward(config.reward) if config.reward else None
-    trainer = DiffusionDPOTrainer(config, load_policy(config), reward_function=reward, prompt_function=prompt_function)
-    metrics = trainer.train()
+    with training_command(argv, config):
+        prompt_function = uniform_prompt_function(load_run_prompts(config)) if config.mode == "online" else None
+        reward = build_process_reward(config.reward) if config.reward else None
+        trainer = DiffusionDPOTrainer(config, load_policy(config), reward_function=reward, prompt_function=prompt_function)
+        metrics = trainer.train()
     if trainer.accelerator.is_main_process:
         for key in ("eval", "heldout"):
             before, after = metrics[f"{key}_before"], metrics[f"{key}_after"]

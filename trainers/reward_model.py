@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from reward.losses import (
 )
 from reward.model import CONFIG_NAME, PerspectiveConfig, RewardModel
 from rlhf.config import ConfigError, parse_config
+from rlhf.runs import claim_output_dir, resumable
 from trainers.common import RunOutputs
 
 LOSSES = ("bradley_terry", "classification")
@@ -71,13 +73,15 @@ def example_kind(examples: Sequence[Example], what: str = "data") -> str:
 
 
 def collate_preferences(examples: list[Example]) -> dict[str, Any]:
-    """Decode a batch's images. Pairs: chosen images then rejected ones, so one forward scores both, with
-    `ties` (bool per pair); labelled images: `labels` (float 0/1 per image)."""
+    """Decode a batch's images. Pairs: chosen images then rejected ones, so one forward scores both (each
+    rejected image against its own `rejected_prompt` when it has one), with `ties` (bool per pair); labelled
+    images: `labels` (float 0/1 per image)."""
     prompts = [e.prompt for e in examples]
     if isinstance(examples[0], PairExample):
+        rejected_prompts = [e.prompt if e.rejected_prompt is None else e.rejected_prompt for e in examples]
         return {
             "images": [e.chosen.load() for e in examples] + [e.rejected.load() for e in examples],
-            "prompts": prompts + prompts,
+            "prompts": prompts + rejected_prompts,
             "ties": torch.tensor([e.tie for e in examples], dtype=torch.bool),
         }
     return {
@@ -259,8 +263,11 @@ class PerspectiveTraining(PerspectiveConfig):
         is set).
     eval_data: held-out file ("" = the toy test split when a toy data dir is set, else the training data, reported
         as such).
-    data_kind: row layout for `load_preferences` ("auto"; or pairs, labels, imagereward, pickapic, hpdv2).
+    data_kind: row layout for `load_preferences` ("auto"; or pairs, labels, imagereward, pickapic, hpdv2,
+        llava_reward).
     ties: "keep" (default) trains annotator ties towards equal rewards; "drop" leaves them out.
+    image_root / path_map: as in `load_preferences`, for both files: the folder relative image paths resolve
+        against ("" = each file's own), and {path prefix in the file: local folder} ({} = none).
     loss: "auto" (default: bradley_terry for pairs, classification for labelled images), "bradley_terry" or
         "classification".
     tau / margin: Bradley-Terry temperature (0.1) and margin (0.0).
@@ -273,6 +280,8 @@ class PerspectiveTraining(PerspectiveConfig):
     eval_data: str = ""
     data_kind: str = "auto"
     ties: str = "keep"
+    image_root: str = ""
+    path_map: dict = dataclasses.field(default_factory=dict)
     loss: str = "auto"
     tau: float = 0.1
     margin: float = 0.0
@@ -302,6 +311,7 @@ class RewardTrainingScript:
     toy_data_dir: when set, the toy world's datasets are written there if absent and are the default data of
         perspectives named like them (alignment, fidelity, safety) ("" = none).
     toy_data_n / toy_data_n_test / toy_data_seed: size of the toy train and test splits and their seed (512 / 128 / 0).
+    overwrite_output_dir: replace an earlier run in output_dir (else it is refused unless resume_from_checkpoint).
     """
 
     base_model: str = dataclasses.field(default="tiny:llava", metadata={"help": "Base VLM path/id, or tiny:llava / tiny:qwen2_vl."})
@@ -313,6 +323,8 @@ class RewardTrainingScript:
     toy_data_n: int = dataclasses.field(default=512, metadata={"help": "Toy train rows per perspective."})
     toy_data_n_test: int = dataclasses.field(default=128, metadata={"help": "Toy test rows per perspective."})
     toy_data_seed: int = dataclasses.field(default=0, metadata={"help": "Toy data seed."})
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False, metadata={"help": "Replace an earlier run in output_dir (its outputs are deleted)."})
 
     def perspective_trainings(self) -> list[PerspectiveTraining]:
         """The validated perspectives, with toy data filled in; errors name the perspective and the key."""
@@ -362,6 +374,7 @@ class RewardEvalScript:
     perspective: the perspective to evaluate ("" = every perspective of the model).
     output_dir: where metrics.json is written (default "runs/reward_eval").
     data_kind / ties: as in `load_preferences` ("auto" / "keep").
+    image_root / path_map: as in `load_preferences` ("" = the data file's folder / {} = no mapping).
     tie_policy / tie_eps / tau: how ties are scored ("drop"; tau 0.1 is only used by "predict_ties").
     batch_size: images per forward (32). device: "auto" (a GPU when there is one) or "cpu".
     """
@@ -372,6 +385,8 @@ class RewardEvalScript:
     output_dir: str = dataclasses.field(default="runs/reward_eval", metadata={"help": "Output directory."})
     data_kind: str = dataclasses.field(default="auto", metadata={"help": "Row layout of the data."})
     ties: str = dataclasses.field(default="keep", metadata={"help": "keep or drop annotator ties."})
+    image_root: str = dataclasses.field(default="", metadata={"help": "Folder relative image paths resolve against."})
+    path_map: dict = dataclasses.field(default_factory=dict, metadata={"help": "JSON {path prefix: local folder}."})
     tie_policy: str = dataclasses.field(default="drop", metadata={"help": "drop, half or predict_ties."})
     tie_eps: float | None = dataclasses.field(default=None, metadata={"help": "Tie threshold for predict_ties."})
     tau: float = dataclasses.field(default=0.1, metadata={"help": "Temperature for predict_ties."})
@@ -383,12 +398,28 @@ class RewardEvalScript:
 
 
 def _prepare_toy_data(script: RewardTrainingScript) -> None:
-    from rlhf.toy import PERSPECTIVES, write_toy_datasets
+    """Toy data of the config's size and seed in `toy_data_dir`: written when absent, rewritten when a manifest
+    says it was written with other sizes; data of other sizes without a manifest (not known to be ours) is refused.
+    Training silently on other data than the config's (512 rows for 4096) overfits and misreports."""
+    from rlhf.toy import PERSPECTIVES, toy_data_size, write_toy_datasets
 
     root = Path(script.toy_data_dir)
-    if not all((root / name / f"{split}.jsonl").is_file() for name in PERSPECTIVES for split in ("train", "test")):
+    wanted = {"n": script.toy_data_n, "n_test": script.toy_data_n_test, "seed": script.toy_data_seed}
+    found = toy_data_size(root)
+    if found is not None and all(found[key] in (wanted[key], None) for key in wanted):
+        return
+    if found is not None and found["seed"] is None:
+        raise ConfigError(f"toy_data_dir: {root} holds {found['n']} train / {found['n_test']} test rows per "
+                          f"perspective, the config asks for {wanted['n']} / {wanted['n_test']}; delete it, rewrite it "
+                          f"(rlhf toy data --out {root} --n {wanted['n']} --n_test {wanted['n_test']} --seed "
+                          f"{wanted['seed']}) or set toy_data_n / toy_data_n_test to match")
+    if found is not None:
+        print(f"{root} holds toy data written with {found}; the config asks for {wanted}: rewriting it")
+        for name in PERSPECTIVES:
+            shutil.rmtree(root / name, ignore_errors=True)
+    else:
         print(f"writing the toy datasets into {root}")
-        write_toy_datasets(root, n=script.toy_data_n, n_test=script.toy_data_n_test, seed=script.toy_data_seed)
+    write_toy_datasets(root, **wanted)
 
 
 def _base_path(script: RewardTrainingScript, model_dir: Path) -> str:
@@ -446,16 +477,33 @@ def main(argv: list[str]) -> int:
     """`rlhf train reward --config configs/reward/X.yaml [--output_dir DIR] [--field value ...]`."""
     script, args = parse_config([RewardTrainingScript, RewardConfig], argv)
     trainings = script.perspective_trainings()
-    if script.toy_data_dir:
-        with args.main_process_first(desc="writing the toy datasets"):
-            _prepare_toy_data(script)
     resume = args.resume_from_checkpoint
     if resume is not None and str(resume).lower() not in ("true", "last"):
         raise ConfigError(f"resume_from_checkpoint: this command resumes its own output_dir; use 'true', got {resume!r}")
+    with args.main_process_first(desc="claiming the output directory"):
+        claim_output_dir(args.output_dir, resuming=resume is not None, overwrite=script.overwrite_output_dir,
+                         resume_flag="--resume_from_checkpoint true")
+    if script.toy_data_dir:
+        with args.main_process_first(desc="writing the toy datasets"):
+            _prepare_toy_data(script)
+    output_dir = Path(args.output_dir)
+    with resumable(argv, ["--resume_from_checkpoint", "true"], lambda: _has_checkpoint(output_dir)):
+        return _train(script, args, trainings, resume)
+
+
+def _has_checkpoint(output_dir: Path) -> bool:
+    """Whether a run in `output_dir` can resume: a finished perspective, or a Trainer checkpoint of one."""
+    return (output_dir / "metrics.json").is_file() or any((output_dir / CHECKPOINTS_SUBDIR).glob("*/checkpoint-*"))
+
+
+def _train(script: RewardTrainingScript, args: RewardConfig, trainings: list[PerspectiveTraining],
+           resume: str | None) -> int:
+    """Train `trainings` one perspective at a time into `args.output_dir` (resuming its run when `resume`)."""
     data = {}
     for entry in trainings:
-        train = load_preferences(entry.train_data, entry.data_kind, ties=entry.ties)
-        held_out = load_preferences(entry.eval_data, entry.data_kind, ties=entry.ties) if entry.eval_data else train
+        options = dict(ties=entry.ties, image_root=entry.image_root or None, path_map=entry.path_map)
+        train = load_preferences(entry.train_data, entry.data_kind, **options)
+        held_out = load_preferences(entry.eval_data, entry.data_kind, **options) if entry.eval_data else train
         resolve_loss(None if entry.loss == "auto" else entry.loss,
                      {f"perspectives.{entry.name}.train_data": example_kind(preference_examples(train)),
                       f"perspectives.{entry.name}.eval_data": example_kind(preference_examples(held_out))})
@@ -537,7 +585,8 @@ def eval_main(argv: list[str]) -> int:
         raise ConfigError(f"batch_size: expected a positive number of images, got {config.batch_size}")
     if config.device not in ("auto", "cpu"):
         raise ConfigError(f"device: expected 'auto' or 'cpu', got {config.device!r}")
-    data = load_preferences(config.data, config.data_kind, ties=config.ties)
+    data = load_preferences(config.data, config.data_kind, ties=config.ties, image_root=config.image_root or None,
+                            path_map=config.path_map)
     model = RewardModel.from_pretrained(_model_directory(config.model))
     if config.perspective and config.perspective not in model.perspectives:
         raise ConfigError(f"perspective: {config.perspective!r} is not in {config.model}; it has {model.perspectives}")
