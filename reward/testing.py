@@ -208,11 +208,13 @@ def _phi3_v(path: Path) -> None:
         model.model.vision_embed_tokens.glb_GN.normal_()
         model.model.vision_embed_tokens.sub_GN.normal_()
     model.save_pretrained(path)
-    # transformers 5 saves a freshly built CLIPVisionModel without its `vision_model.` level, which the published
-    # checkpoint (like any re-save of a loaded model) has: write the published names
+    # the published names: transformers 5 saves a freshly built CLIPVisionModel without its `vision_model.` level,
+    # and the published checkpoint keeps the token embedding under its remote-code alias `vision_embed_tokens.wte`
     weights = load_file(path / "model.safetensors")
-    save_file({name.replace(".img_processor.", ".img_processor.vision_model."): value for name, value in weights.items()},
-              path / "model.safetensors", metadata={"format": "pt"})
+    renamed = {name.replace(".img_processor.", ".img_processor.vision_model.")
+               .replace("model.embed_tokens.", "model.vision_embed_tokens.wte."): value
+               for name, value in weights.items()}
+    save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
     written = json.loads((path / "config.json").read_text())
     written.pop("rope_parameters")
     written.pop("image_token_id")

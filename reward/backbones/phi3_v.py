@@ -28,7 +28,8 @@ class Phi3VBackbone(Backbone):
 
     @classmethod
     def load_parts(cls, path_or_id: str | Path, dtype: torch.dtype) -> tuple[torch.nn.Module, object, object]:
-        # sdpa whatever the checkpoint's config asks for: the published one names flash-attention, not installed here
+        # sdpa whatever the checkpoint's config asks for: a Phi-3-vision config may name flash-attention, which
+        # we do not install
         model = Phi3VForCausalLM.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
         image_processor = Phi3VImageProcessor.from_pretrained(path_or_id)
@@ -40,10 +41,11 @@ class Phi3VBackbone(Backbone):
             raise ValueError(f"{path_or_id}: preprocessor_config.json num_img_tokens is "
                              f"{image_processor.num_img_tokens}, the vision tower gives {embedding.grid ** 2} per crop")
         image_token_id = model.config.image_token_id
-        if not len(tokenizer) <= image_token_id < model.config.vocab_size:
+        if not 0 <= image_token_id < model.config.vocab_size or (
+                image_token_id < len(tokenizer) and image_token_id != tokenizer.unk_token_id):
             raise ValueError(f"{path_or_id}: config.image_token_id {image_token_id} must be an embedding row "
-                             f"(< vocab_size {model.config.vocab_size}) the tokenizer never emits "
-                             f"(>= its {len(tokenizer)} tokens)")
+                             f"(< vocab_size {model.config.vocab_size}) that text never produces: the tokenizer's "
+                             f"unknown token or a row past its {len(tokenizer)} tokens")
         return model, tokenizer, image_processor
 
     def language_model_linear_names(self) -> list[str]:

@@ -3,8 +3,9 @@ HD image embedding (2x2-merged crop features, learned row and global separators,
 
 Transformers has no Phi3V class and we run no remote code: the module tree below reproduces the published
 checkpoint's parameter names (`model.vision_embed_tokens.img_processor.vision_model.*`, `...glb_GN`, `...sub_GN`,
-`...img_projection.{0,2}.*`, and Phi-3's `model.layers.*`, `model.norm`, `lm_head`), so `from_pretrained` reads the
-published safetensors unchanged. Importing this module registers `phi3_v` with `AutoConfig` and
+`...img_projection.{0,2}.*`, and Phi-3's `model.layers.*`, `model.norm`, `lm_head`; the token embedding stored as
+`model.vision_embed_tokens.wte.weight` or `model.embed_tokens.weight`), so `from_pretrained` reads the published
+safetensors unchanged. Importing this module registers `phi3_v` with `AutoConfig` and
 `AutoModelForCausalLM`, which then take the local classes over the checkpoint's `auto_map`.
 """
 
@@ -25,6 +26,8 @@ from transformers import (
     Phi3Model,
 )
 from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
 
 # openai/clip-vit-large-patch14-336, the tower every published Phi-3(.5)-vision checkpoint names in `img_processor`
@@ -44,21 +47,16 @@ class Phi3VConfig(Phi3Config):
     img_processor: the vision tower (`name` "clip_vision_model", `model_name`, `image_dim_out`, `num_img_tokens`,
         optional `layer_idx` (-2) and `type_feature` ("patch")). Optional `vision_config`, a dict of
         `CLIPVisionConfig` arguments, replaces the ViT-L/14-336 tower (tiny test checkpoints store theirs here).
-    image_token_id: the id that marks image positions in `input_ids`. The published checkpoint has none (its remote
-        processor writes negative ids); by default it is the last embedding row, which Phi's tokenizer never emits
-        (the vocabulary is padded past the tokenizer's size), so text can never be mistaken for an image slot.
+    image_token_id: the id that marks image positions in `input_ids`. The published config has none: the remote
+        processor writes negative ids, which the remote model clamps to 0 (`<unk>`, which Phi's byte-fallback
+        tokenizer never produces from text) before embedding them; 0 is the default here too.
     """
 
     model_type = "phi3_v"
 
     embd_layer: dict | None = None
     img_processor: dict | None = None
-    image_token_id: int | None = None
-
-    def __post_init__(self, **kwargs):
-        if self.image_token_id is None:
-            self.image_token_id = self.vocab_size - 1
-        super().__post_init__(**kwargs)
+    image_token_id: int = 0
 
     def convert_rope_params_to_dict(self, default_theta: int | float = 10_000.0, ignore_keys: set | None = None,
                                     **kwargs):
@@ -85,8 +83,8 @@ class Phi3VConfig(Phi3Config):
         return CLIPVisionConfig(**(CLIP_VIT_L14_336 if overrides is None else overrides))
 
 
-def _check_vision_fields(config: Phi3VConfig, vision: CLIPVisionConfig) -> None:
-    """Refuse, by field, a config whose vision part the HD embedding cannot build."""
+def _checked_vision_config(config: Phi3VConfig) -> CLIPVisionConfig:
+    """The vision tower's config; a config whose vision part the HD embedding cannot build is refused by field."""
     embd, proc = config.embd_layer, config.img_processor
     if not isinstance(embd, dict):
         raise ValueError(f"config.embd_layer: expected a dict (embedding_cls 'image', use_hd_transform true, ...), "
@@ -102,6 +100,7 @@ def _check_vision_fields(config: Phi3VConfig, vision: CLIPVisionConfig) -> None:
     if embd.get("hd_transform_order", "glb_sub") not in ("sub_glb", "glb_sub"):
         raise ValueError(f"config.embd_layer.hd_transform_order: expected 'sub_glb' or 'glb_sub', "
                          f"got {embd['hd_transform_order']!r}")
+    vision = config.clip_vision_config()
     if proc.get("name") != "clip_vision_model":
         raise ValueError(f"config.img_processor.name: expected 'clip_vision_model', got {proc.get('name')!r}")
     if proc.get("type_feature", "patch") != "patch":
@@ -109,10 +108,10 @@ def _check_vision_fields(config: Phi3VConfig, vision: CLIPVisionConfig) -> None:
     if proc.get("image_dim_out") != vision.hidden_size:
         raise ValueError(f"config.img_processor.image_dim_out: expected the vision tower's width "
                          f"{vision.hidden_size}, got {proc.get('image_dim_out')!r}")
-    layer_idx = proc.get("layer_idx", -2)
-    if not isinstance(layer_idx, int) or not -vision.num_hidden_layers - 1 <= layer_idx <= vision.num_hidden_layers:
-        raise ValueError(f"config.img_processor.layer_idx: expected a hidden state of the {vision.num_hidden_layers}-"
-                         f"layer tower (-{vision.num_hidden_layers + 1}..{vision.num_hidden_layers}), got {layer_idx!r}")
+    layer_idx, depth = proc.get("layer_idx", -2), vision.num_hidden_layers
+    if not isinstance(layer_idx, int) or not -depth - 1 <= layer_idx <= depth:
+        raise ValueError(f"config.img_processor.layer_idx: expected a hidden state of the {depth}-layer tower "
+                         f"({-depth - 1}..{depth}), got {layer_idx!r}")
     side, rest = divmod(vision.image_size, vision.patch_size)
     if rest or side % 2:
         raise ValueError(f"config.img_processor.vision_config: image_size / patch_size must be an even whole number "
@@ -120,6 +119,7 @@ def _check_vision_fields(config: Phi3VConfig, vision: CLIPVisionConfig) -> None:
     if proc.get("num_img_tokens") != (side // 2) ** 2:
         raise ValueError(f"config.img_processor.num_img_tokens: expected {(side // 2) ** 2} (the tower's "
                          f"{side}x{side} patches merged 2x2), got {proc.get('num_img_tokens')!r}")
+    return vision
 
 
 class Phi3VImageEmbedding(nn.Module):
@@ -133,8 +133,7 @@ class Phi3VImageEmbedding(nn.Module):
 
     def __init__(self, config: Phi3VConfig):
         super().__init__()
-        vision = config.clip_vision_config()
-        _check_vision_fields(config, vision)
+        vision = _checked_vision_config(config)
         self.img_processor = CLIPVisionModel(vision)
         self.crop_size = vision.image_size
         self.grid = vision.image_size // vision.patch_size // 2  # g: merged features per crop side
@@ -198,7 +197,7 @@ class Phi3VImageEmbedding(nn.Module):
     def _with_row_ends(self, grid: torch.Tensor) -> torch.Tensor:
         """(rows, columns, width) -> (rows * (columns + 1), width): `sub_GN` after every row."""
         row_ends = self.sub_GN[0].expand(grid.shape[0], 1, -1)
-        return torch.cat([grid, row_ends.to(grid.dtype)], dim=1).flatten(0, 1)
+        return torch.cat([grid, row_ends], dim=1).flatten(0, 1)
 
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """Projected visual tokens of every image, concatenated in image order: (tokens, hidden)."""
@@ -246,3 +245,8 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
 
 AutoConfig.register(Phi3VConfig.model_type, Phi3VConfig)
 AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM)
+# The remote model reaches its token embedding under two names (`vision_embed_tokens.wte` is `embed_tokens`) and
+# the published safetensors keep the tensor once, under `model.vision_embed_tokens.wte.weight`
+register_checkpoint_conversion_mapping(Phi3VConfig.model_type, [
+    WeightRenaming(source_patterns=r"^model\.vision_embed_tokens\.wte\.", target_patterns="model.embed_tokens."),
+])
