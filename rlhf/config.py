@@ -138,6 +138,9 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def save_config(config: Any, path: str | Path) -> None:
-    """Write a dataclass config as YAML (the resolved config every run keeps beside its outputs)."""
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+def save_config(config: Any | Sequence[Any], path: str | Path) -> None:
+    """Write a dataclass config (or several, merged in order, as one command parses them) as YAML: the resolved
+    config every run keeps beside its outputs, which `--config` reads back."""
+    configs = config if isinstance(config, (list, tuple)) else [config]
+    merged = {key: value for item in configs for key, value in dataclasses.asdict(item).items()}
+    Path(path).write_text(yaml.safe_dump(merged, sort_keys=False))

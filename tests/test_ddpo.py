@@ -21,7 +21,7 @@ from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from rlhf.toy import colour_score
 from tests.conftest import assert_resumed_run_matches
 from trainers import DDPOConfig, DDPOTrainer
-from trainers.ddpo import main
+from trainers.ddpo import GeneratorArguments, main
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
@@ -97,7 +97,6 @@ def test_config_accepts_every_trl_field_with_its_default() -> None:
         ({"sample_eta": 0.0}, "sample_eta"),
         ({"train_batch_size": 3}, "train_batch_size"),
         ({"train_gradient_accumulation_steps": 3}, "train_gradient_accumulation_steps"),
-        ({"kl_coef": 0.1, "use_lora": False}, "kl_coef"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         # diffusers' "constant" schedule would drop the warmup silently
         ({"train_lr_warmup_steps": 4}, "train_lr_warmup_steps"),
@@ -107,6 +106,12 @@ def test_config_accepts_every_trl_field_with_its_default() -> None:
 def test_config_errors_name_the_field(tmp_path: Path, overrides: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         small_config(tmp_path, **overrides).validate()
+
+
+def test_kl_coef_needs_a_lora_policy(tiny_sd: Path, tmp_path: Path) -> None:
+    pipeline = DDPOStableDiffusionPipeline.from_pretrained(tiny_sd, use_lora=False)
+    with pytest.raises(ValueError, match="kl_coef: expected 0 without LoRA"):
+        DDPOTrainer(small_config(tmp_path, kl_coef=0.1), colour_reward, prompt_cycle, pipeline)
 
 
 def test_warmup_is_accepted_with_a_schedule_that_has_one_and_warms_up(tmp_path: Path) -> None:
@@ -130,7 +135,7 @@ def test_every_shipped_config_parses_and_validates() -> None:
     paths = sorted((ROOT / "configs" / "ddpo").glob("*.yaml"))
     assert {p.stem for p in paths} >= {"tiny", "sd15_llava_reward", "sdxl_llava_reward"}
     for path in paths:
-        (config,) = parse_config(DDPOConfig, ["--config", str(path)])
+        _, config = parse_config([GeneratorArguments, DDPOConfig], ["--config", str(path)])
         config.validate()
         assert config.to_dict()["reward/" + next(iter(config.reward))] is not None
 

@@ -34,7 +34,7 @@ from trainers.common import (
     warmup_check,
     weighting_state,
 )
-from trainers.ddpo import DDPOConfig, load_policy, load_run_prompts, uniform_prompt_function
+from trainers.ddpo import DDPOConfig, GeneratorArguments, load_policy, load_run_prompts, uniform_prompt_function
 
 METHODS = ("alignprop", "draft_k", "draft_lv")
 
@@ -156,15 +156,6 @@ class AlignPropConfig:
         metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "
                   "resume_from, a directory holding a run is refused (default False)."},
     )
-    pretrained_model: str = field(
-        default="",
-        metadata={"help": "CLI: diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random "
-                  "tiny pipeline (plumbing only) (default '')."},
-    )
-    pretrained_revision: str = field(default="main", metadata={"help": "CLI: hub revision (default 'main')."})
-    use_lora: bool = field(default=True, metadata={"help": "CLI: train a LoRA (True) or the whole UNet (default True)."})
-    lora_rank: int = field(default=4, metadata={"help": "CLI: LoRA rank (default 4)."})
-    lora_alpha: float = field(default=4.0, metadata={"help": "CLI: LoRA alpha (default 4)."})
     prompts: list[str] = field(
         default_factory=list, metadata={"help": "CLI: training prompts, drawn uniformly (default: toy prompts)."}
     )
@@ -504,12 +495,14 @@ def main(argv: list[str]) -> int:
     """`rlhf train alignprop --config configs/alignprop/X.yaml [--field value ...]`."""
     from rlhf.config import parse_config
 
-    (config,) = parse_config(AlignPropConfig, argv)
+    generator, config = parse_config([GeneratorArguments, AlignPropConfig], argv)
     config.validate()
     with training_command(argv, config):
         prompts = load_run_prompts(config)
         reward = build_process_reward(config.reward, differentiable=True)
-        trainer = AlignPropTrainer(config, reward, uniform_prompt_function(prompts), load_policy(config))
+        policy = load_policy(generator, config.seed, config.output_dir)
+        trainer = AlignPropTrainer(config, reward, uniform_prompt_function(prompts), policy)
+        trainer.outputs.save_config([generator, config])
         metrics = trainer.train()
     if config.push_to_hub:
         trainer.push_to_hub()

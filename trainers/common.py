@@ -85,6 +85,9 @@ def build_accelerator(
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision: 'fp16' needs a CUDA GPU; use 'no' (or 'bf16') on a CPU")
     project = {"project_dir": str(output_dir), "logging_dir": str(Path(output_dir) / logdir), **(project_kwargs or {})}
+    # `Checkpointer` names checkpoints by epoch under output_dir/checkpoints and keeps num_checkpoint_limit of them;
+    # accelerate's automatic naming (TRL's example scripts turn it on) would save them elsewhere, under its own count
+    project["automatic_checkpoint_naming"] = False
     return Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -349,7 +352,7 @@ class RunOutputs:
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
 
-    def save_config(self, config: Any, name: str = "config.yaml") -> None:
+    def save_config(self, config: Any | Sequence[Any], name: str = "config.yaml") -> None:
         if self.is_main:
             save_config(config, self.dir / name)
 

@@ -48,6 +48,22 @@ TINY_MODEL = "tiny"
 
 
 @dataclass
+class GeneratorArguments:
+    """The generator a trainer's command loads. Kept out of the TRL-named configs because TRL 0.23's example
+    scripts declare these names in their own `ScriptArguments`, parsed together with the config by one parser."""
+
+    pretrained_model: str = field(
+        default="",
+        metadata={"help": "diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random "
+                  "tiny pipeline (plumbing only) (default '')."},
+    )
+    pretrained_revision: str = field(default="main", metadata={"help": "Hub revision (default 'main')."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA (True) or the whole UNet (default True)."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank (default 4)."})
+    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (default 4)."})
+
+
+@dataclass
 class DDPOConfig:
     r"""Configuration of `DDPOTrainer`: every field of TRL 0.23.1's `DDPOConfig` (same names and defaults), then
     this project's own. Each field's `help` says its default and meaning; fields that cannot apply here say so.
@@ -160,15 +176,6 @@ class DDPOConfig:
         metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "
                   "resume_from, a directory holding a run is refused (default False)."},
     )
-    pretrained_model: str = field(
-        default="",
-        metadata={"help": "CLI: diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random "
-                  "tiny pipeline (plumbing only) (default '')."},
-    )
-    pretrained_revision: str = field(default="main", metadata={"help": "CLI: hub revision (default 'main')."})
-    use_lora: bool = field(default=True, metadata={"help": "CLI: train a LoRA (True) or the whole UNet (default True)."})
-    lora_rank: int = field(default=4, metadata={"help": "CLI: LoRA rank (default 4)."})
-    lora_alpha: float = field(default=4.0, metadata={"help": "CLI: LoRA alpha (default 4)."})
     prompts: list[str] = field(
         default_factory=list, metadata={"help": "CLI: training prompts, drawn uniformly (default: toy prompts)."}
     )
@@ -243,7 +250,6 @@ class DDPOConfig:
             (not (self.group_size > 1 and self.per_prompt_stat_tracking), "group_size",
              "group_size 1 when per_prompt_stat_tracking is on (choose one advantage normalisation)"),
             (self.kl_coef >= 0, "kl_coef", "a value >= 0"),
-            (not (self.kl_coef > 0 and not self.use_lora), "kl_coef", "0 without LoRA (the reference is the LoRA-free UNet)"),
             (self.train_timesteps_per_forward >= 0, "train_timesteps_per_forward", "a value >= 0"),
             (self.save_freq >= 1, "save_freq", "a value >= 1"),
             (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
@@ -285,6 +291,8 @@ class DDPOTrainer(PolicyExport):
         image_samples_hook: Callable[[Any, int, Any], Any] | None = None,
     ) -> None:
         config.validate()
+        if config.kl_coef > 0 and not sd_pipeline.use_lora:
+            raise ValueError("kl_coef: expected 0 without LoRA (the reference policy is the LoRA-free UNet)")
         self.config = config
         self.reward_fn = reward_function
         self.prompt_fn = prompt_function
@@ -723,18 +731,18 @@ def uniform_prompt_function(prompts: list[str]) -> Callable[[], tuple[str, dict]
     return draw
 
 
-def load_policy(config: DDPOConfig) -> DDPOStableDiffusionPipeline:
-    """The policy named by `pretrained_model`: '' = the toy generator, 'tiny' = a random tiny pipeline built
-    under output_dir (plumbing only), else a diffusers path or hub id (or a directory written by
-    `save_pretrained`)."""
+def load_policy(generator: GeneratorArguments | Any, seed: int, output_dir: str) -> DDPOStableDiffusionPipeline:
+    """The policy `generator` names (`GeneratorArguments` fields): `pretrained_model` '' = the toy generator,
+    'tiny' = a random tiny pipeline (seeded by `seed`) built under `output_dir` (plumbing only), else a diffusers
+    path or hub id (or a directory written by `save_pretrained`)."""
     from rlhf.testing import build_tiny_sd, toy_generator_path
 
-    name = config.pretrained_model
+    name = generator.pretrained_model
     if name == TINY_MODEL:
-        path = Path(config.output_dir) / "tiny_sd"
+        path = Path(output_dir) / "tiny_sd"
         with PartialState().main_process_first():
             if not (path / "model_index.json").is_file():
-                build_tiny_sd(path, seed=config.seed)
+                build_tiny_sd(path, seed=seed)
         name = str(path)
     elif not name:
         name = str(toy_generator_path())
@@ -742,11 +750,11 @@ def load_policy(config: DDPOConfig) -> DDPOStableDiffusionPipeline:
         warnings.simplefilter("ignore", FutureWarning)
         return DDPOStableDiffusionPipeline.from_pretrained(
             name,
-            revision=config.pretrained_revision,
-            use_lora=config.use_lora,
-            lora_rank=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_seed=config.seed,
+            revision=generator.pretrained_revision,
+            use_lora=generator.use_lora,
+            lora_rank=generator.lora_rank,
+            lora_alpha=generator.lora_alpha,
+            lora_seed=seed,
         )
 
 
@@ -754,12 +762,14 @@ def main(argv: list[str]) -> int:
     """`rlhf train ddpo --config configs/ddpo/X.yaml [--field value ...]`."""
     from rlhf.config import parse_config
 
-    (config,) = parse_config(DDPOConfig, argv)
+    generator, config = parse_config([GeneratorArguments, DDPOConfig], argv)
     config.validate()
     with training_command(argv, config):
         prompts = load_run_prompts(config)
         reward = build_process_reward(config.reward)
-        trainer = DDPOTrainer(config, reward, uniform_prompt_function(prompts), load_policy(config))
+        policy = load_policy(generator, config.seed, config.output_dir)
+        trainer = DDPOTrainer(config, reward, uniform_prompt_function(prompts), policy)
+        trainer.outputs.save_config([generator, config])
         metrics = trainer.train()
     if config.push_to_hub:
         trainer.push_to_hub()

@@ -1044,7 +1044,7 @@ def main(argv: list[str]) -> int:
     with training_command(argv, config):
         prompt_function = uniform_prompt_function(load_run_prompts(config)) if config.mode == "online" else None
         reward = build_process_reward(config.reward) if config.reward else None
-        trainer = DiffusionDPOTrainer(config, load_policy(config), reward_function=reward, prompt_function=prompt_function)
+        trainer = DiffusionDPOTrainer(config, load_policy(config, config.seed, config.output_dir), reward_function=reward, prompt_function=prompt_function)
         metrics = trainer.train()
     if trainer.accelerator.is_main_process:
         for key in ("eval", "heldout"):
