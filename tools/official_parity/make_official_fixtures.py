@@ -38,7 +38,10 @@ Set-up (CPU is enough; a few minutes on 2 cores)::
 Versions this was recorded with (also written to scores.json): torch 2.14.1 (CPU), torchvision 0.29.1,
 transformers 4.50.0, peft 0.13.2, accelerate 1.15.0, tokenizers 0.21.4, safetensors 0.8.0,
 huggingface-hub 0.36.2, numpy 2.4.6, Python 3.11. Scores are float32 and bit-for-bit reproducible
-run to run on one machine (``--check`` reruns the scoring and compares).
+run to run on one machine: ``--compare-to OLD/scores.json`` exits non-zero unless every recorded score,
+input and checked fact equals the old record exactly, and ``file_sha256`` in scores.json lists every
+fixture file (all files are byte-stable: the script re-executes itself with ``PYTHONHASHSEED=0`` because
+peft stores ``target_modules`` as a set).
 
 Stand-ins (no official code is changed, and nothing of it is copied into this repository):
 
@@ -68,7 +71,7 @@ Stand-ins (no official code is changed, and nothing of it is copied into this re
   official init leaves LoRA B at zero and the RMSNorm at one), different per checkpoint; base weights are
   seeded random too (norm weights 1 + noise, separators non-zero).
 
-Official facts relied on (sjz5202/LLaVA-Reward f082993; see also REPORT in tools/official_parity/):
+Official facts relied on (sjz5202/LLaVA-Reward f082993; the per-family reading is in tools/official_parity/REPORT.md):
 
 * prompts: Phi ``tokenizer.apply_chat_template([{'role':'user','content':'<|image_1|>\\n'+p}],
   add_generation_prompt=True)[:-22] + eos``; Qwen ``processor.apply_chat_template(msgs,
@@ -756,6 +759,8 @@ def main(argv=None):
                          "dispatches on substrings of the model path)")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--skip-build", action="store_true", help="reuse bases/checkpoints in --scratch, only score")
+    ap.add_argument("--compare-to", default=None,
+                    help="an earlier scores.json: fail unless checkpoints/facts/file hashes are identical")
     args = ap.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     for bad in ("phi", "qwen", "llava"):
@@ -822,8 +827,16 @@ def main(argv=None):
             if rel != "scores.json":
                 files[rel] = sha256(path)
     record["file_sha256"] = dict(sorted(files.items()))
+    if args.compare_to:  # read before writing: --compare-to may name the file being rewritten
+        with open(args.compare_to) as f:
+            old = json.load(f)
     write_json(scores_path, record)
     print("wrote", scores_path, flush=True)
+    if args.compare_to:
+        bad = [k for k in ("checkpoints", "facts_checked", "file_sha256") if old.get(k) != record.get(k)]
+        if bad:
+            raise SystemExit(f"differs from {args.compare_to}: {bad}")
+        print("identical to", args.compare_to, "(scores, inputs, facts, file hashes)", flush=True)
 
 
 if __name__ == "__main__":
