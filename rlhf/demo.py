@@ -52,6 +52,11 @@ WEIGHTING = {
 }
 
 
+# the targets the report judges each stage by: a gain of more than 3 std over seeds counts as real (the issue's bar
+# for oracle alignment), and every toy perspective should rank >= 0.90 of its held-out data right
+TARGET_GAIN_STD = 3.0
+TARGET_ACCURACY = 0.90
+TARGET_KEY = "alignment"  # the oracle number the generator stages are judged by
 TOY_REWARD_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reward" / "toy.yaml"
 
 
@@ -121,6 +126,39 @@ def _gain(metrics: dict[str, Any], key: str) -> dict[str, float] | None:
     return {"before": b, "after": a, "std": std, "gain_in_std": sigmas}
 
 
+def _label(key: str) -> str:
+    """A `_gain` key as the report names it: the learned numbers as they are, toy oracles as "oracle NAME"."""
+    return key if key == "reward" or key.startswith("learned ") else f"oracle {key}"
+
+
+def verdict(gain: dict[str, float] | None) -> str:
+    """"met" / "missed" against `TARGET_GAIN_STD`, and "went down" for any number that fell (with or without a
+    std)."""
+    if not gain:
+        return ""
+    if gain["after"] < gain["before"]:
+        return "went down"
+    if gain["gain_in_std"] is None:
+        return ""
+    return "met" if gain["gain_in_std"] > TARGET_GAIN_STD else "missed"
+
+
+def stage_findings(stage: str, gains: dict[str, Any]) -> list[str]:
+    """The stage's target, met or missed, and every number that went down, as report lines."""
+    lines = []
+    target = gains.get(TARGET_KEY)
+    if target:
+        state = "met" if verdict(target) == "met" else "**missed**"
+        lines.append(f"- Target, oracle {TARGET_KEY} above +{TARGET_GAIN_STD:.0f} std over seeds: {state} "
+                     f"({target['before']:.3f} -> {target['after']:.3f}, {target['gain_in_std']:+.1f} std).")
+    fell = [f"{_label(k)} ({g['before']:.4f} -> {g['after']:.4f}"
+            + (f", {g['gain_in_std']:+.1f} std)" if g["gain_in_std"] is not None else ")")
+            for k, g in gains.items() if verdict(g) == "went down"]
+    if fell:
+        lines.append(f"- **Went down** under {stage.upper()}: " + "; ".join(fell) + ".")
+    return lines
+
+
 def write_report(out: Path, summary: dict[str, Any]) -> None:
     lines = ["# Toy-world demo", "",
              "A tiny LLaVA-Reward model learns three perspectives of the toy world (coloured shapes); the toy "
@@ -129,21 +167,23 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
              "never used in training.", ""]
     if "reward" in summary:
         lines += ["## Reward model (held-out toy data)", "", "| perspective | accuracy | metric | before training |"
-                  " train time |", "|---|---|---|---|---|"]
+                  f" train time | target >= {TARGET_ACCURACY:.2f} |", "|---|---|---|---|---|---|"]
         for name, entry in summary["reward"].items():
+            met = "met" if entry["accuracy"] >= TARGET_ACCURACY else "**missed**"
             lines.append(f"| {name} | {entry['accuracy']:.3f} | {entry['metric']} (ties: {entry.get('tie_policy')})"
-                         f" | {entry['accuracy_before']:.3f} | {entry['train_seconds']:.0f} s |")
+                         f" | {entry['accuracy_before']:.3f} | {entry['train_seconds']:.0f} s | {met} |")
         lines += ["", "![reward-model training curves](reward/training_curves.png)", ""]
     for stage in ("ddpo", "dpo"):
         if stage not in summary:
             continue
         lines += [f"## {stage.upper()} on the learned reward", "",
-                  "| number | before | after | gain in std over seeds |", "|---|---|---|---|"]
+                  f"| number | before | after | gain in std over seeds | above +{TARGET_GAIN_STD:.0f} std |",
+                  "|---|---|---|---|---|"]
         for key, gain in summary[stage].items():
             if gain:
                 sigmas = "" if gain["gain_in_std"] is None else f"{gain['gain_in_std']:+.1f}"
-                label = key if key.startswith("learned") or key == "reward" else f"oracle {key}"
-                lines.append(f"| {label} | {gain['before']:.4f} | {gain['after']:.4f} | {sigmas} |")
+                lines.append(f"| {_label(key)} | {gain['before']:.4f} | {gain['after']:.4f} | {sigmas} | {verdict(gain)} |")
+        lines += ["", *stage_findings(stage, summary[stage])]
         lines += ["", "Evaluation samples (first seed, one image per prompt) before and after, and the training curves:",
                   "", f"![before]({stage}/eval_before.png) ![after]({stage}/eval_after.png)", "",
                   f"![{stage} training curves]({stage}/training_curves.png)", ""]

@@ -34,6 +34,14 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 # a decoded image larger than this is refused before its pixels are decompressed (decompression bombs)
 MAX_IMAGE_PIXELS = 4096 * 4096
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# what the server answers, as /info lists it (and the README documents)
+ROUTES = {
+    "POST /score": 'body {"images": [base64 PNG/JPEG, ...], "prompts": [str, ...]} -> {"rewards": [...], '
+                   '"scores": {perspective: [...]}, "normalized": {perspective: [...]}} (null for a non-finite value); '
+                   "400 malformed JSON, 401 missing/wrong token, 413 body too large, 422 a bad field or image",
+    "GET /info": "the model, perspectives, weighting, limits and these routes",
+    "GET /health": '{"status": "ok"} (no token needed)',
+}
 
 
 @dataclass
@@ -198,10 +206,8 @@ def create_app(
     max_wait_ms: float = 10.0,
     max_request_bytes: int = 32 * 1024 * 1024,
 ) -> FastAPI:
-    """The FastAPI app serving `reward` (its weighting applies to the `rewards` field).
+    """The FastAPI app serving `reward` (its weighting applies to the `rewards` field); its routes are `ROUTES`.
 
-    POST /score `{"images": [base64 PNG/JPEG, ...], "prompts": [...]}` -> `{"rewards": [...], "scores":
-    {perspective: [...]}, "normalized": {...}}` (null for a non-finite value). GET /info, GET /health.
     Errors: 400 malformed JSON, 401 missing/wrong token, 413 body too large, 422 a bad field or image.
     """
     check_limits(max_batch_size, max_wait_ms, max_request_bytes)
@@ -241,6 +247,7 @@ def create_app(
             "max_request_bytes": max_request_bytes,
             "image_formats": [fmt.lower() for fmt in IMAGE_FORMATS],
             "batches_scored": state["batcher"].batches,
+            "routes": ROUTES,
         }
 
     @app.post("/score")

@@ -180,3 +180,26 @@ def test_ctrl_c_ends_a_training_run_with_the_command_that_resumes(tmp_path):
     assert f"--resume_from {output}" in err.splitlines()[-1] and err.splitlines()[-1].strip().startswith(
         "rlhf train ddpo --config")
     assert json.loads((output / "checkpoints" / "checkpoint_0" / "trainer_state.json").read_text())["epoch"] == 0
+
+
+def test_a_trainer_s_summary_line_says_what_went_down():
+    from trainers.common import eval_reward_change
+
+    before = {"reward_mean": 0.45, "reward_std": 0.1, "oracle": {"alignment": 0.45, "shape": 0.6}}
+    after = {"reward_mean": 0.2, "reward_std": 0.1, "oracle": {"alignment": 0.2, "shape": 0.7}}
+    line = eval_reward_change(before, after)
+    assert "eval reward 0.4500 -> 0.2000 (WENT DOWN)" in line and "oracle alignment 0.4500 -> 0.2000 (WENT DOWN)" in line
+    assert "oracle shape 0.6000 -> 0.7000;" not in line and line.endswith("oracle shape 0.6000 -> 0.7000")
+
+
+def test_eval_reward_picks_the_perspective_its_data_is_for(tmp_path):
+    from trainers.reward_model import _perspectives_for
+
+    data = tmp_path / "alignment" / "test.jsonl"
+    (tmp_path / "metrics.json").write_text(json.dumps({"alignment": {"evaluated_on": str(data)},
+                                                       "fidelity": {"evaluated_on": str(tmp_path / "f.jsonl")}}))
+    assert _perspectives_for(str(data), str(tmp_path), ["alignment", "fidelity"]) == ["alignment"]
+    assert _perspectives_for(str(data), str(tmp_path), ["safety"]) == ["safety"]
+    with pytest.raises(ConfigError, match=r"pass --perspective NAME.*alignment: .*test.jsonl; fidelity: .*f.jsonl"):
+        _perspectives_for(str(tmp_path / "other.jsonl"), str(tmp_path), ["alignment", "fidelity"])
+

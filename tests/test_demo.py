@@ -47,3 +47,21 @@ def test_report_lists_every_stage_with_its_pictures(tmp_path):
 def test_demo_rejects_an_unknown_stage(capsys):
     assert rlhf_main(["demo", "--stages", "ddpo", "sampling"]) == 2
     assert "stages" in capsys.readouterr().err
+
+
+def test_report_names_a_missed_target_and_what_went_down(tmp_path):
+    """Oracle alignment +2.0 std misses the +3 target, and a learned reward that fell is called out."""
+    before, after = evaluation(0.5, 0.1, 0.4, 0.05), evaluation(0.3, 0.1, 0.5, 0.02)
+    metrics = {"eval_before": before, "eval_after": after}
+    summary = {
+        "reward": {"alignment": {"accuracy": 0.85, "metric": "pairwise accuracy", "tie_policy": "drop",
+                                 "accuracy_before": 0.5, "train_seconds": 80.0}},
+        "ddpo": {key: _gain(metrics, key) for key in ("reward", "alignment")},
+        "seconds": 1.0,
+    }
+    write_report(tmp_path, summary)
+    report = (tmp_path / "report.md").read_text()
+    assert "| alignment | 0.850 | pairwise accuracy (ties: drop) | 0.500 | 80 s | **missed** |" in report
+    assert "| oracle alignment | 0.4000 | 0.5000 | +2.0 | missed |" in report
+    assert "Target, oracle alignment above +3 std over seeds: **missed** (0.400 -> 0.500, +2.0 std)" in report
+    assert "**Went down** under DDPO: reward (0.5000 -> 0.3000, -2.0 std)." in report

@@ -67,6 +67,7 @@ def test_health_and_info(server):
     assert info["model"] == "tiny-llava" and info["perspectives"] == ["alignment", "fidelity"]
     assert info["weighting"]["perspectives"]["fidelity"]["weight"] == 1.0
     assert info["max_batch_size"] == 16 and info["max_request_bytes"] == MAX_BYTES
+    assert set(info["routes"]) == {"POST /score", "GET /info", "GET /health"}
 
 
 def test_remote_reward_equals_local_reward(server, tiny_reward_model):

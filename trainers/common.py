@@ -269,9 +269,18 @@ def build_process_reward(spec: dict[str, Any], **defaults: Any) -> Any:
 
 
 def eval_reward_change(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """One line for the CLI: the evaluation reward before and after training."""
-    return (f"eval reward {before['reward_mean']:.4f} ± {before['reward_std']:.4f} -> "
-            f"{after['reward_mean']:.4f} ± {after['reward_std']:.4f} (std over seeds)")
+    """One line for the CLI: the evaluation reward before and after training, the toy oracles' when they judged it,
+    and "WENT DOWN" on any that fell (a trained policy that got worse must not read like a result)."""
+
+    def change(name: str, b: float, a: float, spread: str = "") -> str:
+        return f"{name} {b:.4f}{spread} -> {a:.4f}" + (" (WENT DOWN)" if a < b else "")
+
+    parts = [change("eval reward", before["reward_mean"], after["reward_mean"]) +
+             f" (std over seeds {before['reward_std']:.4f} / {after['reward_std']:.4f})"]
+    oracle_before, oracle_after = before.get("oracle") or {}, after.get("oracle") or {}
+    parts += [change(f"oracle {name}", oracle_before[name], oracle_after[name]) for name in oracle_before
+              if name in oracle_after]
+    return "; ".join(parts)
 
 
 def finish_run(trainer: Any, metrics: dict[str, Any], curves: Sequence[str]) -> None:

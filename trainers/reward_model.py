@@ -576,6 +576,24 @@ def _model_directory(path: str) -> Path:
     return directory
 
 
+def _perspectives_for(data: str, model: str, perspectives: list[str]) -> list[str]:
+    """The perspectives `data` is for, when `--perspective` is not given: the only one, or those the training run
+    of `model` evaluated on this very file (its metrics.json says which file each was evaluated on). Anything else
+    is an error naming each perspective's file: a fidelity accuracy computed on alignment pairs means nothing."""
+    if len(perspectives) == 1:
+        return perspectives
+    metrics_path = Path(model) / "metrics.json"
+    trained = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    files = {name: trained[name].get("evaluated_on", "") for name in perspectives if name in trained}
+    matching = [name for name, path in files.items() if path and Path(path).resolve() == Path(data).resolve()]
+    if matching:
+        return matching
+    known = "; ".join(f"{name}: {path}" for name, path in files.items()) or "not recorded for this model"
+    raise ConfigError(f"perspective: {data} is not the held-out file of any one perspective of {model}, so which "
+                      f"perspective it is for is unknown; pass --perspective NAME (one of {perspectives}). "
+                      f"Each perspective's held-out file: {known}")
+
+
 def eval_main(argv: list[str]) -> int:
     """`rlhf eval reward --model DIR --data FILE [--perspective NAME] [--output_dir OUT]`."""
     (config,) = parse_config(RewardEvalScript, argv)
@@ -590,8 +608,12 @@ def eval_main(argv: list[str]) -> int:
     model = RewardModel.from_pretrained(_model_directory(config.model))
     if config.perspective and config.perspective not in model.perspectives:
         raise ConfigError(f"perspective: {config.perspective!r} is not in {config.model}; it has {model.perspectives}")
-    names = [config.perspective] if config.perspective else model.perspectives
+    names = [config.perspective] if config.perspective else _perspectives_for(config.data, config.model,
+                                                                             model.perspectives)
+    # activation_checkpointing set: TRL's RewardConfig defaults the deprecated gradient_checkpointing to True, which
+    # transformers warns about whenever the new name is left unset (and evaluation needs no checkpointing)
     args = RewardConfig(output_dir=config.output_dir, per_device_eval_batch_size=config.batch_size, bf16=False,
+                        activation_checkpointing=False,
                         use_cpu=config.device == "cpu", report_to="none", save_strategy="no",
                         dataloader_pin_memory=config.device != "cpu" and torch.cuda.is_available())
     metrics = {}
