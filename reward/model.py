@@ -181,11 +181,16 @@ class RewardModel(nn.Module):
         if vector_heads:
             raise ValueError(f"perspectives {vector_heads}: a General Preference head gives each image a vector, "
                              "not a score (the official code scores it only against another image); "
-                             "use preference(images_a, images_b, prompts)")
+                             "use preference(images_a, images_b, prompts) or head_outputs")
+        return {name: value[:, 0] for name, value in self.head_outputs(images, prompts, names).items()}
+
+    def head_outputs(self, images: ImageBatch, prompts: Sequence[str], perspectives: Sequence[str] | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """Each perspective's head output [B, D]: D = 1 (its score) except a General Preference head's
+        `value_head_dim`-vector. Differentiable as `score` is."""
+        names = self._check_perspectives(perspectives)
         loaded = load_images(images)
-        prompts = validate_prompts(prompts, len(loaded))
-        values = self._evaluate(loaded, prompts, names)
-        return {name: value[:, 0] for name, value in values.items()}
+        return self._evaluate(loaded, validate_prompts(prompts, len(loaded)), names)
 
     def preference(self, images_a: ImageBatch, images_b: ImageBatch, prompts: Sequence[str],
                    perspectives: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -303,8 +308,8 @@ class RewardModel(nn.Module):
             own = slice(i * len(prompts), (i + 1) * len(prompts))
             query = hidden_states[self.configs[name].hidden_layer][own][rows, positions].float()
             if reading is not None:
-                keys, mask = official_format.official_keys(reading, tuple(h[own] for h in hidden_states),
-                                                           inputs_embeds[own], input_ids, attention_mask)
+                keys, mask = official_format.official_keys(reading, visual[name], inputs_embeds[own], input_ids,
+                                                           attention_mask)
                 values[name] = self.heads[name](query, keys, mask)
                 continue
             keys = pad_sequence([f.float() for f in visual[name]], batch_first=True)

@@ -9,19 +9,25 @@ reading does not (and why it is kept here):
 
 - the prompt is the chat template cut by a fixed number of characters (Phi `[:-22]` + EOS, Qwen `[58:-23]`,
   LLaVA-1.6 `[0:-11]` + EOS): the text it was trained on;
-- Phi-3.5-vision: SkipCA's keys and values are a hidden state of the language model over every position of
-  the sequence (text, image and the reward token itself), not the visual tokens alone;
+- Phi-3.5-vision: the processor is loaded with `num_crops=16` (the published config says 4), and it tokenises
+  the text on each side of `<|image_1|>` on its own, so a second `<s>` follows the image block. SkipCA's keys
+  and values are the projected image features (the vendored `Phi3VModel` appends them to `hidden_states`,
+  whose last entry the official forward reads), unmasked: in a batch, shorter images' zero padding acts as
+  keys, so official batched scores depend on the batch; the official mode is the batch-of-one result;
 - Qwen2.5-VL: keys and values are the input embeddings at the positions holding token id 151643
   (`<|endoftext|>`, the left padding of a batch). A prompt contains no such token, so a sample alone gets no
   attention term and its score is `value_head(RMSNorm(h))`; in a padded official batch a row attends to pad
   embeddings, so official scores depend on the batch. We define the official mode by the batch-of-one
   result, which does not;
-- LLaVA-1.6: the forward applies no SkipCA, whatever the checkpoint holds;
+- LLaVA-1.6: the forward applies no SkipCA, whatever the checkpoint holds; transformers 4.50's processor pads
+  a resized image symmetrically with `(target - size) // 2` on each side, one pixel short when the difference is
+  odd, and the short tile is then resized and cropped (transformers 5 pads it whole);
 - Qwen2.5-VL images are first resized by `qwen_vl_utils` (multiples of 28, PIL's bicubic) before the processor.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 
 from .backbones import Backbone, PixelInputs, TextInputs
 
@@ -61,9 +68,11 @@ class OfficialReading:
         then the text; Qwen) or "text_image" (the text, then an image item; LLaVA-1.6).
     cut_start / cut_end / strip / append_eos: the rendered chat template (with the generation prompt) is cut
         to `[cut_start:cut_end]`, stripped if `strip`, and the tokenizer's EOS appended if `append_eos`.
-    keys: where SkipCA's keys and values come from: "hidden_state" (hidden state `key_layer`, every position),
+    keys: where SkipCA's keys and values come from: "visual" (the perspective's projected image features),
         "token_embeddings" (input embeddings at the positions holding `key_token_id`) or "none" (no SkipCA).
     norm_eps: `ca_layernorm`'s epsilon. pre_resize: resize images as `qwen_vl_utils` does first.
+    num_crops: the HD crop budget the official processor is loaded with (0: the base's own setting).
+    floor_padding: pad any-resolution images as transformers 4.50 did (`(target - size) // 2` on both sides).
     skipca: whether the checkpoint's forward applies SkipCA. value_head_dim / general_preference / tau: its head.
     """
 
@@ -75,9 +84,10 @@ class OfficialReading:
     append_eos: bool
     keys: str
     norm_eps: float
-    key_layer: int = -1
     key_token_id: int = -1
     pre_resize: bool = False
+    num_crops: int = 0
+    floor_padding: bool = False
     skipca: bool = True
     value_head_dim: int = 1
     general_preference: bool = False
@@ -85,12 +95,12 @@ class OfficialReading:
 
 
 _FAMILY_READINGS = {
-    "phi3_v": dict(message="phi", cut_start=0, cut_end=-22, strip=False, append_eos=True, keys="hidden_state",
-                   key_layer=-1, norm_eps=1e-5),
+    "phi3_v": dict(message="phi", cut_start=0, cut_end=-22, strip=False, append_eos=True, keys="visual",
+                   norm_eps=1e-5, num_crops=16),
     "qwen2_5_vl": dict(message="image_text", cut_start=58, cut_end=-23, strip=True, append_eos=False,
                        keys="token_embeddings", key_token_id=151643, norm_eps=1e-6, pre_resize=True),
     "llava_next": dict(message="text_image", cut_start=0, cut_end=-11, strip=False, append_eos=True, keys="none",
-                       norm_eps=1e-5),
+                       norm_eps=1e-5, floor_padding=True),
 }
 _FAMILY_READINGS["qwen2_vl"] = _FAMILY_READINGS["qwen2_5_vl"]
 
@@ -128,14 +138,13 @@ def official_text(backbone: Backbone, reading: OfficialReading, prompt: str) -> 
 def _official_ids(backbone: Backbone, reading: OfficialReading, text: str, image_tokens: int) -> list[int]:
     tokenizer = backbone.tokenizer
     if reading.message == "phi":
-        # Phi's processor tokenizes the text around `<|image_N|>` piece by piece and keeps one leading BOS
-        pieces = [tokenizer(piece)["input_ids"] for piece in re.split(r"<\|image_\d+\|>", text)]
+        # the official (vendored) Phi processor tokenises each piece around `<|image_1|>` with the special
+        # tokens, so the piece after the image starts with its own <s>
+        pieces = re.split(r"<\|image_\d+\|>", text)
         if len(pieces) != 2:
             raise ValueError(f"chat template: expected one <|image_1|> in the official Phi prompt, got {text!r}")
-        bos = tokenizer.bos_token_id
-        skip = 1 if bos is not None and pieces[0][:1] == [bos] else 0
-        head = pieces[0][:1] if skip else []
-        return head + pieces[0][skip:] + [backbone.image_token_id] * image_tokens + pieces[1][skip:]
+        before, after = (tokenizer(piece)["input_ids"] for piece in pieces)
+        return before + [backbone.image_token_id] * image_tokens + after
     ids = tokenizer(text)["input_ids"]
     if ids.count(backbone.image_token_id) != 1:
         raise ValueError(f"chat template: expected one image placeholder in the official prompt, got {text!r}")
@@ -158,7 +167,18 @@ def official_text_inputs(backbone: Backbone, reading: OfficialReading, prompts: 
 
 def official_pixels(backbone: Backbone, reading: OfficialReading, images: list[Image.Image] | torch.Tensor
                     ) -> PixelInputs:
-    """Pixel inputs as the official pipeline prepares them (Qwen: `qwen_vl_utils`' resize first)."""
+    """Pixel inputs as the official pipeline prepares them (Phi: 16 crops; Qwen: `qwen_vl_utils`' resize first;
+    LLaVA-1.6: transformers 4.50's padding, on the processor path only)."""
+    if reading.num_crops or reading.floor_padding:
+        processor = copy.copy(backbone.image_processor)
+        if reading.num_crops:
+            processor.num_crops = reading.num_crops
+        if reading.floor_padding:
+            # no public switch for it: the one private method where the two versions differ is overridden
+            processor.__class__ = type(f"Official{type(processor).__name__}", (type(processor),),
+                                       {"_get_padding_size": _floor_padding})
+        backbone = copy.copy(backbone)  # the same model, read through the official processor settings
+        backbone.image_processor = processor
     if not reading.pre_resize:
         if isinstance(images, torch.Tensor):
             return backbone.pixel_inputs_differentiable(images.to(backbone.device))
@@ -170,6 +190,11 @@ def official_pixels(backbone: Backbone, reading: OfficialReading, images: list[I
     resized = [image.resize(_qwen_utils_size(image.height, image.width)[::-1], Image.Resampling.BICUBIC)
                for image in images]
     return backbone.pixel_inputs(resized)
+
+
+def _floor_padding(self, original_resolution: tuple, target_resolution: tuple) -> tuple:
+    (height, width), (target_height, target_width) = original_resolution, target_resolution
+    return ((target_height - height) // 2,) * 2, ((target_width - width) // 2,) * 2
 
 
 def _qwen_utils_size(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
@@ -185,16 +210,19 @@ def _qwen_utils_size(height: int, width: int, factor: int = 28, min_pixels: int 
     return h_bar, w_bar
 
 
-def official_keys(reading: OfficialReading, hidden_states: tuple[torch.Tensor, ...], inputs_embeds: torch.Tensor,
+def official_keys(reading: OfficialReading, visual: list[torch.Tensor], inputs_embeds: torch.Tensor,
                   input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SkipCA's keys/values [B, N, D] and their mask [B, N] for one perspective's rows, as the official forward
-    takes them (padding excluded: the batch-of-one result)."""
-    real = attention_mask.bool()
-    if reading.keys == "hidden_state":
-        return hidden_states[reading.key_layer].float(), real
+    takes them for a sample alone (padding excluded, so scores do not depend on the batch)."""
+    if reading.keys == "visual":
+        keys = pad_sequence([features.float() for features in visual], batch_first=True)
+        mask = pad_sequence([torch.ones(len(f), dtype=torch.bool, device=keys.device) for f in visual],
+                            batch_first=True)
+        return keys, mask
     if reading.keys == "token_embeddings":
-        return inputs_embeds.float(), real & (input_ids == reading.key_token_id)
-    return inputs_embeds.new_zeros(inputs_embeds.shape[0], 0, inputs_embeds.shape[-1]).float(), real[:, :0]
+        return inputs_embeds.float(), attention_mask.bool() & (input_ids == reading.key_token_id)
+    return inputs_embeds.new_zeros(inputs_embeds.shape[0], 0, inputs_embeds.shape[-1]).float(), \
+        attention_mask.bool()[:, :0]
 
 
 def general_preference(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
