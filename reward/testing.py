@@ -175,10 +175,20 @@ def _llava_next(path: Path) -> None:
     processor.save_pretrained(path)
 
 
-def _phi3_v(path: Path) -> None:
-    """Phi-3.5-vision's layout at toy size: its config fields (LongRoPE as "su", `auto_map`, no image token id),
-    published parameter names, a leading `<s>`, an embedding padded past the tokenizer. The CLIP tower shrinks
-    to 16-pixel crops of 4x4 patches (2x2 merged tokens per crop), so a 32x32 image is a native 2x2 crop grid."""
+# (vision hidden, vision layers, vision heads, crop size, patch, text hidden, text layers, text heads, text MLP)
+PHI3_V_SIZES = {
+    # 16-pixel crops of 4x4 patches (2x2 merged tokens per crop): a 32x32 image is a native 2x2 crop grid
+    "tiny": (32, 2, 2, 16, 4, 64, 2, 4, 128),
+    # Phi-3.5-vision's proportions scaled down ~4-8x (112-pixel crops of 14-pixel patches: 16 tokens per crop)
+    "bench": (256, 6, 4, 112, 14, 768, 8, 12, 2048),
+    # Phi-3.5-vision's own sizes (CLIP ViT-L/14-336 under a 3072x32 Phi-3), for GPU benches with random weights
+    "phi35": (1024, 24, 16, 336, 14, 3072, 32, 32, 8192),
+}
+
+
+def _phi3_v(path: Path, size: str = "tiny") -> None:
+    """Phi-3.5-vision's layout at one of `PHI3_V_SIZES`: its config fields (LongRoPE as "su", `auto_map`, no image
+    token id), published parameter names, a leading `<s>`, an embedding padded past the tokenizer."""
     specials = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>"]
     backend = _build_tokenizer(specials)
     bos = backend.token_to_id("<s>")
@@ -188,20 +198,22 @@ def _phi3_v(path: Path) -> None:
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>",
         pad_token="<|endoftext|>", chat_template=_PHI3_TEMPLATE,
     )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-                  patch_size=4, projection_dim=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    hidden, heads = 64, 4
+    v_hidden, v_layers, v_heads, crop, patch, hidden, layers, heads, mlp = PHI3_V_SIZES[size]
+    vision = dict(hidden_size=v_hidden, intermediate_size=4 * v_hidden, num_hidden_layers=v_layers,
+                  num_attention_heads=v_heads, image_size=crop, patch_size=patch, projection_dim=v_hidden,
+                  hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    tokens_per_crop = (crop // patch // 2) ** 2
     factors = [1.0 + i / 32 for i in range(hidden // heads // 2)]
     rope_scaling = {"type": "su", "short_factor": factors, "long_factor": [2 * f for f in factors]}
     config = Phi3VConfig(
-        vocab_size=len(tokenizer) + 8, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer) + 8, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
         num_attention_heads=heads, max_position_embeddings=131072, original_max_position_embeddings=4096,
         rope_scaling=rope_scaling, sliding_window=262144, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         embd_layer={"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
                     "use_hd_transform": True, "with_learnable_separator": True},
-        img_processor={"image_dim_out": 32, "model_name": "openai/clip-vit-large-patch14-336",
-                       "name": "clip_vision_model", "num_img_tokens": 4, "vision_config": vision},
+        img_processor={"image_dim_out": v_hidden, "model_name": "openai/clip-vit-large-patch14-336",
+                       "name": "clip_vision_model", "num_img_tokens": tokens_per_crop, "vision_config": vision},
     )
     model = Phi3VForCausalLM(config)
     with torch.no_grad():  # the separators start at zero; random ones make their positions visible to tests
@@ -223,7 +235,7 @@ def _phi3_v(path: Path) -> None:
                              "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"})
     (path / "config.json").write_text(json.dumps(written, indent=2))
     tokenizer.save_pretrained(path)
-    Phi3VImageProcessor(num_crops=4, num_img_tokens=4, hd_crop_size=16).save_pretrained(path)
+    Phi3VImageProcessor(num_crops=4, num_img_tokens=tokens_per_crop, hd_crop_size=crop).save_pretrained(path)
 
 
 def _qwen2_vl(path: Path) -> None:
@@ -265,12 +277,14 @@ def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0, size:
     """Write a random VLM of `family` ("llava", "llava_next", "qwen2_vl" or "phi3_v") and its processor to `path`;
     return it.
 
-    `size` picks the LLaVA dimensions ("tiny" for tests, "bench" and "phi35" for benches); the others are tiny only.
+    `size` picks the LLaVA or Phi-3.5-vision dimensions ("tiny" for tests, "bench" and "phi35" for benches); the
+    others are tiny only.
     """
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
-    if size != "tiny" and (family != "llava" or size not in LLAVA_SIZES):
-        raise ValueError(f"size: expected one of {sorted(LLAVA_SIZES)} for llava, 'tiny' for {family}; got {size!r}")
+    sizes = {"llava": LLAVA_SIZES, "phi3_v": PHI3_V_SIZES}.get(family, {"tiny": None})
+    if size not in sizes:
+        raise ValueError(f"size: expected one of {sorted(sizes)} for {family}; got {size!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():
@@ -280,7 +294,7 @@ def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0, size:
         elif family == "llava_next":
             _llava_next(path)
         elif family == "phi3_v":
-            _phi3_v(path)
+            _phi3_v(path, size)
         else:
             _qwen2_vl(path)
     return path
