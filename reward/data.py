@@ -1,5 +1,6 @@
 """Preference data for training reward perspectives: image pairs and labelled images read from JSONL,
-JSON, parquet, `datasets.Dataset` objects and the public layouts (ImageRewardDB, Pick-a-Pic v2, HPDv2)."""
+JSON, parquet, `datasets.Dataset` objects, the public layouts (ImageRewardDB, Pick-a-Pic v2, HPDv2) and the
+official LLaVA-Reward data files (rated pairs, classification rows)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
-KINDS = ("auto", "pairs", "labels", "imagereward", "pickapic", "hpdv2")
+KINDS = ("auto", "pairs", "labels", "imagereward", "pickapic", "hpdv2", "llava_reward")
 TIE_HANDLING = ("keep", "drop")
 _OWN_LAYOUT = "pairs/labels"
 _SHOWN_IN_WARNING = 5
@@ -55,6 +56,10 @@ class PairExample:
 
     `tie` marks a pair the annotators judged equal (the order of its two images then means nothing);
     `position` is where it came from in the source (see `PreferenceData.position_unit`).
+    `rejected_prompt` is the prompt the rejected image is scored against when the source gives it its own
+    (LLaVA-Reward's two-prompt rows: `prompt` is then the chosen image's); None means `prompt`.
+    `chosen_rating` / `rejected_rating` are the annotators' ratings when the source has them (LLaVA-Reward's
+    `c_rate` / `r_rate`), as given.
     """
 
     prompt: str
@@ -62,6 +67,9 @@ class PairExample:
     rejected: ImageRef
     tie: bool = False
     position: int = -1
+    rejected_prompt: str | None = None
+    chosen_rating: float | None = None
+    rejected_rating: float | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,7 @@ def load_preferences(
     image_root: str | os.PathLike | None = None,
     ties: str = "keep",
     check_images: bool = True,
+    path_map: Mapping[str, str | os.PathLike] | None = None,
 ) -> PreferenceData:
     """Read preference data, skipping and reporting bad rows.
 
@@ -152,7 +161,11 @@ def load_preferences(
               row (`prompt`, `generations`, `ranking`);
             - "pickapic": Pick-a-Pic v2 (`caption`, `jpg_0`, `jpg_1`, `label_0` in {0, 0.5, 1}; 0.5 is a tie);
             - "hpdv2": HPDv2 (`prompt`, `file_path` or `image_path` list, and `human_preference` (1 marks
-              the preferred image) or `rank` (lower is better)).
+              the preferred image) or `rank` (lower is better));
+            - "llava_reward": the official LLaVA-Reward files: pairs `{"prompt", "chosen_path", "reject_path",
+              "c_rate", "r_rate"}` (`prompt` a string, or `[chosen prompt, rejected prompt]`; the ratings are
+              kept, equal ratings make a tie) and classification rows `{"path", "label", "prompt"}`; other keys
+              (`prompt_id`, `category`, ...) are ignored.
             In "auto" mode a JSONL/JSON file whose rows are neither public layout may mix pair and label rows.
         image_root: directory that relative image paths are resolved against; defaults to the file's own
             directory, or the working directory for in-memory sources.
@@ -160,25 +173,31 @@ def load_preferences(
             counts them in `dropped_ties`.
         check_images: decode every image once now, so a corrupt file is skipped and reported here rather
             than failing mid-training; False only checks that image files exist.
+        path_map: `{prefix: local folder}` for files whose image paths were written elsewhere (the official
+            files name `/scr/...` paths): an image path that starts with `prefix` (whole path components) has
+            it replaced by the folder; the longest matching prefix wins, and a relative result resolves against
+            `image_root` like any relative path.
 
     Images may be paths, encoded bytes, PIL images or `{"bytes", "path"}` dicts (the `datasets` Image
     feature). Rows with a missing key, a value of the wrong type, a missing file or an undecodable image
     are skipped; one `BadRowWarning` gives their count and the first few positions and reasons.
 
     Raises:
-        ValueError: `kind` or `ties` is not one of the allowed values, or no row of the source is usable.
+        ValueError: `kind` or `ties` is not one of the allowed values, `path_map` is not a mapping of prefixes
+            to folders, or no row of the source is usable (naming the first missing image file if one was).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if ties not in TIE_HANDLING:
         raise ValueError(f"ties must be one of {TIE_HANDLING}, got {ties!r}")
+    prefixes = _path_prefixes(path_map)
     name, unit, default_root, rows, columns = _open_rows(source)
     root = Path(image_root) if image_root is not None else default_root
     if not columns:
         rows, columns = _peek_columns(rows)
     detected = _detect_kind(set(columns)) if kind == "auto" else kind
     data = PreferenceData(source=name, kind=detected, position_unit=unit)
-    reader = _Reader(data, root, keep_ties=ties == "keep", check_images=check_images)
+    reader = _Reader(data, root, keep_ties=ties == "keep", check_images=check_images, prefixes=prefixes)
     _LAYOUTS[detected](reader, _counted(rows, data))
     if detected == _OWN_LAYOUT:
         data.kind = "pairs" if not data.labels else "labels" if not data.pairs else "pairs+labels"
@@ -186,9 +205,14 @@ def load_preferences(
     if not data.pairs and not data.labels:
         dropped = f", {data.dropped_ties} ties dropped" if data.dropped_ties else ""
         first_skipped = f"; {data.describe_skipped()}" if data.skipped else ""
+        # a file whose images all miss was most likely written on another machine: say how to point it here
+        missing = "" if reader.first_missing is None else (
+            f". The first missing image file is {reader.first_missing}; if the file's image paths point "
+            f"elsewhere, pass image_root (relative paths) or path_map={{'<prefix in the file>': '<local folder>'}}"
+        )
         raise ValueError(
             f"no usable row in {name} (kind {detected!r}: {data.rows_read} rows read, "
-            f"{len(data.skipped)} skipped{dropped}){first_skipped}"
+            f"{len(data.skipped)} skipped{dropped}){first_skipped}{missing}"
         )
     if data.skipped:
         warnings.warn(
@@ -197,6 +221,20 @@ def load_preferences(
             stacklevel=2,
         )
     return data
+
+
+def _path_prefixes(path_map: Mapping[str, str | os.PathLike] | None) -> list[tuple[str, Path]]:
+    """`path_map` validated, as (prefix without trailing separator, folder), longest prefix first."""
+    if path_map is None:
+        return []
+    if not isinstance(path_map, Mapping):
+        raise ValueError(f"path_map must map a path prefix to a local folder, got {type(path_map).__name__}")
+    prefixes = []
+    for prefix, folder in path_map.items():
+        if not isinstance(prefix, (str, os.PathLike)) or not str(prefix) or not isinstance(folder, (str, os.PathLike)):
+            raise ValueError(f"path_map: expected a non-empty path prefix -> a folder, got {prefix!r}: {folder!r}")
+        prefixes.append((str(prefix).rstrip("/") or "/", Path(folder)))
+    return sorted(prefixes, key=lambda item: len(item[0]), reverse=True)
 
 
 def _peek_columns(rows: Iterator[tuple[int, Any]]) -> tuple[Iterator[tuple[int, Any]], Iterable[str]]:
@@ -276,6 +314,8 @@ def _parquet_rows(path: Path) -> tuple[Iterator[tuple[int, Any]], list[str]]:
 def _detect_kind(columns: set[str]) -> str:
     if {"jpg_0", "jpg_1", "label_0"} <= columns:
         return "pickapic"
+    if {"chosen_path", "reject_path"} <= columns or ({"path", "label"} <= columns and "image" not in columns):
+        return "llava_reward"
     if "human_preference" in columns or ("rank" in columns and columns & {"file_path", "image_path"}
                                          and "prompt_id" not in columns):
         return "hpdv2"
@@ -288,11 +328,14 @@ def _detect_kind(columns: set[str]) -> str:
 class _Reader:
     """Turns rows into examples for one load: validates values, resolves and checks images, records skips."""
 
-    def __init__(self, data: PreferenceData, root: Path, keep_ties: bool, check_images: bool) -> None:
+    def __init__(self, data: PreferenceData, root: Path, keep_ties: bool, check_images: bool,
+                 prefixes: list[tuple[str, Path]]) -> None:
         self.data = data
         self.root = root
         self.keep_ties = keep_ties
         self.check_images = check_images
+        self.prefixes = prefixes
+        self.first_missing: Path | None = None
         # images shared by many pairs (ranked layouts) are decoded once
         self._checked_paths: dict[Path, str | None] = {}
 
@@ -309,11 +352,13 @@ class _Reader:
     def skip(self, position: int, reason: str) -> None:
         self.data.skipped.append(SkippedRow(position, reason))
 
-    def add_pair(self, prompt: str, chosen: ImageRef, rejected: ImageRef, tie: bool, position: int) -> None:
+    def add_pair(self, prompt: str, chosen: ImageRef, rejected: ImageRef, tie: bool, position: int,
+                 **details: Any) -> None:
+        """Keep a pair (unless it is a dropped tie); `details` are PairExample's optional fields."""
         if tie and not self.keep_ties:
             self.data.dropped_ties += 1
             return
-        self.data.pairs.append(PairExample(prompt, chosen, rejected, tie=tie, position=position))
+        self.data.pairs.append(PairExample(prompt, chosen, rejected, tie=tie, position=position, **details))
 
     def add_ranked(self, prompt: str, images: list[ImageRef], scores: list[float], positions: list[int]) -> None:
         """Every pair of images with a known order; equal scores are ties. Higher score is better."""
@@ -328,8 +373,10 @@ class _Reader:
         if isinstance(value, Mapping) and {"bytes", "path"} & value.keys():
             value = value.get("bytes") or value.get("path")
         if isinstance(value, (str, os.PathLike)):
-            path = Path(value) if Path(value).is_absolute() else self.root / value
+            path = Path(self._mapped(os.fspath(value)))
+            path = path if path.is_absolute() else self.root / path
             if not path.is_file():
+                self.first_missing = self.first_missing or path
                 raise _BadRow(f"missing file: {what} {path}")
             ref = ImageRef(path=path)
             if self.check_images:
@@ -348,6 +395,13 @@ class _Reader:
         if isinstance(value, Image.Image):
             return ImageRef(image=value)
         raise _BadRow(f"wrong type: {what} must be a path, bytes or a PIL image, got {type(value).__name__}")
+
+    def _mapped(self, value: str) -> str | Path:
+        """`value` with its longest `path_map` prefix replaced by that prefix's folder (unchanged if none)."""
+        for prefix, folder in self.prefixes:
+            if value == prefix or value.startswith(prefix.rstrip("/") + "/"):
+                return folder / value[len(prefix):].lstrip("/")
+        return value
 
 
 def _decode_error(ref: ImageRef) -> str | None:
@@ -456,6 +510,39 @@ def _read_pickapic(reader: _Reader, position: int, row: Mapping[str, Any]) -> No
     reader.add_pair(prompt, chosen, rejected, label == 0.5, position)
 
 
+def _rating(row: Mapping[str, Any], key: str) -> float:
+    value = _require(row, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _BadRow(f"wrong type: {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _read_llava_reward(reader: _Reader, position: int, row: Mapping[str, Any]) -> None:
+    """An official LLaVA-Reward row: a rated pair, or one image with a classification label."""
+    if not row.keys() & {"chosen_path", "reject_path"}:
+        if "path" not in row and "label" not in row:
+            raise _BadRow("missing key: a pair needs 'chosen_path' and 'reject_path', a classification row "
+                          "'path' and 'label'")
+        prompt = _text(row, "prompt")
+        label = _binary_label(row, "label")
+        reader.data.labels.append(LabelExample(prompt, reader.image(row, "path"), label, position))
+        return
+    prompt = _require(row, "prompt")
+    if isinstance(prompt, str):
+        rejected_prompt = None
+    elif isinstance(prompt, (list, tuple)) and len(prompt) == 2 and all(isinstance(p, str) for p in prompt):
+        prompt, rejected_prompt = prompt  # the official code scores each image against its own prompt
+    else:
+        raise _BadRow("wrong type: 'prompt' must be a string or a list of two strings "
+                      "[chosen prompt, rejected prompt]")
+    # ratings are optional (a pair without them is an ordinary pair), but one without the other is a bad row
+    rated = row.get("c_rate") is not None or row.get("r_rate") is not None
+    ratings = (_rating(row, "c_rate"), _rating(row, "r_rate")) if rated else (None, None)
+    chosen, rejected = reader.image(row, "chosen_path"), reader.image(row, "reject_path")
+    reader.add_pair(prompt, chosen, rejected, rated and ratings[0] == ratings[1], position,
+                    rejected_prompt=rejected_prompt, chosen_rating=ratings[0], rejected_rating=ratings[1])
+
+
 def _read_ranked_row(
     reader: _Reader, position: int, row: Mapping[str, Any], image_keys: tuple[str, ...], rank_key: str
 ) -> None:
@@ -516,5 +603,6 @@ _LAYOUTS: dict[str, _LayoutReader] = {
     _OWN_LAYOUT: _per_row(_read_pair_or_label),
     "pickapic": _per_row(_read_pickapic),
     "hpdv2": _per_row(_read_hpdv2),
+    "llava_reward": _per_row(_read_llava_reward),
     "imagereward": _read_imagereward,
 }
