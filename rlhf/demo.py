@@ -20,6 +20,7 @@ import yaml
 
 from rlhf.config import parse_config
 from rlhf.toy import ALL_PROMPTS
+from trainers.common import SAMPLE_PROMPTS
 
 
 @dataclass
@@ -184,8 +185,9 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
                 sigmas = "" if gain["gain_in_std"] is None else f"{gain['gain_in_std']:+.1f}"
                 lines.append(f"| {_label(key)} | {gain['before']:.4f} | {gain['after']:.4f} | {sigmas} | {verdict(gain)} |")
         lines += ["", *stage_findings(stage, summary[stage])]
-        lines += ["", "Evaluation samples (first seed, one image per prompt) before and after, and the training curves:",
-                  "", f"![before]({stage}/eval_before.png) ![after]({stage}/eval_after.png)", "",
+        lines += ["", f"The first {SAMPLE_PROMPTS} evaluation prompts (columns) for every evaluation seed (rows), before "
+                  "training above after, and the training curves (per epoch, moving average, evaluations):",
+                  "", f"![before above after]({stage}/eval_before_after.png)", "",
                   f"![{stage} training curves]({stage}/training_curves.png)", ""]
     lines += ["## What the numbers mean", "",
               "- *accuracy*: for pairs, the fraction of held-out pairs whose preferred image scores higher "

@@ -203,3 +203,32 @@ def test_eval_reward_picks_the_perspective_its_data_is_for(tmp_path):
     with pytest.raises(ConfigError, match=r"pass --perspective NAME.*alignment: .*test.jsonl; fidelity: .*f.jsonl"):
         _perspectives_for(str(tmp_path / "other.jsonl"), str(tmp_path), ["alignment", "fidelity"])
 
+
+
+# ------------------------------------------------------------------------------------------- pictures
+
+
+def test_before_after_grid_puts_every_seed_of_a_few_labelled_prompts_before_above_after(tmp_path):
+    import torch
+
+    from trainers.common import GRID_CELL, LABEL_WIDTH, EvaluationSamples, labelled_grid
+
+    prompts = ["a red circle on a white background", "a blue square on a black background"]
+    before = EvaluationSamples(prompts, {0: torch.zeros(2, 3, 32, 32), 1: torch.zeros(2, 3, 32, 32)})
+    after = EvaluationSamples(prompts, {0: torch.ones(2, 3, 32, 32), 1: torch.ones(2, 3, 32, 32)})
+    before.save(tmp_path / "before.safetensors")
+    loaded = EvaluationSamples.load(tmp_path / "before.safetensors")
+    assert loaded.prompts == prompts and sorted(loaded.images) == [0, 1]
+    image = labelled_grid([("before", loaded), ("after", after)])
+    assert image.size == (LABEL_WIDTH + 2 * (GRID_CELL + 4), 40 + 4 * (GRID_CELL + 4))  # upscaled from 32 px
+    centre = LABEL_WIDTH + GRID_CELL // 2
+    rows = [image.getpixel((centre, 40 + row * (GRID_CELL + 4) + GRID_CELL // 2)) for row in range(4)]
+    assert rows == [(0, 0, 0), (0, 0, 0), (255, 255, 255), (255, 255, 255)]  # both seeds before, then after
+    label_area = image.crop((0, 40, LABEL_WIDTH, 40 + GRID_CELL))
+    assert label_area.getextrema()[0][0] < 128, "the row is labelled"
+
+
+def test_moving_average_is_trailing():
+    from trainers.common import moving_average
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]

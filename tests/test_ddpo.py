@@ -357,7 +357,8 @@ def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path) -> None:
         assert set(metrics[key]) >= {"reward_mean", "reward_std", "per_perspective", "oracle"}
         assert set(metrics[key]["oracle"]) == {"alignment", "colour", "shape"}  # toy prompts: the toy oracle is reported
     assert len((output / "history.jsonl").read_text().splitlines()) == 1
-    for name in ("eval_before.png", "eval_after.png", "samples/epoch_0000.png", "training_curves.png", "config.yaml"):
+    for name in ("eval_before.png", "eval_after.png", "eval_before_after.png", "samples/epoch_0000.png",
+                 "training_curves.png", "config.yaml"):
         assert (output / name).is_file(), name
     assert (output / "lora" / "pytorch_lora_weights.safetensors").is_file()
 

@@ -38,8 +38,7 @@ def test_report_lists_every_stage_with_its_pictures(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| alignment | 0.940 | pairwise accuracy" in report
     assert "| oracle alignment | 0.4000 | 0.5000 | +2.0 |" in report and "| reward | 0.0000 | 0.6000 | +3.0 |" in report
-    for picture in ("reward/training_curves.png", "ddpo/eval_before.png", "ddpo/eval_after.png",
-                    "ddpo/training_curves.png"):
+    for picture in ("reward/training_curves.png", "ddpo/eval_before_after.png", "ddpo/training_curves.png"):
         assert f"({picture})" in report
     assert "DPO on the learned reward" not in report.replace("DDPO on the learned reward", "")
 

@@ -14,12 +14,11 @@ import torch
 from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
 from trainers.common import (
     PolicyExport,
-    epoch_progress,
-    training_command,
     build_lr_scheduler,
     build_optimizer,
     build_process_reward,
     draw_prompts,
+    epoch_progress,
     eval_reward_change,
     evaluate,
     finish_run,
@@ -29,8 +28,10 @@ from trainers.common import (
     perspective_values,
     policy_checkpointer,
     reseed_global_rngs,
+    reward_evaluations,
     seeded_generator,
     start_run,
+    training_command,
     warmup_check,
     weighting_state,
 )
@@ -448,20 +449,20 @@ class AlignPropTrainer(PolicyExport):
         with torch.no_grad():
             return self._rgb_with_grad(prompts, generators, backprop_steps=self.config.sample_num_steps).images
 
-    def evaluate(self, grid_name: str | None = None) -> dict[str, Any]:
+    def evaluate(self, stage: str | None = None) -> dict[str, Any]:
         """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`)."""
         self.sd_pipeline.unet.eval()
-        metrics, images = evaluate(
+        metrics, samples = evaluate(
             self._sample,
             self.reward_fn,
             self.eval_prompts(),
             self.config.eval_seeds,
             batch_size=self.config.eval_batch_size,
             accelerator=self.accelerator,
-            description=f"evaluating ({grid_name or 'policy'})",
+            description=f"evaluating ({stage or 'policy'})",
         )
-        if grid_name and images is not None:
-            self.outputs.save_grid(images, grid_name)
+        if stage:
+            self.outputs.save_evaluation(stage, samples)
         return metrics
 
     def eval_prompts(self) -> list[str]:
@@ -476,15 +477,15 @@ class AlignPropTrainer(PolicyExport):
         `metrics.json`, the curves and the final policy (`output_dir/lora`). Returns the metrics."""
         end = self.config.num_epochs if epochs is None else epochs
         if self.eval_before is None:
-            self.eval_before = self.evaluate("eval_before.png")
+            self.eval_before = self.evaluate("before")
         progress = epoch_progress(self.first_epoch, end, f"{self.config.method} epochs",
                                   self.accelerator.is_local_main_process)
         for epoch in progress:
             self.step(epoch, self.global_step)
             progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
-        eval_after = self.evaluate("eval_after.png")
+        eval_after = self.evaluate("after")
         metrics = {"eval_before": self.eval_before, "eval_after": eval_after, "epochs": end, "global_step": self.global_step}
-        finish_run(self, metrics, ["reward_mean", "loss", "grad_norm", "backprop_steps_mean"])
+        finish_run(self, metrics, ["reward_mean", "loss", "grad_norm", "backprop_steps_mean"], reward_evaluations(metrics))
         return metrics
 
 

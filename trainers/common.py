@@ -11,6 +11,7 @@ import resource
 import shutil
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -283,11 +284,12 @@ def eval_reward_change(before: dict[str, Any], after: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def finish_run(trainer: Any, metrics: dict[str, Any], curves: Sequence[str]) -> None:
-    """The end of every diffusion trainer's `train()`: metrics.json and the curves of `curves`, then the final
-    policy in `output_dir/lora`, then the trackers closed."""
+def finish_run(trainer: Any, metrics: dict[str, Any], curves: Sequence[str],
+               evaluations: dict[str, list[tuple[float, float]]] | None = None) -> None:
+    """The end of every diffusion trainer's `train()`: metrics.json and the curves of `curves` (with the
+    `evaluations` points), then the final policy in `output_dir/lora`, then the trackers closed."""
     trainer.outputs.write_metrics(metrics)
-    trainer.outputs.plot_history(list(curves))
+    trainer.outputs.plot_history(list(curves), evaluations=evaluations)
     trainer.accelerator.wait_for_everyone()
     trainer.save_pretrained(Path(trainer.config.output_dir) / LORA_SUBDIR)
     trainer.accelerator.end_training()
@@ -339,6 +341,14 @@ def epoch_progress(first_epoch: int, end: int, description: str, enabled: bool) 
     return tqdm(range(first_epoch, end), desc=description, initial=first_epoch, total=end, disable=not enabled)
 
 
+def reward_evaluations(metrics: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """The evaluation points of the "reward_mean" curve: before training at epoch -1, after at the last epoch."""
+    before, after = metrics.get("eval_before"), metrics.get("eval_after")
+    if not before or not after:
+        return {}
+    return {"reward_mean": [(-1, before["reward_mean"]), (metrics["epochs"] - 1, after["reward_mean"])]}
+
+
 def draw_prompts(prompt_fn: Callable[[], Any], groups: int, group_size: int = 1) -> tuple[list[str], list[Any]]:
     """`groups` draws of a TRL-style `prompt_fn() -> (prompt, metadata)` (or just a prompt), each repeated
     `group_size` times in a row."""
@@ -384,8 +394,10 @@ class RunOutputs:
         if self.is_main:
             (self.dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
 
-    def plot_history(self, keys: Sequence[str], filename: str = "training_curves.png") -> None:
-        """One panel per key of `history.jsonl` against epoch."""
+    def plot_history(self, keys: Sequence[str], filename: str = "training_curves.png",
+                     evaluations: dict[str, list[tuple[float, float]]] | None = None) -> None:
+        """One panel per key of `history.jsonl` against epoch: the per-epoch values, their moving average, and the
+        `evaluations[key]` points (epoch, value) of the fixed-prompt evaluations."""
         rows = self.history()
         keys = [k for k in keys if any(k in row for row in rows)]
         if not self.is_main or not keys:
@@ -397,10 +409,15 @@ class RunOutputs:
 
         figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
         for axis, key in zip(axes[0], keys):
-            points = [(row["epoch"], row[key]) for row in rows if key in row]
-            axis.plot(*zip(*points), marker="o")
+            epochs, values = zip(*[(row["epoch"], row[key]) for row in rows if key in row])
+            axis.plot(epochs, values, marker=".", alpha=0.35, label="per epoch")
+            window = max(2, len(values) // 8)
+            axis.plot(epochs, moving_average(values, window), linewidth=2, label=f"moving average ({window})")
+            if evaluations and key in evaluations:
+                axis.plot(*zip(*evaluations[key]), "s", color="black", label="evaluation (fixed prompts, seeds)")
             axis.set_xlabel("epoch")
             axis.set_title(key)
+            axis.legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(self.dir / filename)
         plt.close(figure)
@@ -408,6 +425,18 @@ class RunOutputs:
     def save_grid(self, images: torch.Tensor, filename: str, columns: int | None = None) -> None:
         if self.is_main:
             save_image_grid(images, self.dir / filename, columns)
+
+    def save_evaluation(self, stage: str, samples: "EvaluationSamples") -> None:
+        """`eval_<stage>.png` (a few prompts x every seed, labelled), the samples themselves (so a resumed run can
+        still compare), and after training `eval_before_after.png`: before above after."""
+        if not self.is_main:
+            return
+        labelled_grid([(stage, samples)]).save(self.dir / f"eval_{stage}.png")
+        samples.save(self.dir / f"eval_{stage}_samples.safetensors")
+        before = self.dir / "eval_before_samples.safetensors"
+        if stage == "after" and before.is_file():
+            labelled_grid([("before", EvaluationSamples.load(before)), ("after", samples)]).save(
+                self.dir / "eval_before_after.png")
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> None:
@@ -424,6 +453,68 @@ def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None 
     array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+
+
+# ------------------------------------------------------------------------------------------- labelled grids
+
+SAMPLE_PROMPTS = 6  # evaluation prompts shown in the before/after grids (every seed of each)
+GRID_CELL = 96  # px: the toy generator's 32 px images are upscaled to be seen
+LABEL_WIDTH = 110  # px: the row labels' column
+
+
+@dataclass
+class EvaluationSamples:
+    """The images of an evaluation's first prompts, per seed: `images[seed]` is [len(prompts), 3, H, W]."""
+
+    prompts: list[str]
+    images: dict[int, torch.Tensor]
+
+    def save(self, path: Path) -> None:
+        save_file({str(seed): images.contiguous() for seed, images in self.images.items()}, path,
+                  metadata={"prompts": json.dumps(self.prompts)})
+
+    @classmethod
+    def load(cls, path: Path) -> "EvaluationSamples":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            prompts = json.loads(handle.metadata()["prompts"])
+        return cls(prompts, {int(seed): images for seed, images in load_file(path).items()})
+
+
+def labelled_grid(blocks: Sequence[tuple[str, EvaluationSamples]]) -> Image.Image:
+    """One picture: a column per prompt (its text on top), a row per (block, seed) labelled "before, seed 0", the
+    blocks one above the other; images upscaled to `GRID_CELL` px without smoothing."""
+    import textwrap
+
+    from PIL import ImageDraw
+
+    prompts = blocks[0][1].prompts
+    rows = [(f"{label}, seed {seed}", images) for label, samples in blocks for seed, images in sorted(samples.images.items())]
+    header, gap = 40, 4
+    width = LABEL_WIDTH + len(prompts) * (GRID_CELL + gap)
+    canvas = Image.new("RGB", (width, header + len(rows) * (GRID_CELL + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, prompt in enumerate(prompts):
+        text = "\n".join(textwrap.wrap(prompt, width=GRID_CELL // 6)[:3])
+        draw.multiline_text((LABEL_WIDTH + column * (GRID_CELL + gap), 2), text, fill="black", spacing=1)
+    for row, (label, images) in enumerate(rows):
+        top = header + row * (GRID_CELL + gap)
+        draw.text((4, top + GRID_CELL // 2 - 6), label, fill="black")
+        for column, image in enumerate(images[: len(prompts)]):
+            array = (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            tile = Image.fromarray(array).resize((GRID_CELL, GRID_CELL), Image.NEAREST)
+            canvas.paste(tile, (LABEL_WIDTH + column * (GRID_CELL + gap), top))
+    return canvas
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The trailing mean of the last `window` values at each point (fewer at the start)."""
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value - (values[index - window] if index >= window else 0.0)
+        out.append(total / min(index + 1, window))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -491,7 +582,7 @@ def evaluate(
     batch_size: int,
     accelerator: Accelerator | None = None,
     description: str = "evaluating",
-) -> tuple[dict[str, Any], torch.Tensor | None]:
+) -> tuple[dict[str, Any], "EvaluationSamples"]:
     """Score a policy on fixed prompts and seeds; the seeds are shared out across processes.
 
     `sample_fn(prompts, generators)` draws one image per prompt (float [N, 3, H, W] in [0, 1]), image i from
@@ -500,15 +591,15 @@ def evaluate(
 
     Returns `{"reward_mean", "reward_std" (sample std over seeds of the per-seed mean; 0 with one seed),
     "per_perspective": {name: mean}, "oracle": {name: mean} or None, "oracle_std": {name: sample std over seeds
-    of the per-seed mean} or None, "num_seeds", "num_prompts"}` and, on the
-    process that evaluated the first seed, that seed's images (else None). A progress bar named `description`
+    of the per-seed mean} or None, "num_seeds", "num_prompts"}` and the images of the first `SAMPLE_PROMPTS`
+    prompts for every seed (gathered from all processes), for the labelled grids. A progress bar named `description`
     counts the sampled batches (an evaluation samples as many images as many epochs do).
     """
     prompts, seeds = list(prompts), list(seeds)
     if not prompts or not seeds:
         raise ValueError("eval_prompts and eval_seeds: expected at least one of each")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    results, first_images = [], None
+    results, samples = [], {}
     batches = len(seeds[rank::world]) * math.ceil(len(prompts) / batch_size)
     show = accelerator is None or accelerator.is_local_main_process
     progress = tqdm(total=batches, desc=description, unit="batch", disable=not show, leave=False)
@@ -526,8 +617,7 @@ def evaluate(
             for name, values in (toy_oracle(batch_images, chunk) or {}).items():
                 oracles.setdefault(name, []).append(values)
             images.append(batch_images)
-        if seed == seeds[0]:
-            first_images = torch.cat(images)
+        samples[seed] = torch.cat(images)[:SAMPLE_PROMPTS]
         results.append(
             {
                 "rewards": torch.cat(rewards).tolist(),
@@ -538,7 +628,8 @@ def evaluate(
     progress.close()
     if accelerator is not None and world > 1:
         results = gather_object(results)
-    return summarise_evaluation(results, len(prompts)), first_images
+        samples = {seed: images for part in gather_object([samples]) for seed, images in part.items()}
+    return summarise_evaluation(results, len(prompts)), EvaluationSamples(prompts[:SAMPLE_PROMPTS], samples)
 
 
 def summarise_evaluation(results: list[dict[str, Any]], num_prompts: int) -> dict[str, Any]:

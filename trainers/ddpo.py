@@ -21,13 +21,12 @@ from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from trainers.common import (
     PolicyExport,
-    epoch_progress,
-    training_command,
     are_toy_prompts,
     build_lr_scheduler,
     build_optimizer,
     build_process_reward,
     draw_prompts,
+    epoch_progress,
     eval_reward_change,
     evaluate,
     finish_run,
@@ -38,8 +37,10 @@ from trainers.common import (
     policy_checkpointer,
     reseed_global_rngs,
     reward_call,
+    reward_evaluations,
     seeded_generator,
     start_run,
+    training_command,
     warmup_check,
     weighting_state,
 )
@@ -615,21 +616,21 @@ class DDPOTrainer(PolicyExport):
         self.last_row = row
         return self.global_step
 
-    def evaluate(self, grid_name: str | None = None) -> dict[str, Any]:
+    def evaluate(self, stage: str | None = None) -> dict[str, Any]:
         """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`)."""
         self.sd_pipeline.unet.eval()
         prompts = self.eval_prompts()
-        metrics, images = evaluate(
+        metrics, samples = evaluate(
             lambda chunk, generator: self._sample(chunk, generator).images,
             self.reward_fn,
             prompts,
             self.config.eval_seeds,
             batch_size=max(self.config.sample_batch_size, 1),
             accelerator=self.accelerator,
-            description=f"evaluating ({grid_name or 'policy'})",
+            description=f"evaluating ({stage or 'policy'})",
         )
-        if grid_name and images is not None:
-            self.outputs.save_grid(images, grid_name)
+        if stage:
+            self.outputs.save_evaluation(stage, samples)
         return metrics
 
     def eval_prompts(self) -> list[str]:
@@ -644,12 +645,12 @@ class DDPOTrainer(PolicyExport):
         `metrics.json`, the curves and the final policy (`output_dir/lora`). Returns the metrics."""
         end = self.config.num_epochs if epochs is None else epochs
         if self.eval_before is None:
-            self.eval_before = self.evaluate("eval_before.png")
+            self.eval_before = self.evaluate("before")
         progress = epoch_progress(self.first_epoch, end, "DDPO epochs", self.accelerator.is_local_main_process)
         for epoch in progress:
             self.step(epoch, self.global_step)
             progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
-        eval_after = self.evaluate("eval_after.png")
+        eval_after = self.evaluate("after")
         metrics = {
             "eval_before": self.eval_before,
             "eval_after": eval_after,
@@ -659,7 +660,7 @@ class DDPOTrainer(PolicyExport):
         }
         if self.executor is not None:
             self.executor.shutdown()
-        finish_run(self, metrics, ["reward_mean", "approx_kl", "clipfrac", "loss"])
+        finish_run(self, metrics, ["reward_mean", "approx_kl", "clipfrac", "loss"], reward_evaluations(metrics))
         return metrics
 
 

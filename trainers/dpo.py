@@ -25,13 +25,12 @@ from tqdm.auto import tqdm
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from trainers.common import (
     PolicyExport,
-    epoch_progress,
-    training_command,
     are_toy_prompts,
     build_lr_scheduler,
     build_optimizer,
     build_process_reward,
     draw_prompts,
+    epoch_progress,
     eval_reward_change,
     evaluate,
     finish_run,
@@ -42,9 +41,11 @@ from trainers.common import (
     policy_checkpointer,
     reseed_global_rngs,
     reward_call,
+    reward_evaluations,
     save_image_grid,
     seeded_generator,
     start_run,
+    training_command,
     warmup_check,
     weighting_state,
 )
@@ -981,19 +982,19 @@ class DiffusionDPOTrainer(PolicyExport):
         self.last_row = row
         return row
 
-    def evaluate(self, grid_name: str | None = None) -> dict[str, Any] | None:
+    def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
         """Mean reward of the policy's samples on the evaluation prompts and seeds (see `trainers.common.evaluate`);
         None without a reward function."""
         if self.reward_fn is None:
             return None
         self.unet.eval()
-        metrics, images = evaluate(
+        metrics, samples = evaluate(
             lambda chunk, generator: self._sample(chunk, generator).images, self.reward_fn, self.eval_prompts(),
             self.config.eval_seeds, batch_size=self.config.sample_batch_size, accelerator=self.accelerator,
-            description=f"evaluating ({grid_name or 'policy'})",
+            description=f"evaluating ({stage or 'policy'})",
         )
-        if grid_name and images is not None:
-            self.outputs.save_grid(images, grid_name)
+        if stage:
+            self.outputs.save_evaluation(stage, samples)
         return metrics
 
     def eval_prompts(self) -> list[str]:
@@ -1012,7 +1013,7 @@ class DiffusionDPOTrainer(PolicyExport):
         `metrics.json` (eval_before/eval_after, heldout_before/heldout_after), the curves and `output_dir/lora`."""
         end = self.config.num_epochs if epochs is None else epochs
         if self.before is None:
-            self.before = {"eval": self.evaluate("eval_before.png"), "heldout": self.evaluate_heldout()}
+            self.before = {"eval": self.evaluate("before"), "heldout": self.evaluate_heldout()}
         progress = epoch_progress(self.first_epoch, end, "DPO epochs", self.accelerator.is_local_main_process)
         for epoch in progress:
             row = self.step(epoch)
@@ -1020,14 +1021,17 @@ class DiffusionDPOTrainer(PolicyExport):
         metrics = {
             "mode": self.config.mode,
             "eval_before": self.before["eval"],
-            "eval_after": self.evaluate("eval_after.png"),
+            "eval_after": self.evaluate("after"),
             "heldout_before": self.before["heldout"],
             "heldout_after": self.evaluate_heldout(),
             "epochs": end,
             "global_step": self.global_step,
             "num_nonfinite_rewards": self.num_nonfinite,
         }
-        finish_run(self, metrics, ["loss", "implicit_accuracy", "implicit_reward_margin", "reward_mean"])
+        heldout = [(epoch, metrics[f"heldout_{stage}"]["implicit_accuracy"]) for epoch, stage in ((-1, "before"), (end - 1, "after"))
+                   if metrics[f"heldout_{stage}"]]
+        finish_run(self, metrics, ["loss", "implicit_accuracy", "implicit_reward_margin", "reward_mean"],
+                   {**reward_evaluations(metrics), **({"implicit_accuracy": heldout} if heldout else {})})
         return metrics
 
 
