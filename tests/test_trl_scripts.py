@@ -13,7 +13,6 @@ LAION aesthetic scorer. The image hook keeps the scripts' unpacking but collects
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +41,7 @@ def prompt_fn():
     return np.random.choice(ANIMALS), {}
 
 
-def run_script(config_class, trainer_class, argv: list[str], hook) -> tuple:
+def run_script(config_class, trainer_class, argv: list[str], hook) -> None:
     """The scripts' `__main__`, with the tiny pipeline and a weight-free reward."""
     parser = HfArgumentParser((ScriptArguments, config_class))
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -64,7 +63,6 @@ def run_script(config_class, trainer_class, argv: list[str], hook) -> tuple:
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name="unused")
-    return script_args, training_args
 
 
 COMMON = ["--num_epochs=1", "--sample_num_steps=2", "--train_batch_size=2", "--mixed_precision=no",
@@ -82,7 +80,7 @@ def test_trl_ddpo_script_runs_with_changed_imports(tiny_sd, tmp_path, monkeypatc
 
     argv = [f"--pretrained_model={tiny_sd}", "--sample_batch_size=2", "--sample_num_batches_per_epoch=1",
             "--per_prompt_stat_tracking=True", "--output_dir=out", *COMMON]
-    _, training_args = run_script(DDPOConfig, DDPOTrainer, argv, image_outputs_logger)
+    run_script(DDPOConfig, DDPOTrainer, argv, image_outputs_logger)
     assert len(logged) == 2 and logged[0][1][0] == 1
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()  # save_model(output_dir)
     assert (tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").is_file()

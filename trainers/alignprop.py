@@ -16,10 +16,8 @@ from trainers.common import (
     PolicyExport,
     build_lr_scheduler,
     build_optimizer,
-    build_process_reward,
     draw_prompts,
     epoch_progress,
-    eval_reward_change,
     evaluate,
     finish_run,
     inference_dtype,
@@ -31,11 +29,10 @@ from trainers.common import (
     reward_evaluations,
     seeded_generator,
     start_run,
-    training_command,
     warmup_check,
     weighting_state,
 )
-from trainers.ddpo import DDPOConfig, GeneratorArguments, load_policy, load_run_prompts, uniform_prompt_function
+from trainers.ddpo import DDPOConfig, run_trainer_command
 
 METHODS = ("alignprop", "draft_k", "draft_lv")
 
@@ -494,19 +491,4 @@ class AlignPropTrainer(PolicyExport):
 
 def main(argv: list[str]) -> int:
     """`rlhf train alignprop --config configs/alignprop/X.yaml [--field value ...]`."""
-    from rlhf.config import parse_config
-
-    generator, config = parse_config([GeneratorArguments, AlignPropConfig], argv)
-    config.validate()
-    with training_command(argv, config):
-        prompts = load_run_prompts(config)
-        reward = build_process_reward(config.reward, differentiable=True)
-        policy = load_policy(generator, config.seed, config.output_dir)
-        trainer = AlignPropTrainer(config, reward, uniform_prompt_function(prompts), policy)
-        trainer.outputs.save_config([generator, config])
-        metrics = trainer.train()
-    if config.push_to_hub:
-        trainer.push_to_hub()
-    if trainer.accelerator.is_main_process:
-        print(f"{eval_reward_change(metrics['eval_before'], metrics['eval_after'])}; outputs in {config.output_dir}")
-    return 0
+    return run_trainer_command(argv, AlignPropConfig, AlignPropTrainer, differentiable=True)

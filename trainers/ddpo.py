@@ -761,15 +761,21 @@ def load_policy(generator: GeneratorArguments | Any, seed: int, output_dir: str)
 
 def main(argv: list[str]) -> int:
     """`rlhf train ddpo --config configs/ddpo/X.yaml [--field value ...]`."""
+    return run_trainer_command(argv, DDPOConfig, DDPOTrainer)
+
+
+def run_trainer_command(argv: list[str], config_class: type, trainer_class: type, **reward_defaults: Any) -> int:
+    """A command around a trainer with TRL's `(config, reward_function, prompt_function, sd_pipeline)` constructor:
+    parse `GeneratorArguments` + `config_class`, train in a claimed output directory, push if asked, summarise."""
     from rlhf.config import parse_config
 
-    generator, config = parse_config([GeneratorArguments, DDPOConfig], argv)
+    generator, config = parse_config([GeneratorArguments, config_class], argv)
     config.validate()
     with training_command(argv, config):
         prompts = load_run_prompts(config)
-        reward = build_process_reward(config.reward)
+        reward = build_process_reward(config.reward, **reward_defaults)
         policy = load_policy(generator, config.seed, config.output_dir)
-        trainer = DDPOTrainer(config, reward, uniform_prompt_function(prompts), policy)
+        trainer = trainer_class(config, reward, uniform_prompt_function(prompts), policy)
         trainer.outputs.save_config([generator, config])
         metrics = trainer.train()
     if config.push_to_hub:
