@@ -183,10 +183,11 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         for key, gain in summary[stage].items():
             if gain:
                 sigmas = "" if gain["gain_in_std"] is None else f"{gain['gain_in_std']:+.1f}"
-                lines.append(f"| {_label(key)} | {gain['before']:.4f} | {gain['after']:.4f} | {sigmas} | {verdict(gain)} |")
+                lines.append(f"| {_label(key)} | {gain['before']:.4f} | {gain['after']:.4f} | {sigmas} "
+                             f"| {verdict(gain)} |")
         lines += ["", *stage_findings(stage, summary[stage])]
-        lines += ["", f"The first {SAMPLE_PROMPTS} evaluation prompts (columns) for every evaluation seed (rows), before "
-                  "training above after, and the training curves (per epoch, moving average, evaluations):",
+        lines += ["", f"The first {SAMPLE_PROMPTS} evaluation prompts (columns) for every evaluation seed (rows), "
+                  "before training above after, and the training curves (per epoch, moving average, evaluations):",
                   "", f"![before above after]({stage}/eval_before_after.png)", "",
                   f"![{stage} training curves]({stage}/training_curves.png)", ""]
     lines += ["## What the numbers mean", "",

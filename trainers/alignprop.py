@@ -55,7 +55,7 @@ class AlignPropConfig:
 
     # ---- TRL 0.23 ----
     exp_name: str = field(
-        default=os.path.basename(sys.argv[0])[: -len(".py")],
+        default=os.path.basename(sys.argv[0]).removesuffix(".py"),  # TRL cut 3 characters: "rlhf" gave "r"
         metadata={"help": "Name of this experiment (default: the script's file name without extension)."},
     )
     run_name: str = field(default="", metadata={"help": "Name of this run, for the tracker (default '')."})
@@ -482,7 +482,8 @@ class AlignPropTrainer(PolicyExport):
             progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
         eval_after = self.evaluate("after")
         metrics = {"eval_before": self.eval_before, "eval_after": eval_after, "epochs": end, "global_step": self.global_step}
-        finish_run(self, metrics, ["reward_mean", "loss", "grad_norm", "backprop_steps_mean"], reward_evaluations(metrics))
+        curves = ["reward_mean", "loss", "grad_norm", "backprop_steps_mean"]
+        finish_run(self, metrics, curves, reward_evaluations(metrics))
         return metrics
 
 

@@ -490,7 +490,8 @@ def labelled_grid(blocks: Sequence[tuple[str, EvaluationSamples]]) -> Image.Imag
     from PIL import ImageDraw
 
     prompts = blocks[0][1].prompts
-    rows = [(f"{label}, seed {seed}", images) for label, samples in blocks for seed, images in sorted(samples.images.items())]
+    rows = [(f"{label}, seed {seed}", images)
+            for label, samples in blocks for seed, images in sorted(samples.images.items())]
     header, gap = 40, 4
     width = LABEL_WIDTH + len(prompts) * (GRID_CELL + gap)
     canvas = Image.new("RGB", (width, header + len(rows) * (GRID_CELL + gap)), "white")

@@ -81,7 +81,7 @@ class DDPOConfig:
 
     # ---- TRL 0.23.1 ----
     exp_name: str = field(
-        default=os.path.basename(sys.argv[0])[: -len(".py")],
+        default=os.path.basename(sys.argv[0]).removesuffix(".py"),  # TRL cut 3 characters: "rlhf" gave "r"
         metadata={"help": "Name of this experiment (default: the script's file name without extension)."},
     )
     run_name: str = field(default="", metadata={"help": "Name of this run, for the tracker (default '')."})

@@ -91,7 +91,7 @@ class DiffusionDPOConfig:
 
     # ---- run ----
     exp_name: str = field(
-        default=os.path.basename(sys.argv[0])[: -len(".py")],
+        default=os.path.basename(sys.argv[0]).removesuffix(".py"),  # TRL cut 3 characters: "rlhf" gave "r"
         metadata={"help": "Name of this experiment (default: the script's file name without extension)."},
     )
     run_name: str = field(default="", metadata={"help": "Name of this run, for the tracker (default '')."})
@@ -1028,8 +1028,8 @@ class DiffusionDPOTrainer(PolicyExport):
             "global_step": self.global_step,
             "num_nonfinite_rewards": self.num_nonfinite,
         }
-        heldout = [(epoch, metrics[f"heldout_{stage}"]["implicit_accuracy"]) for epoch, stage in ((-1, "before"), (end - 1, "after"))
-                   if metrics[f"heldout_{stage}"]]
+        heldout = [(epoch, metrics[f"heldout_{stage}"]["implicit_accuracy"])
+                   for epoch, stage in ((-1, "before"), (end - 1, "after")) if metrics[f"heldout_{stage}"]]
         finish_run(self, metrics, ["loss", "implicit_accuracy", "implicit_reward_margin", "reward_mean"],
                    {**reward_evaluations(metrics), **({"implicit_accuracy": heldout} if heldout else {})})
         return metrics
@@ -1048,7 +1048,8 @@ def main(argv: list[str]) -> int:
     with training_command(argv, config):
         prompt_function = uniform_prompt_function(load_run_prompts(config)) if config.mode == "online" else None
         reward = build_process_reward(config.reward) if config.reward else None
-        trainer = DiffusionDPOTrainer(config, load_policy(config, config.seed, config.output_dir), reward_function=reward, prompt_function=prompt_function)
+        policy = load_policy(config, config.seed, config.output_dir)
+        trainer = DiffusionDPOTrainer(config, policy, reward_function=reward, prompt_function=prompt_function)
         metrics = trainer.train()
     if trainer.accelerator.is_main_process:
         for key in ("eval", "heldout"):
