@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from reward import RewardModel
@@ -11,22 +11,19 @@ from rlhf.config import ConfigError, parse_config
 
 @dataclass
 class ConvertOfficialConfig:
-    """Arguments of `rlhf convert official`.
+    """Arguments of `rlhf convert official`: a released perspective directory onto its base, saved as ours."""
 
-    checkpoint: the released perspective's directory (reward_config.yaml, lora/, pytorch_model.bin) (required).
-    base: its base VLM, a path or a Hugging Face id in the local cache (required): Phi-3.5-vision-instruct,
-        Qwen2.5-VL-7B-Instruct or LLaVA-1.6 as the checkpoint was trained on.
-    perspective: the name it gets ("overall").
-    output_dir: the RewardModel directory to write; converting into an existing one adds the perspective beside
-        those already there (same base) (required).
-    dtype: float32 (default), bfloat16 or float16 for the base while converting (the saved weights are float32).
-    """
-
-    checkpoint: str = ""
-    base: str = ""
-    perspective: str = "overall"
-    output_dir: str = ""
-    dtype: str = "float32"
+    checkpoint: str = field(default="", metadata={"help": "The released perspective's directory, holding "
+                                                           "reward_config.yaml, lora/ and pytorch_model.bin (required)."})
+    base: str = field(default="", metadata={"help": "Its base VLM, a path or a Hugging Face id in the local cache: "
+                                                     "Phi-3.5-vision-instruct, Qwen2.5-VL-7B-Instruct or LLaVA-1.6, as "
+                                                     "the checkpoint was trained on (required)."})
+    perspective: str = field(default="overall", metadata={"help": "The name the perspective gets."})
+    output_dir: str = field(default="", metadata={"help": "The RewardModel directory to write; converting into an "
+                                                           "existing one adds the perspective beside those already "
+                                                           "there, on the same base (required)."})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16 for the base while "
+                                                             "converting (the saved weights are float32)."})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(config.output_dir)
     if (output / "reward_model.json").is_file():
         model = RewardModel.from_pretrained(output, dtype=config.dtype)
-        if str(Path(model.base)) != str(Path(config.base)) and Path(model.base).resolve() != Path(config.base).resolve():
+        if Path(model.base).resolve() != Path(config.base).resolve():
             raise ConfigError(f"--output_dir {output} holds perspectives on base {model.base}, not {config.base}")
         if config.perspective in model.perspectives:
             raise ConfigError(f"--perspective {config.perspective!r} already exists in {output}; choose another name")
