@@ -409,19 +409,24 @@ def test_two_cpu_processes_end_with_identical_lora(tiny_sd: Path, toy_pairs: dic
         assert (tmp_path / "run" / "pairs" / "round_0000_rank1.jsonl").is_file()
 
 
-@pytest.mark.parametrize("config_name", ["tiny.yaml", "tiny_offline.yaml"])
-def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path, config_name: str) -> None:
+# offline: toy alignment pairs (no shipped config: on the toy generator they lowered the oracle, see README)
+OFFLINE = ["--mode", "offline", "--dataset", "toy:alignment", "--eval_dataset", "toy:alignment"]
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path, mode: str) -> None:
     output = tmp_path / "cli"
     code = main([
-        "--config", str(ROOT / "configs/dpo" / config_name), "--pretrained_model", "tiny", "--output_dir", str(output),
+        "--config", str(ROOT / "configs/dpo/tiny.yaml"), "--pretrained_model", "tiny", "--output_dir", str(output),
         "--num_epochs", "1", "--sample_num_steps", "2", "--sample_num_batches_per_epoch", "1", "--eval_seeds", "0", "1",
         "--eval_prompts", *PROMPTS, "--toy_num_train", "8", "--toy_num_test", "4", "--train_steps_per_epoch", "1",
+        *(OFFLINE if mode == "offline" else []),
     ])
     assert code == 0
     metrics = json.loads((output / "metrics.json").read_text())
     for key in ("eval_before", "eval_after"):
         assert set(metrics[key]) >= {"reward_mean", "reward_std", "per_perspective", "oracle"}
-    if config_name == "tiny_offline.yaml":
+    if mode == "offline":
         assert metrics["heldout_before"]["implicit_accuracy"] == 0.5 and metrics["heldout_before"]["num_pairs"] == 4
     else:
         assert (output / "pairs" / "round_0000.jsonl").is_file() and (output / "samples" / "epoch_0000.png").is_file()
@@ -435,8 +440,8 @@ def test_cli_rejects_an_unknown_key_and_a_missing_dataset(tmp_path: Path) -> Non
 
     assert rlhf_main(["train", "dpo", "--config", str(ROOT / "configs/dpo/tiny.yaml"), "--not_a_field", "1"]) == 2
     assert rlhf_main([
-        "train", "dpo", "--config", str(ROOT / "configs/dpo/tiny_offline.yaml"), "--pretrained_model", "tiny",
-        "--output_dir", str(tmp_path), "--dataset", str(tmp_path / "missing.jsonl"),
+        "train", "dpo", "--config", str(ROOT / "configs/dpo/tiny.yaml"), "--pretrained_model", "tiny", "--mode",
+        "offline", "--output_dir", str(tmp_path), "--dataset", str(tmp_path / "missing.jsonl"),
     ]) == 2
 
 
