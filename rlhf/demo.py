@@ -99,10 +99,12 @@ def generator_stage(out: Path, name: str, quick: bool, seed: int) -> dict[str, A
 
 
 def _run(words: list[str], config: dict[str, Any], path: Path) -> None:
-    from rlhf.cli import main
+    from rlhf.cli import INTERRUPTED, main
 
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     code = main([*words, "--config", str(path)])
+    if code == INTERRUPTED:  # the stage said how to resume it; the demo itself ends as interrupted, untraced
+        raise KeyboardInterrupt
     if code:
         raise RuntimeError(f"`rlhf {' '.join(words)} --config {path}` failed with exit code {code}")
 
