@@ -1,15 +1,33 @@
-"""Tiny offline Stable Diffusion pipelines: a random one for plumbing tests, and the committed toy generator."""
+"""Tiny offline Stable Diffusion pipelines: random ones (SD 1.x, SD3) for plumbing tests, and the committed toy
+generator."""
 
 from __future__ import annotations
 
+import string
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 from rlhf.toy import TOY_VOCABULARY
 
@@ -147,3 +165,91 @@ def load_toy_generator(dtype: torch.dtype = torch.float32) -> StableDiffusionPip
     pipeline = StableDiffusionPipeline.from_pretrained(toy_generator_path(), dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Stable Diffusion 3 pipeline to `path` with `save_pretrained`; return the path.
+
+    SD3's parts at toy size (32 px images, 8x8x16 latents): an `SD3Transformer2DModel`, a 16-channel VAE with SD3's
+    shift and scaling factors, two CLIP text encoders with projection, a T5 encoder, their tokenizers built locally
+    (the CLIP one of `build_tiny_sd`; a unigram T5 one whose pieces are the same words, plus letters and digits for
+    any other text), and a `FlowMatchEulerDiscreteScheduler` with SD3's shift 3. For plumbing tests only: random
+    weights. Load it with `StableDiffusion3Pipeline.from_pretrained(path)`.
+    """
+    path = Path(path)
+    clip_tokenizer = build_tiny_tokenizer()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -1.0) for word in sorted(set(TOY_VOCABULARY + EXTRA_WORDS))]
+    pieces += [(char, -5.0) for char in string.ascii_lowercase + string.digits]
+    t5_tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+
+    torch.manual_seed(seed)
+    # joint_attention_dim = T5's width (32) holds the two CLIPs' hidden states side by side (16 + 16), and
+    # pooled_projection_dim their two projections, as SD3's encode_prompt concatenates them.
+    transformer = SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        pos_embed_max_size=LATENT_SIZE,
+    )
+    vae = AutoencoderKL(
+        sample_size=IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 16, 32),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+    )
+    clip_config = CLIPTextConfig(
+        vocab_size=len(clip_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        projection_dim=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TEXT_MAX_LENGTH,
+        bos_token_id=clip_tokenizer.bos_token_id,
+        eos_token_id=clip_tokenizer.eos_token_id,
+        pad_token_id=clip_tokenizer.pad_token_id,
+    )
+    text_encoder, text_encoder_2 = CLIPTextModelWithProjection(clip_config), CLIPTextModelWithProjection(clip_config)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+            decoder_start_token_id=t5_tokenizer.pad_token_id,
+        )
+    )
+    StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer,
+    ).save_pretrained(path)
+    return path
