@@ -90,17 +90,7 @@ def tiny_sd_components(seed: int = 0, tokenizer: CLIPTokenizer | None = None) ->
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        sample_size=IMAGE_SIZE,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-    )
+    vae = _tiny_vae(latent_channels=4)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -136,6 +126,15 @@ def assemble_pipeline(components: dict[str, Any]) -> StableDiffusionPipeline:
     """A `StableDiffusionPipeline` from tiny components, without safety checker or feature extractor."""
     return StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def _tiny_vae(**options) -> AutoencoderKL:
+    """A three-block VAE at the tiny pipelines' size (8x downsampling); `options` set the family's latent layout."""
+    return AutoencoderKL(
+        sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 16, 32), layers_per_block=1,
+        norm_num_groups=4, **options,
     )
 
 
@@ -199,21 +198,8 @@ def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
         pooled_projection_dim=32,
         pos_embed_max_size=LATENT_SIZE,
     )
-    vae = AutoencoderKL(
-        sample_size=IMAGE_SIZE,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 16, 32),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5305,
-    )
+    vae = _tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                    scaling_factor=1.5305)  # SD3's VAE: 16 latent channels, no quant convs, its shift and scale
     clip_config = CLIPTextConfig(
         vocab_size=len(clip_tokenizer),
         hidden_size=16,
