@@ -303,7 +303,8 @@ class RewardTrainingScript:
     """What `rlhf train reward` trains; TRL's `RewardConfig` (in the same YAML) gives the training arguments.
 
     base_model: path or Hugging Face id of the base VLM (local or cached, never downloaded by tests), or
-        "tiny:llava" / "tiny:qwen2_vl": a tiny random VLM built into `<output_dir>/model/base` (default "tiny:llava").
+        "tiny:FAMILY" (llava, llava_next, qwen2_vl, phi3_v): a tiny random VLM built into `<output_dir>/model/base`
+        (default "tiny:llava").
     base_seed: seed of the tiny base's random weights (0).
     dtype: dtype of the base weights: float32 (default), bfloat16 or float16.
     max_prompt_tokens: prompts longer than this are truncated, with a warning (256).
@@ -314,7 +315,7 @@ class RewardTrainingScript:
     overwrite_output_dir: replace an earlier run in output_dir (else it is refused unless resume_from_checkpoint).
     """
 
-    base_model: str = dataclasses.field(default="tiny:llava", metadata={"help": "Base VLM path/id, or tiny:llava / tiny:qwen2_vl."})
+    base_model: str = dataclasses.field(default="tiny:llava", metadata={"help": "Base VLM path/id, or tiny:FAMILY (llava, llava_next, qwen2_vl, phi3_v)."})
     base_seed: int = dataclasses.field(default=0, metadata={"help": "Seed of a tiny base's random weights."})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "Base weights dtype."})
     max_prompt_tokens: int = dataclasses.field(default=256, metadata={"help": "Prompt truncation length."})
