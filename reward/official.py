@@ -43,10 +43,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .backbones import Backbone, PixelInputs, TextInputs
 
-READING = "official"
 CONFIG_KEYS = ("add_cross_attention", "general_preference_tau", "is_general_preference", "value_head_dim")
-PROJECTOR_KEYWORDS = {"phi3_v": "img_projection", "qwen2_5_vl": "merger", "qwen2_vl": "merger",
-                      "llava_next": "multi_modal_projector"}
+PROJECTOR_KEYWORDS = {"phi3_v": "img_projection", "qwen2_5_vl": "merger", "llava_next": "multi_modal_projector"}
 
 # Where transformers 4.50 (the official stack) put a module and where transformers 5 puts it.
 _MODULE_RENAMES = {
@@ -57,7 +55,6 @@ _MODULE_RENAMES = {
                    (r"^image_newline", "model.image_newline")],
     "phi3_v": [],  # our Phi-3.5-vision keeps the published module names
 }
-_MODULE_RENAMES["qwen2_vl"] = _MODULE_RENAMES["qwen2_5_vl"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,6 @@ _FAMILY_READINGS = {
     "llava_next": dict(message="text_image", cut_start=0, cut_end=-11, strip=False, append_eos=True, keys="none",
                        norm_eps=1e-5, floor_padding=True),
 }
-_FAMILY_READINGS["qwen2_vl"] = _FAMILY_READINGS["qwen2_5_vl"]
 
 
 def official_reading(model_type: str, reward_config: dict[str, Any]) -> OfficialReading:
@@ -240,7 +236,6 @@ class OfficialCheckpoint:
     lora_state: dict[str, torch.Tensor]
     head_state: dict[str, torch.Tensor]
     projector_state: dict[str, torch.Tensor]
-    model_type: str | None
 
 
 def read_official_checkpoint(directory: str | Path, base_model_type: str) -> OfficialCheckpoint:
@@ -250,7 +245,7 @@ def read_official_checkpoint(directory: str | Path, base_model_type: str) -> Off
         raise ValueError(f"checkpoint: no such directory {directory}")
     reward_config = _read_reward_config(directory / "reward_config.yaml")
     model_type = _checkpoint_model_type(directory)
-    if model_type is not None and _family(model_type) != _family(base_model_type):
+    if model_type is not None and model_type != base_model_type:
         raise ValueError(f"base: {directory / 'config.json'} says the checkpoint was trained on a "
                          f"{model_type!r} model, but the base is {base_model_type!r}")
     official_reading(base_model_type, reward_config)  # refuses an unsupported family early
@@ -270,7 +265,7 @@ def read_official_checkpoint(directory: str | Path, base_model_type: str) -> Off
     keyword = PROJECTOR_KEYWORDS[base_model_type]
     projector_state = {key.split(f"{keyword}.", 1)[1]: value.float() for key, value in weights.items()
                        if f"{keyword}." in key}
-    return OfficialCheckpoint(reward_config, lora_config, lora_state, head_state, projector_state, model_type)
+    return OfficialCheckpoint(reward_config, lora_config, lora_state, head_state, projector_state)
 
 
 def _read_reward_config(path: Path) -> dict[str, Any]:
@@ -296,10 +291,6 @@ def _checkpoint_model_type(directory: Path) -> str | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text()).get("model_type")
-
-
-def _family(model_type: str) -> str:
-    return "qwen2_vl" if model_type in ("qwen2_vl", "qwen2_5_vl") else model_type
 
 
 def _read_lora(directory: Path, model_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
