@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +265,32 @@ def test_gdpo_weighting_computes_the_advantages(tiny_sd: Path, tmp_path: Path) -
     trainer.compute_advantages(rollout)
     expected = reward.weighting.advantages({"colour": rollout.perspectives["colour"]}, rollout.prompts).total
     torch.testing.assert_close(rollout.tensors["advantages"], expected)
+
+
+class OrderSensitiveReward:
+    """A plain (TRL-style) reward that folds each batch into running state, as a running normalisation does, and
+    is slow on every other batch: scored concurrently, a later batch would be folded before an earlier one."""
+
+    def __init__(self) -> None:
+        self.submitted, self.folded = 0, 0
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list) -> tuple[torch.Tensor, dict]:
+        index, self.submitted = self.submitted, self.submitted + 1
+        time.sleep(0.4 if index % 2 == 0 else 0.0)
+        self.folded += 1
+        return colour_score(images, prompts) + self.folded, {}
+
+
+def test_async_rewards_fold_in_sampling_order_as_without_async(tiny_sd: Path, tmp_path: Path) -> None:
+    # TRL 0.23's executor (max_workers=2) let the fast second batch overtake the slow first one
+    rewards = {}
+    for async_on in (False, True):
+        config = small_config(tmp_path / str(async_on), async_reward_computation=async_on, max_workers=2,
+                              sample_num_batches_per_epoch=4)
+        torch.manual_seed(0)
+        rollout, _ = make_trainer(tiny_sd, config, reward=OrderSensitiveReward()).sample_epoch(0)
+        rewards[async_on] = rollout.rewards
+    torch.testing.assert_close(rewards[True], rewards[False], rtol=0, atol=0)
 
 
 def running_weighted_colour_reward():

@@ -525,12 +525,16 @@ def reward_call(
     reward_fn: Callable[..., Any], images: torch.Tensor, prompts: list[str], metadata: list[Any]
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Call a reward function (TRL signature) and return float32 CPU rewards [N] and its info dict."""
-    result = reward_fn(images, prompts, metadata)
+    return reward_result(reward_fn(images, prompts, metadata), len(prompts))
+
+
+def reward_result(result: Any, count: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A reward function's return value (`rewards` or `(rewards, info)`) as float32 CPU rewards [count] and info."""
     rewards, info = result if isinstance(result, tuple) else (result, {})
     rewards = torch.as_tensor(np.asarray(rewards.detach().cpu() if isinstance(rewards, torch.Tensor) else rewards))
     rewards = rewards.to(torch.float32).reshape(-1)
-    if len(rewards) != len(prompts):
-        raise ValueError(f"reward function: expected {len(prompts)} rewards, got {len(rewards)}")
+    if len(rewards) != count:
+        raise ValueError(f"reward function: expected {count} rewards, got {len(rewards)}")
     return rewards, dict(info or {})
 
 

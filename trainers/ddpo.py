@@ -7,7 +7,7 @@ import random
 import sys
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -17,6 +17,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.reward_fn import AsyncReward
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from trainers.common import (
@@ -36,7 +37,7 @@ from trainers.common import (
     perspective_values,
     policy_checkpointer,
     reseed_global_rngs,
-    reward_call,
+    reward_result,
     reward_evaluations,
     seeded_generator,
     start_run,
@@ -161,7 +162,9 @@ class DDPOConfig:
         default=False,
         metadata={"help": "Score each batch in a thread while the next one samples (default False)."},
     )
-    max_workers: int = field(default=2, metadata={"help": "Threads for async reward computation (default 2)."})
+    max_workers: int = field(default=2, metadata={"help": "Kept for TRL compatibility: asynchronous rewards are "
+                                                          "scored one batch at a time, in sampling order, so a "
+                                                          "stateful reward stays deterministic."})
     negative_prompts: str = field(
         default="", metadata={"help": "One negative prompt used for every sample; '' = unconditional (default '')."}
     )
@@ -331,7 +334,12 @@ class DDPOTrainer(PolicyExport):
             else None
         )
         self.checkpointer = policy_checkpointer(self.accelerator, config, sd_pipeline)
-        self.executor = ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
+        # one ordered path for asynchronous rewards: the reward's own `submit` (ours score in call order on one
+        # worker) or one worker around a plain function, so a stateful reward (running or per-prompt normalisation)
+        # folds its batches in sampling order, as without async, and a resumed run equals an uninterrupted one
+        self.async_reward = None
+        if config.async_reward_computation:
+            self.async_reward = reward_function if hasattr(reward_function, "submit") else AsyncReward(reward_function)
         self.first_epoch, self.global_step, self.num_nonfinite = 0, 0, 0
         self.eval_before: dict[str, Any] | None = None
         self.last_row: dict[str, Any] = {}
@@ -393,13 +401,13 @@ class DDPOTrainer(PolicyExport):
             images.append(output.images)
             sampling_time += time.perf_counter() - began
             began = time.perf_counter()
-            if self.executor is not None:
-                pending.append(self.executor.submit(reward_call, self.reward_fn, output.images, batch_prompts, batch_meta))
+            if self.async_reward is not None:
+                pending.append(self.async_reward.submit(output.images, batch_prompts, batch_meta))
             else:
-                pending.append(_completed(reward_call(self.reward_fn, output.images, batch_prompts, batch_meta)))
+                pending.append(_completed(self.reward_fn(output.images, batch_prompts, batch_meta)))
             reward_time += time.perf_counter() - began
         began = time.perf_counter()
-        results = [future.result() for future in pending]
+        results = [reward_result(future.result(), len(batch_images)) for future, batch_images in zip(pending, images)]
         reward_time += time.perf_counter() - began
 
         tensors = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
@@ -658,8 +666,8 @@ class DDPOTrainer(PolicyExport):
             "global_step": self.global_step,
             "num_nonfinite_rewards": self.num_nonfinite,
         }
-        if self.executor is not None:
-            self.executor.shutdown()
+        if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
+            self.async_reward.close()  # the worker we made around a plain function; a reward's own stays its own
         finish_run(self, metrics, ["reward_mean", "approx_kl", "clipfrac", "loss"], reward_evaluations(metrics))
         return metrics
 
