@@ -14,12 +14,11 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
 from . import official as official_format
 from .backbones import Backbone, PixelInputs, TextInputs
 from .inputs import ImageBatch, load_images, validate_prompts
-from .skipca import OfficialHead, RewardHead
+from .skipca import OfficialHead, RewardHead, padded_keys
 
 CONFIG_NAME = "reward_model.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,7 +108,7 @@ class RewardModel(nn.Module):
         self.add_perspective(PerspectiveConfig(
             name=perspective, lora_r=int(lora["r"]), lora_alpha=lora["lora_alpha"],
             lora_dropout=float(lora.get("lora_dropout") or 0.0), train_projector=bool(checkpoint.projector_state),
-            official=official_format.reading_to_config(reading),
+            official=asdict(reading),
         ))
         where = Path(checkpoint_dir)
         expected = {re.sub(rf"\.{re.escape(perspective)}\.weight$", ".weight", name)
@@ -159,7 +158,7 @@ class RewardModel(nn.Module):
             self.peft_model.add_adapter(config.name, lora)
         device = self.backbone.device
         if config.official:
-            reading = official_format.reading_from_config(config.official)
+            reading = official_format.OfficialReading(**config.official)
             head = OfficialHead(self.backbone.hidden_size, reading.skipca, reading.norm_eps, reading.value_head_dim)
         else:
             head = RewardHead(self.backbone.hidden_size, config.skipca_heads)
@@ -234,7 +233,7 @@ class RewardModel(nn.Module):
 
     def _reading(self, name: str) -> official_format.OfficialReading | None:
         official = self.configs[name].official
-        return official_format.reading_from_config(official) if official else None
+        return official_format.OfficialReading(**official) if official else None
 
     def _evaluate(self, images: list | torch.Tensor, prompts: list[str], names: list[str]) -> dict[str, torch.Tensor]:
         """Head outputs [B, D] per perspective, in eval mode, chunked by `max_batch_size`. Perspectives that read
@@ -312,9 +311,7 @@ class RewardModel(nn.Module):
                                                            attention_mask)
                 values[name] = self.heads[name](query, keys, mask)
                 continue
-            keys = pad_sequence([f.float() for f in visual[name]], batch_first=True)
-            mask = pad_sequence([torch.ones(len(f), dtype=torch.bool, device=keys.device) for f in visual[name]],
-                                batch_first=True)
+            keys, mask = padded_keys(visual[name])
             values[name] = self.heads[name](query, keys, mask).unsqueeze(-1)
         return values
 

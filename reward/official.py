@@ -31,7 +31,7 @@ import copy
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
-from torch.nn.utils.rnn import pad_sequence
 
 from .backbones import Backbone, PixelInputs, TextInputs
+from .skipca import padded_keys
 
 CONFIG_KEYS = ("add_cross_attention", "general_preference_tau", "is_general_preference", "value_head_dim")
 PROJECTOR_KEYWORDS = {"phi3_v": "img_projection", "qwen2_5_vl": "merger", "llava_next": "multi_modal_projector"}
@@ -211,10 +211,7 @@ def official_keys(reading: OfficialReading, visual: list[torch.Tensor], inputs_e
     """SkipCA's keys/values [B, N, D] and their mask [B, N] for one perspective's rows, as the official forward
     takes them for a sample alone (padding excluded, so scores do not depend on the batch)."""
     if reading.keys == "visual":
-        keys = pad_sequence([features.float() for features in visual], batch_first=True)
-        mask = pad_sequence([torch.ones(len(f), dtype=torch.bool, device=keys.device) for f in visual],
-                            batch_first=True)
-        return keys, mask
+        return padded_keys(visual)
     if reading.keys == "token_embeddings":
         return inputs_embeds.float(), attention_mask.bool() & (input_ids == reading.key_token_id)
     return inputs_embeds.new_zeros(inputs_embeds.shape[0], 0, inputs_embeds.shape[-1]).float(), \
@@ -324,12 +321,3 @@ def _read_lora(directory: Path, model_type: str) -> tuple[dict[str, Any], dict[s
         raise ValueError(f"{directory}: LoRA on the vision tower or projector ({vision[0]}, ...) is not supported; "
                          "the released checkpoints adapt the language model only (freeze_vision_model)")
     return config, state
-
-
-def reading_from_config(config: dict[str, Any]) -> OfficialReading:
-    """The `OfficialReading` stored in a perspective's config."""
-    return OfficialReading(**config)
-
-
-def reading_to_config(reading: OfficialReading) -> dict[str, Any]:
-    return asdict(reading)

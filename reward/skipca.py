@@ -10,6 +10,14 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+
+def padded_keys(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image visual tokens [N_i, D] -> keys [B, max N_i, D] (float32, zero-padded) and their mask [B, max N_i]."""
+    keys = pad_sequence([f.float() for f in features], batch_first=True)
+    mask = pad_sequence([torch.ones(len(f), dtype=torch.bool, device=keys.device) for f in features], batch_first=True)
+    return keys, mask
 
 
 class SkipCrossAttention(nn.Module):
