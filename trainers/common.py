@@ -273,8 +273,8 @@ def eval_reward_change(before: dict[str, Any], after: dict[str, Any]) -> str:
     """One line for the CLI: the evaluation reward before and after training, the toy oracles' when they judged it,
     and "WENT DOWN" on any that fell (a trained policy that got worse must not read like a result)."""
 
-    def change(name: str, b: float, a: float, spread: str = "") -> str:
-        return f"{name} {b:.4f}{spread} -> {a:.4f}" + (" (WENT DOWN)" if a < b else "")
+    def change(name: str, b: float, a: float) -> str:
+        return f"{name} {b:.4f} -> {a:.4f}" + (" (WENT DOWN)" if a < b else "")
 
     parts = [change("eval reward", before["reward_mean"], after["reward_mean"]) +
              f" (std over seeds {before['reward_std']:.4f} / {after['reward_std']:.4f})"]
