@@ -69,7 +69,7 @@ class SecondCopyReferenceTrainer(DiffusionDPOTrainer):
 
     def reference_prediction(self, noisy, timesteps, conditioning):
         with torch.no_grad(), self.accelerator.autocast():
-            return self.sd_pipeline.predict_noise(noisy, timesteps, conditioning, 1.0, unet=self.reference_unet)
+            return self.sd_pipeline.predict(noisy, timesteps, conditioning, 1.0, unet=self.reference_unet)
 
 
 def run_variant(variant: str, model: Path, args: argparse.Namespace) -> dict:

@@ -3,7 +3,6 @@ LoRA policy for reward back-propagation."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
+from rlhf.generators.base import GeneratorAdapter, StepResult
 from rlhf.scheduling import ddim_posterior, ddim_step_with_logprob
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -37,7 +37,7 @@ class DDPOPipelineOutput:
         timesteps: [num_steps] the scheduler's timesteps, in sampling order.
         conditioning: per-sample tensors the UNet was conditioned on (`prompt_embeds`, and with guidance
             `negative_prompt_embeds`; for SDXL also `pooled_prompt_embeds`, `negative_pooled_prompt_embeds`,
-            `add_time_ids`), each batch-first, to pass back to `DDPOStableDiffusionPipeline.predict_noise`.
+            `add_time_ids`), each batch-first, to pass back to `DDPOStableDiffusionPipeline.predict`.
     """
 
     images: Any
@@ -81,7 +81,7 @@ class DDPOSchedulerOutput:
     log_probs: torch.Tensor
 
 
-class DDPOStableDiffusionPipeline:
+class DDPOStableDiffusionPipeline(GeneratorAdapter):
     """A diffusers Stable Diffusion pipeline as a DDPO policy: sampling with log-probs and a trainable LoRA.
 
     Args:
@@ -181,6 +181,14 @@ class DDPOStableDiffusionPipeline:
     # ---- components (TRL 0.23's properties) ----------------------------------------------------------------
 
     @property
+    def pipeline(self) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+        return self.sd_pipeline
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.sd_pipeline.unet
+
+    @property
     def unet(self) -> torch.nn.Module:
         return self.sd_pipeline.unet
 
@@ -195,14 +203,6 @@ class DDPOStableDiffusionPipeline:
     @property
     def tokenizer(self) -> Any:
         return self.sd_pipeline.tokenizer
-
-    @property
-    def scheduler(self) -> DDIMScheduler:
-        return self.sd_pipeline.scheduler
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     @property
     def default_size(self) -> int:
@@ -238,23 +238,9 @@ class DDPOStableDiffusionPipeline:
 
     # ---- the policy ----------------------------------------------------------------------------------------
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
     def get_trainable_layers(self) -> torch.nn.Module:
         """The module whose trainable parameters the trainer optimises (TRL 0.23's name): the UNet."""
         return self.unet
-
-    @contextlib.contextmanager
-    def reference_policy(self) -> Iterator[None]:
-        """Within this context the UNet runs without its LoRA: the reference policy, with no second copy."""
-        if not self.use_lora:
-            raise ValueError("kl_coef: a reference policy needs use_lora=True (the base UNet is the reference)")
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights (the adapter in peft's naming, or the whole UNet): what a checkpoint stores."""
@@ -283,7 +269,7 @@ class DDPOStableDiffusionPipeline:
         height: int | None = None,
         width: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample conditioning for `predict_noise`; negatives only when `guidance` (an empty one = unconditional)."""
+        """Per-sample conditioning for `predict`; negatives only when `guidance` (an empty one = unconditional)."""
         negatives = None if negative_prompts is None or all(n == "" for n in negative_prompts) else list(negative_prompts)
         prompts = list(prompts) if prompts is not None else None
         if self.is_sdxl:
@@ -321,21 +307,21 @@ class DDPOStableDiffusionPipeline:
             conditioning["negative_prompt_embeds"] = negative_embeds
         return conditioning
 
-    def predict_noise(
+    def predict(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor | int,
         conditioning: dict[str, torch.Tensor],
         guidance_scale: float,
-        unet: torch.nn.Module | None = None,
+        denoiser: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """The (guided) UNet prediction in float32 for latents [N, ...] at timesteps (scalar or [N]).
 
         With `negative_prompt_embeds` in `conditioning` the conditional and unconditional halves run in one UNet
-        call and are combined with `guidance_scale`. `unet` overrides the module called (the trainer passes its
+        call and are combined with `guidance_scale`. `denoiser` overrides the module called (the trainer passes its
         distributed wrapper, so that gradients are synchronised).
         """
-        unet = unet or self.unet
+        unet = denoiser or self.unet
         guided = "negative_prompt_embeds" in conditioning
         timesteps = torch.as_tensor(timesteps, device=latents.device)
         if timesteps.ndim == 0:
@@ -379,9 +365,32 @@ class DDPOStableDiffusionPipeline:
         )
         return DDPOSchedulerOutput(latents, log_probs)
 
+    def set_timesteps(self, num_inference_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """DDIM's timesteps for a sampling run (they do not depend on the image size)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return self.scheduler.timesteps
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor | int,
+        sample: torch.Tensor,
+        *,
+        noise_level: float,
+        prev_sample: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> StepResult:
+        """One DDIM step with `eta = noise_level`: (prev_sample, log_prob, mean, std) as the flow families return."""
+        mean, std = ddim_posterior(self.scheduler, model_output, timestep, sample, noise_level)
+        prev_sample, log_prob = ddim_step_with_logprob(
+            self.scheduler, model_output, timestep, sample, eta=noise_level, prev_sample=prev_sample,
+            generator=generator,
+        )
+        return prev_sample, log_prob, mean, std
+
     # ---- sampling ------------------------------------------------------------------------------------------
 
-    def _latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
         factor = self.sd_pipeline.vae_scale_factor
         # the UNet halves the latent (len(blocks) - 1) times, so each side must divide by that too
         multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -439,7 +448,7 @@ class DDPOStableDiffusionPipeline:
             height=height,
             width=width,
         )
-        shape = self._latent_shape(batch_size, height, width)
+        shape = self.latent_shape(batch_size, height, width)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
@@ -477,7 +486,7 @@ class DDPOStableDiffusionPipeline:
         all_latents, all_log_probs = [latents], []
         with self.sd_pipeline.progress_bar(total=num_inference_steps) as progress:
             for timestep in self.scheduler.timesteps:
-                noise_pred = self.predict_noise(latents, timestep, conditioning, guidance_scale)
+                noise_pred = self.predict(latents, timestep, conditioning, guidance_scale)
                 latents, log_prob = ddim_step_with_logprob(
                     self.scheduler, noise_pred, timestep, latents, eta=eta, generator=generator
                 )
@@ -597,11 +606,11 @@ class DDPOStableDiffusionPipeline:
             with torch.set_grad_enabled(with_grad):
                 if with_grad and gradient_checkpoint:
                     noise_pred = torch.utils.checkpoint.checkpoint(
-                        self.predict_noise, sample, timestep, step_conditioning, guidance_scale, unet,
+                        self.predict, sample, timestep, step_conditioning, guidance_scale, unet,
                         use_reentrant=False,
                     )
                 else:
-                    noise_pred = self.predict_noise(sample, timestep, step_conditioning, guidance_scale, unet)
+                    noise_pred = self.predict(sample, timestep, step_conditioning, guidance_scale, unet)
                 if eta > 0:
                     return ddim_step_with_logprob(
                         self.scheduler, noise_pred, timestep, sample, eta=eta, generator=step_generator

@@ -66,14 +66,14 @@ class _Sampler:
                                            height=self.height, width=self.width)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        shape = self.pipeline._latent_shape(batch_size, self.height, self.width)
+        shape = self.pipeline.latent_shape(batch_size, self.height, self.width)
         return randn_tensor(shape, generator=generator, device=self.pipeline.device, dtype=torch.float32)
 
     def step(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, torch.Tensor],
              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One denoising step: (next latents, the predicted clean latents x0-hat)."""
         scheduler = self.pipeline.scheduler
-        noise = self.pipeline.predict_noise(latents, timestep, conditioning, self.guidance_scale)
+        noise = self.pipeline.predict(latents, timestep, conditioning, self.guidance_scale)
         # eta = 0 draws nothing, so this x0-hat costs no randomness and no extra UNet call
         deterministic = scheduler.step(noise, timestep, latents, eta=0.0)
         if self.eta == 0:

@@ -90,7 +90,7 @@ def test_batched_replay_reproduces_the_recorded_log_probs(tiny_sd: Path) -> None
     conditioning = {k: v.repeat_interleave(STEPS, dim=0) for k, v in output.conditioning.items()}
     timesteps = output.timesteps.repeat(2)
     with torch.no_grad():
-        prediction = pipeline.predict_noise(latents[:, :-1].reshape(pairs, 4, 8, 8), timesteps, conditioning, 5.0)
+        prediction = pipeline.predict(latents[:, :-1].reshape(pairs, 4, 8, 8), timesteps, conditioning, 5.0)
     _, replayed = ddim_step_with_logprob(
         pipeline.scheduler,
         prediction,
@@ -131,11 +131,11 @@ def test_reference_policy_runs_without_the_lora(tiny_sd: Path) -> None:
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     conditioning = pipeline.encode_prompt(PROMPTS)
     with torch.no_grad():
-        with_lora = pipeline.predict_noise(latents, 500, conditioning, 5.0)
+        with_lora = pipeline.predict(latents, 500, conditioning, 5.0)
         with pipeline.reference_policy():
-            reference = pipeline.predict_noise(latents, 500, conditioning, 5.0)
-        expected = base.predict_noise(latents, 500, conditioning, 5.0)
-        after = pipeline.predict_noise(latents, 500, conditioning, 5.0)
+            reference = pipeline.predict(latents, 500, conditioning, 5.0)
+        expected = base.predict(latents, 500, conditioning, 5.0)
+        after = pipeline.predict(latents, 500, conditioning, 5.0)
     torch.testing.assert_close(reference, expected, rtol=0, atol=1e-6)
     assert not torch.allclose(with_lora, reference)
     assert torch.equal(with_lora, after)
@@ -219,7 +219,7 @@ def test_sdxl_records_replays_and_exports(tmp_path: Path) -> None:
     conditioning = {k: v.repeat_interleave(STEPS, dim=0) for k, v in output.conditioning.items()}
     flat = latents[:, :-1].reshape(2 * STEPS, 4, 8, 12)
     with torch.no_grad():
-        prediction = pipeline.predict_noise(flat, output.timesteps.repeat(2), conditioning, 5.0)
+        prediction = pipeline.predict(flat, output.timesteps.repeat(2), conditioning, 5.0)
     _, replayed = ddim_step_with_logprob(
         pipeline.scheduler, prediction, output.timesteps.repeat(2), flat, prev_sample=latents[:, 1:].reshape(2 * STEPS, 4, 8, 12)
     )

@@ -491,7 +491,7 @@ class DDPOTrainer(PolicyExport):
         }
         context = torch.enable_grad() if with_grad else torch.no_grad()
         with context:
-            prediction = pipeline.predict_noise(
+            prediction = pipeline.predict(
                 latents, timesteps, conditioning, config.sample_guidance_scale, unet=self.unet
             )
             _, log_probs = ddim_step_with_logprob(
@@ -500,7 +500,7 @@ class DDPOTrainer(PolicyExport):
             kl = None
             if config.kl_coef > 0:
                 with torch.no_grad(), pipeline.reference_policy():
-                    reference = pipeline.predict_noise(latents, timesteps, conditioning, config.sample_guidance_scale)
+                    reference = pipeline.predict(latents, timesteps, conditioning, config.sample_guidance_scale)
                 kl = ddim_step_kl(pipeline.scheduler, prediction, reference, timesteps, latents, eta=config.sample_eta)
                 kl = kl.view(len(rows), pairs)
         return log_probs.view(len(rows), pairs), kl

@@ -353,7 +353,7 @@ def build_preference_pairs(
 @dataclass
 class PairBatch:
     """Training pairs: `chosen` and `rejected` latents [B, C, h, w] and UNet conditioning for [chosen; rejected]
-    (2B rows, chosen first), keys as `DDPOStableDiffusionPipeline.predict_noise` reads them."""
+    (2B rows, chosen first), keys as `DDPOStableDiffusionPipeline.predict` reads them."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
@@ -676,7 +676,7 @@ class DiffusionDPOTrainer(PolicyExport):
         config = self.config
         resolution = config.resolution or self.sd_pipeline.default_size
         try:
-            self.sd_pipeline._latent_shape(1, resolution, resolution)
+            self.sd_pipeline.latent_shape(1, resolution, resolution)
         except ValueError as error:
             raise ValueError(f"resolution: {error}") from error
 
@@ -716,7 +716,7 @@ class DiffusionDPOTrainer(PolicyExport):
     ) -> torch.Tensor:
         """The reference UNet's prediction: the policy's own UNet with its LoRA disabled, without gradients."""
         with torch.no_grad(), self.sd_pipeline.reference_policy(), self.accelerator.autocast():
-            return self.sd_pipeline.predict_noise(noisy, timesteps, conditioning, 1.0)
+            return self.sd_pipeline.predict(noisy, timesteps, conditioning, 1.0)
 
     def pair_errors(self, batch: PairBatch, generator: torch.Generator, with_grad: bool = True) -> dict[str, torch.Tensor]:
         """Per-image denoising errors [B] of the policy and the reference on both images of each pair, with one noise
@@ -738,7 +738,7 @@ class DiffusionDPOTrainer(PolicyExport):
         else:
             raise ValueError(f"scheduler prediction_type: expected epsilon, v_prediction or sample, got {prediction_type}")
         with torch.enable_grad() if with_grad else torch.no_grad():
-            prediction = self.sd_pipeline.predict_noise(noisy, timesteps, batch.conditioning, 1.0, unet=self.unet)
+            prediction = self.sd_pipeline.predict(noisy, timesteps, batch.conditioning, 1.0, denoiser=self.unet)
             model = ((prediction - target.float()) ** 2).mean(dim=(1, 2, 3))
         reference = self.reference_prediction(noisy, timesteps, batch.conditioning)
         reference = ((reference - target.float()) ** 2).mean(dim=(1, 2, 3))

@@ -1,0 +1,148 @@
+"""The one interface every fine-tunable text-to-image generator offers the algorithms (DDPO, GRPO, search):
+prompts in, a denoiser to train, one stochastic step with its log-prob, images out."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+# (prev_sample, log_prob [B], step mean (float32), step std (float32, broadcastable over the sample))
+StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class GeneratorAdapter(ABC):
+    """A diffusers pipeline seen as a policy. One subclass per family (SD 1.x/2.x and SDXL, SD3/3.5, FLUX.1).
+
+    Conventions every implementation keeps:
+    - `conditioning` is a dict of batch-first tensors (one row per sample), so a trainer can index, concatenate
+      and repeat it without knowing the family; guidance halves, if any, are separate keys in the same dict.
+    - latents are float32 in the layout the denoiser reads (FLUX: packed [B, tokens, channels]).
+    - `predict` returns the denoiser's output in float32, guidance already applied; `step` reads it.
+    - `step` draws the next latents (or scores a given `prev_sample`) and returns `StepResult`; `noise_level`
+      is the family's stochasticity knob (DDIM's eta, the flow SDE's noise level); 0 is the deterministic sampler.
+    - every random draw comes from the `generator` passed in, so a call reproduces from its seed.
+    """
+
+    #: diffusers pipeline wrapped (its components are the ones used)
+    pipeline: Any
+    #: whether the denoiser carries a trainable LoRA adapter (otherwise the whole denoiser is trained)
+    use_lora: bool
+    #: the name or path the base model came from, recorded next to saved LoRA weights
+    base_model: str
+
+    # ---- components --------------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def denoiser(self) -> torch.nn.Module:
+        """The module the algorithms train: the UNet or the transformer."""
+
+    @property
+    def scheduler(self) -> Any:
+        return self.pipeline.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    @abstractmethod
+    def default_size(self) -> int:
+        """The image side (pixels) the denoiser was configured for."""
+
+    # ---- prompts, latents, the denoiser --------------------------------------------------------------------
+
+    @abstractmethod
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        *,
+        guidance: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample conditioning for `predict`; the unconditional half only when `guidance` (a family without
+        classifier-free guidance, FLUX.1-dev, ignores it)."""
+
+    @abstractmethod
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape of the initial noise for `batch_size` images of `height` x `width` pixels; a clear
+        `ValueError` naming height/width when the size does not fit the model."""
+
+    def initial_latents(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """Initial noise (float32), scaled as the scheduler expects."""
+        shape = self.latent_shape(batch_size, height, width)
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        return noise * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+    @abstractmethod
+    def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """Set the scheduler's timesteps for a sampling run (flow families shift them by resolution) and return
+        them in sampling order."""
+
+    @abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        conditioning: dict[str, torch.Tensor],
+        guidance_scale: float,
+        denoiser: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """The (guided) denoiser output in float32 for latents [N, ...] at timesteps (scalar or [N]).
+
+        `denoiser` overrides the module called (a trainer passes its distributed wrapper)."""
+
+    @abstractmethod
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor | float,
+        sample: torch.Tensor,
+        *,
+        noise_level: float,
+        prev_sample: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> StepResult:
+        """One stochastic step with its log-prob (DDIM for SD, the flow SDE for flow families)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents -> float32 images [B, 3, H, W] in [0, 1], without a graph."""
+
+    # ---- the policy ----------------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference_policy(self) -> Iterator[None]:
+        """Within this context the denoiser runs without its LoRA: the reference policy, with no second copy."""
+        if not self.use_lora:
+            raise ValueError("kl_coef: a reference policy needs use_lora=True (the base denoiser is the reference)")
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
+
+    @abstractmethod
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights (the adapter, or the whole denoiser): what a checkpoint stores."""
+
+    @abstractmethod
+    def load_policy_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Inverse of `policy_state_dict`; an error naming the keys when they do not match."""
+
+    @abstractmethod
+    def save_pretrained(self, output_dir: str | Path, is_main_process: bool = True) -> None:
+        """The LoRA in diffusers' format (what the plain pipeline's `load_lora_weights(output_dir)` reads) plus
+        the base model's name; without LoRA, the whole pipeline."""
