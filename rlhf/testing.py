@@ -1,4 +1,4 @@
-"""Tiny offline Stable Diffusion pipelines: random ones (SD 1.x, SD3) for plumbing tests, and the committed toy
+"""Tiny offline diffusion pipelines: random ones (SD 1.x, SD3, FLUX.1) for plumbing tests, and the committed toy
 generator."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -177,10 +179,7 @@ def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
     """
     path = Path(path)
     clip_tokenizer = build_tiny_tokenizer()
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + word, -1.0) for word in sorted(set(TOY_VOCABULARY + EXTRA_WORDS))]
-    pieces += [(char, -5.0) for char in string.ascii_lowercase + string.digits]
-    t5_tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    t5_tokenizer = _tiny_t5_tokenizer()
 
     torch.manual_seed(seed)
     # joint_attention_dim = T5's width (32) holds the two CLIPs' hidden states side by side (16 + 16), and
@@ -200,33 +199,9 @@ def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
     )
     vae = _tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
                     scaling_factor=1.5305)  # SD3's VAE: 16 latent channels, no quant convs, its shift and scale
-    clip_config = CLIPTextConfig(
-        vocab_size=len(clip_tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        projection_dim=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=TEXT_MAX_LENGTH,
-        bos_token_id=clip_tokenizer.bos_token_id,
-        eos_token_id=clip_tokenizer.eos_token_id,
-        pad_token_id=clip_tokenizer.pad_token_id,
-    )
+    clip_config = _tiny_flow_clip_config(clip_tokenizer)
     text_encoder, text_encoder_2 = CLIPTextModelWithProjection(clip_config), CLIPTextModelWithProjection(clip_config)
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-            decoder_start_token_id=t5_tokenizer.pad_token_id,
-        )
-    )
+    text_encoder_3 = _tiny_t5_encoder(t5_tokenizer)
     StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -237,5 +212,97 @@ def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
         tokenizer_2=clip_tokenizer,
         text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tokenizer,
+    ).save_pretrained(path)
+    return path
+
+
+def _tiny_t5_tokenizer() -> T5Tokenizer:
+    """A unigram T5 tokenizer built locally: the tiny CLIP one's words as whole pieces, plus letters and digits so
+    that any other text tokenizes too."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -1.0) for word in sorted(set(TOY_VOCABULARY + EXTRA_WORDS))]
+    pieces += [(char, -5.0) for char in string.ascii_lowercase + string.digits]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _tiny_t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
+    """A two-layer T5 encoder of width 32 (the tiny flow transformers' joint attention width); draws from the
+    global RNG, so the caller seeds it."""
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _tiny_flow_clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """The CLIP text encoders of the tiny flow pipelines: width 16 (SD3 puts two side by side in T5's 32)."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        projection_dim=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TEXT_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_flux(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.1-dev pipeline to `path` with `save_pretrained`; return the path.
+
+    FLUX.1's parts at toy size (32 px images, 8x8x16 latents packed into 16 tokens of 64 channels): a
+    `FluxTransformer2DModel` with a guidance embedding (as FLUX.1-dev, guidance-distilled), one double and one
+    single block; a 16-channel VAE with FLUX's shift and scaling factors; a CLIP text encoder (its pooled output) and
+    a T5 encoder with the local tokenizers of `build_tiny_sd3`; and FLUX's `FlowMatchEulerDiscreteScheduler` with
+    resolution-dependent (dynamic) shifting. For plumbing tests only: random weights. Load it with
+    `FluxPipeline.from_pretrained(path)`.
+    """
+    path = Path(path)
+    clip_tokenizer = build_tiny_tokenizer()
+    t5_tokenizer = _tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    # the rotary axes (4 + 6 + 6) split attention_head_dim; joint_attention_dim is T5's width, pooled CLIP's
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = _tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                    scaling_factor=0.3611)  # FLUX's VAE: 16 latent channels, no quant convs, its shift and scale
+    text_encoder = CLIPTextModel(_tiny_flow_clip_config(clip_tokenizer))
+    text_encoder_2 = _tiny_t5_encoder(t5_tokenizer)
+    # FLUX.1-dev's scheduler config: the shift grows with the image's token count (mu from calculate_shift)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
     ).save_pretrained(path)
     return path
