@@ -380,13 +380,27 @@ class DDPOStableDiffusionPipeline(GeneratorAdapter):
         prev_sample: torch.Tensor | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> StepResult:
-        """One DDIM step with `eta = noise_level`: (prev_sample, log_prob, mean, std) as the flow families return."""
+        """One DDIM step with `eta = noise_level`: (prev_sample, log_prob, mean, std) as the flow families return.
+
+        `noise_level = 0` is diffusers' deterministic DDIM step (log-prob 0: the step it takes is certain), which
+        has no density to score a given `prev_sample` with."""
+        if noise_level == 0:
+            if prev_sample is not None:
+                raise ValueError("noise_level: a deterministic step (noise_level=0) has no density to score prev_sample")
+            prev_sample = self.scheduler.step(model_output, timestep, sample, eta=0.0).prev_sample
+            log_prob = torch.zeros(len(sample), device=sample.device)
+            std = torch.zeros((len(sample),) + (1,) * (sample.ndim - 1), device=sample.device)
+            return prev_sample, log_prob, prev_sample.float(), std
         mean, std = ddim_posterior(self.scheduler, model_output, timestep, sample, noise_level)
         prev_sample, log_prob = ddim_step_with_logprob(
             self.scheduler, model_output, timestep, sample, eta=noise_level, prev_sample=prev_sample,
             generator=generator,
         )
         return prev_sample, log_prob, mean, std
+
+    def predicted_clean(self, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor) -> torch.Tensor:
+        """DDIM's x0-hat (the scheduler's `pred_original_sample`; a deterministic step draws nothing)."""
+        return self.scheduler.step(model_output, timestep, sample, eta=0.0).pred_original_sample
 
     # ---- sampling ------------------------------------------------------------------------------------------
 

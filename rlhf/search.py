@@ -1,7 +1,7 @@
 """Inference-time scaling guided by a reward: best-of-N, zero-order noise search and Feynman-Kac steering.
 
 Every method takes any reward function `reward_fn(images, prompts, metadata) -> (rewards, info)` (weighted
-multi-perspective rewards included) and any `DDPOStableDiffusionPipeline`, and reports what it spent: denoiser
+multi-perspective rewards included) and any generator behind `GeneratorAdapter` (SD, SDXL, SD3, FLUX), and reports what it spent: denoiser
 evaluations (NFEs; one guided UNet call on a batch of k latents counts k x 2 with classifier-free guidance)
 and images scored (reward calls).
 """
@@ -15,8 +15,7 @@ from typing import Callable
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from rlhf.pipeline import DDPOStableDiffusionPipeline
-from rlhf.scheduling import ddim_step_with_logprob
+from rlhf.generators.base import GeneratorAdapter
 
 RewardFn = Callable[..., tuple[torch.Tensor, dict]]
 POTENTIALS = ("max", "difference", "sum")
@@ -49,7 +48,7 @@ class SearchResult:
 class _Sampler:
     """The pieces of a denoising run shared by the search methods."""
 
-    pipeline: DDPOStableDiffusionPipeline
+    pipeline: GeneratorAdapter
     prompt: str
     num_inference_steps: int
     guidance_scale: float
@@ -72,22 +71,18 @@ class _Sampler:
     def step(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, torch.Tensor],
              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One denoising step: (next latents, the predicted clean latents x0-hat)."""
-        scheduler = self.pipeline.scheduler
-        noise = self.pipeline.predict(latents, timestep, conditioning, self.guidance_scale)
-        # eta = 0 draws nothing, so this x0-hat costs no randomness and no extra UNet call
-        deterministic = scheduler.step(noise, timestep, latents, eta=0.0)
-        if self.eta == 0:
-            return deterministic.prev_sample, deterministic.pred_original_sample
-        latents, _ = ddim_step_with_logprob(scheduler, noise, timestep, latents, eta=self.eta, generator=generator)
-        return latents, deterministic.pred_original_sample
+        prediction = self.pipeline.predict(latents, timestep, conditioning, self.guidance_scale)
+        # x0-hat is read off the prediction: it costs no randomness and no extra denoiser call
+        clean = self.pipeline.predicted_clean(prediction, timestep, latents)
+        next_latents = self.pipeline.step(prediction, timestep, latents, noise_level=self.eta, generator=generator)[0]
+        return next_latents, clean
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Denoise a batch of initial noises to images [B, 3, H, W]."""
         conditioning = self.conditioning(len(noise))
-        self.pipeline.scheduler.set_timesteps(self.num_inference_steps, device=self.pipeline.device)
-        latents = noise * self.pipeline.scheduler.init_noise_sigma
-        for timestep in self.pipeline.scheduler.timesteps:
+        latents = noise * self.pipeline.init_noise_sigma
+        for timestep in self.pipeline.set_timesteps(self.num_inference_steps, self.height, self.width):
             latents, _ = self.step(latents, timestep, conditioning, generator)
         return self.pipeline.decode(latents)
 
@@ -108,7 +103,7 @@ def _sampler(pipeline, prompt, num_inference_steps, guidance_scale, eta, height,
     return _Sampler(pipeline, prompt, num_inference_steps, guidance_scale, eta, height or size, width or size)
 
 
-def best_of_n(pipeline: DDPOStableDiffusionPipeline, prompt: str, reward_fn: RewardFn, n: int = 8, *,
+def best_of_n(pipeline: GeneratorAdapter, prompt: str, reward_fn: RewardFn, n: int = 8, *,
               num_inference_steps: int = 20, guidance_scale: float = 5.0, eta: float = 0.0, seed: int = 0,
               height: int | None = None, width: int | None = None, batch_size: int = 16) -> SearchResult:
     """Random search: N initial noises from `seed`, the reward picks. The first candidate is what plain
@@ -136,7 +131,7 @@ def sphere_neighbours(pivot: torch.Tensor, n: int, cosine: float, generator: tor
     return neighbours.reshape(n, *pivot.shape[1:])
 
 
-def zero_order_search(pipeline: DDPOStableDiffusionPipeline, prompt: str, reward_fn: RewardFn,
+def zero_order_search(pipeline: GeneratorAdapter, prompt: str, reward_fn: RewardFn,
                       n_neighbours: int = 4, rounds: int = 3, cosine: float = 0.9, *,
                       num_inference_steps: int = 20, guidance_scale: float = 5.0, eta: float = 0.0, seed: int = 0,
                       height: int | None = None, width: int | None = None) -> SearchResult:
@@ -185,7 +180,7 @@ def effective_sample_size(log_weights: torch.Tensor) -> float:
     return float(1.0 / (weights**2).sum())
 
 
-def fk_steering(pipeline: DDPOStableDiffusionPipeline, prompt: str, reward_fn: RewardFn, particles: int = 4, *,
+def fk_steering(pipeline: GeneratorAdapter, prompt: str, reward_fn: RewardFn, particles: int = 4, *,
                 lam: float = 10.0, potential: str = "max", resampling: str = "multinomial",
                 ess_threshold: float = 0.5, resample_every: int = 5, num_inference_steps: int = 20,
                 guidance_scale: float = 5.0, eta: float = 1.0, seed: int = 0, height: int | None = None,
@@ -212,15 +207,14 @@ def fk_steering(pipeline: DDPOStableDiffusionPipeline, prompt: str, reward_fn: R
     generator = torch.Generator(pipeline.device).manual_seed(seed)
     latents = sampler.initial_noise(particles, generator)
     conditioning = sampler.conditioning(particles)
-    scheduler = pipeline.scheduler
-    scheduler.set_timesteps(num_inference_steps, device=pipeline.device)
-    latents = latents * scheduler.init_noise_sigma
+    timesteps = pipeline.set_timesteps(num_inference_steps, sampler.height, sampler.width)
+    latents = latents * pipeline.init_noise_sigma
     log_weights = torch.zeros(particles)  # importance weights since the last resampling
     log_potentials = torch.zeros(particles)  # log of the product of potentials applied along each lineage
     previous: torch.Tensor | None = None  # the previous step's r (difference), running max, or running sum
     reward_calls, history = 0, []
     with torch.no_grad():
-        for index, timestep in enumerate(scheduler.timesteps):
+        for index, timestep in enumerate(timesteps):
             latents, x0_hat = sampler.step(latents, timestep, conditioning, generator)
             last = index == num_inference_steps - 1
             if last or (index + 1) % resample_every:
@@ -299,7 +293,7 @@ class SearchConfig:
     device: str = field(default="cpu", metadata={"help": "Torch device."})
 
 
-def run_search(config: SearchConfig, pipeline: DDPOStableDiffusionPipeline, reward_fn: RewardFn, prompt: str,
+def run_search(config: SearchConfig, pipeline: GeneratorAdapter, reward_fn: RewardFn, prompt: str,
                seed: int) -> SearchResult:
     """One prompt searched with the method and budget of `config`."""
     common = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
@@ -361,6 +355,7 @@ def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from rlhf.config import parse_config, save_config
+    from rlhf.pipeline import DDPOStableDiffusionPipeline
     from rlhf.reward_fn import build_reward
     from rlhf.testing import toy_generator_path
 

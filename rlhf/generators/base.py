@@ -75,13 +75,18 @@ class GeneratorAdapter(ABC):
         """The shape of the initial noise for `batch_size` images of `height` x `width` pixels; a clear
         `ValueError` naming height/width when the size does not fit the model."""
 
+    @property
+    def init_noise_sigma(self) -> float:
+        """What standard-normal noise is multiplied by to become the first latents (1 for flow schedulers)."""
+        return float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+
     def initial_latents(
         self, batch_size: int, height: int, width: int, generator: torch.Generator | list[torch.Generator] | None
     ) -> torch.Tensor:
         """Initial noise (float32), scaled as the scheduler expects."""
         shape = self.latent_shape(batch_size, height, width)
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        return noise * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        return noise * self.init_noise_sigma
 
     @abstractmethod
     def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
@@ -113,6 +118,14 @@ class GeneratorAdapter(ABC):
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> StepResult:
         """One stochastic step with its log-prob (DDIM for SD, the flow SDE for flow families)."""
+
+    def predicted_clean(
+        self, model_output: torch.Tensor, timestep: torch.Tensor | float, sample: torch.Tensor
+    ) -> torch.Tensor:
+        """The clean latents (x0-hat) the model output implies at this step, what FK steering scores mid-run.
+
+        A family that cannot tell says so by name rather than guessing."""
+        raise NotImplementedError(f"{type(self).__name__}: predicted_clean (x0-hat) is not available for this family")
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
