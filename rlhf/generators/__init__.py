@@ -48,7 +48,12 @@ def _pipeline_class_name(pretrained_model_name: str | Path, revision: str) -> st
     if (source / BASE_MODEL_FILE).is_file() and not (source / "model_index.json").is_file():
         record = json.loads((source / BASE_MODEL_FILE).read_text())
         return _pipeline_class_name(record["base_model"], record.get("revision", revision))
-    config = DiffusionPipeline.load_config(str(pretrained_model_name), revision=revision)
+    try:
+        config = DiffusionPipeline.load_config(str(pretrained_model_name), revision=revision)
+    except OSError as error:  # no model_index.json there (or not in the cache when offline)
+        raise ValueError(f"pretrained_model_name: {pretrained_model_name} is not a diffusers pipeline ({error})") from error
+    if "_class_name" not in config:
+        raise ValueError(f"pretrained_model_name: {pretrained_model_name}'s model_index.json names no pipeline class")
     return config["_class_name"]
 
 
