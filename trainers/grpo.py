@@ -1,0 +1,668 @@
+"""GRPO for text-to-image generators (Flow-GRPO, DanceGRPO, MixGRPO): K images per prompt, group-normalised
+advantages, PPO-clip on per-step ratios of a window of stochastic steps, a closed-form KL to the LoRA-free
+reference. Written against `GeneratorAdapter` only, so one trainer serves SD (DDIM), SD3/3.5 and FLUX.1."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import Future
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
+
+from rlhf.generators.base import GeneratorAdapter
+from rlhf.generators.sampling import replay_steps, sample_trajectories, sde_window
+from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages, ratio_statistics
+from rlhf.reward_fn import AsyncReward
+from rlhf.stats import PerPromptStatTracker
+from trainers.common import (
+    Checkpointer, PolicyExport, build_lr_scheduler, build_optimizer, build_process_reward, draw_prompts, epoch_progress,
+    eval_reward_change, evaluate, finish_run, inference_dtype, load_weighting_state, peak_memory_mb, perspective_values,
+    policy_checkpointer, reseed_global_rngs, reward_call, reward_evaluations, reward_result, seeded_generator,
+    start_run, training_command, warmup_check, weighting_state,
+)
+
+COND = "cond/"
+EMA_FILE = "ema.safetensors"
+HELDOUT = "heldout/"  # prefix of held-out rewards among an evaluation's per-perspective means
+
+
+@dataclass
+class GRPOGeneratorArguments:
+    """The generator `rlhf train grpo` loads (any family with an adapter)."""
+
+    pretrained_model: str = field(
+        default="",
+        metadata={"help": "A diffusers pipeline directory or hub id (SD 1.x/2.x/SDXL, SD3/3.5, FLUX.1); '' = the toy "
+                  "generator; 'tiny', 'tiny-sd3', 'tiny-flux' = a random tiny pipeline (plumbing only) (default '')."},
+    )
+    pretrained_revision: str = field(default="main", metadata={"help": "Hub revision (default 'main')."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA (True) or the whole denoiser (default True)."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank (default 4)."})
+    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (default 4)."})
+    sde_type: str = field(
+        default="", metadata={"help": "The flow families' stochastic step ('flow_sde', 'dance', 'cps'), passed to the "
+                              "adapter; '' = the family's default (DDIM has one) (default '')."})
+
+
+@dataclass
+class GRPOConfig:
+    r"""Configuration of `GRPOTrainer`. TRL's DDPO names where the two share a meaning; each field's help says its
+    default. Per epoch and process: `sample_batch_size * sample_num_batches_per_epoch` images, in groups of
+    `num_images_per_prompt` images of one prompt.
+
+    Choices a user faces:
+    - advantages: (r - group mean) / group std by default; `global_std` divides by the std of all rewards of the
+      epoch instead; `per_prompt_stat_tracking` normalises by each prompt's recent history (a buffer over epochs).
+    - `sde_window_size` > 0 trains only a window of consecutive stochastic steps whose start is drawn per epoch in
+      `sde_window_range`; the other steps are the deterministic sampler (MixGRPO, Flow-GRPO-Fast).
+    - `train_clip_range`: log-probs are means over latent dimensions, so ratios move by ~1e-4..1e-2 per update;
+      Flow-GRPO uses 1e-4 on SD3.5 with its learning rate 3e-4, the toy config 1e-2.
+    """
+
+    # ---- run (TRL's names) ----
+    exp_name: str = field(default=os.path.basename(sys.argv[0]).removesuffix(".py"),
+                          metadata={"help": "Experiment name (default: the script's file name)."})
+    run_name: str = field(default="", metadata={"help": "Run name for the tracker (default '')."})
+    seed: int = field(default=0, metadata={"help": "Random seed; every draw derives from it (default 0)."})
+    log_with: Optional[str] = field(default=None, metadata={"help": "'wandb' or 'tensorboard' (default None)."})
+    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "Tracker init_kwargs (default {})."})
+    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
+    project_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra ProjectConfiguration kwargs (default {})."})
+    tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project (default 'trl')."})
+    logdir: str = field(default="logs", metadata={"help": "Tracker logs, under output_dir (default 'logs')."})
+    num_epochs: int = field(default=100, metadata={"help": "Epochs (sample, score, train) (default 100)."})
+    save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
+    num_checkpoint_limit: int = field(default=5, metadata={"help": "Checkpoints kept (default 5)."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' (CUDA) or 'bf16' for the frozen "
+                                                                 "weights; the LoRA stays float32 (default 'no')."})
+    allow_tf32: bool = field(default=True, metadata={"help": "TF32 matmuls on Ampere+ GPUs (default True)."})
+    resume_from: str = field(default="", metadata={"help": "A checkpoint_<epoch> directory or a run directory to "
+                                                           "resume from (default '')."})
+    # ---- sampling ----
+    sample_num_steps: int = field(default=10, metadata={"help": "Denoising steps of the training rollouts (default 10)."})
+    eval_num_steps: int = field(default=0, metadata={"help": "Denoising steps of evaluations; 0 = sample_num_steps. "
+                                                             "More than sample_num_steps is denoising reduction "
+                                                             "(Flow-GRPO: 10 / 40) (default 0)."})
+    sample_guidance_scale: float = field(default=4.5, metadata={"help": "Guidance scale; <= 1 samples and trains "
+                                                                        "without classifier-free guidance (default 4.5)."})
+    sample_batch_size: int = field(default=8, metadata={"help": "Images per sampling batch, per process (default 8)."})
+    sample_num_batches_per_epoch: int = field(default=2, metadata={"help": "Sampling batches per epoch (default 2)."})
+    num_images_per_prompt: int = field(default=4, metadata={"help": "K, the images of one prompt whose rewards are "
+                                                                    "compared (a group) (default 4)."})
+    noise_level: float = field(default=0.7, metadata={"help": "Stochasticity of the trained steps: the flow SDE's "
+                                                              "noise level, DDIM's eta; > 0 (default 0.7)."})
+    eval_noise_level: float = field(default=0.0, metadata={"help": "Noise level of evaluation sampling; 0 = the "
+                                                                   "deterministic sampler (default 0)."})
+    sde_window_size: int = field(default=0, metadata={"help": "Consecutive stochastic (trained) steps per rollout; "
+                                                              "0 = every step (default 0)."})
+    sde_window_range: list[int] = field(default_factory=list, metadata={"help": "First and last step index the window "
+                                                                                "may start at; [] = anywhere (default [])."})
+    sample_height: int = field(default=0, metadata={"help": "Image height; 0 = the model's (default 0)."})
+    sample_width: int = field(default=0, metadata={"help": "Image width; 0 = the model's (default 0)."})
+    negative_prompts: str = field(default="", metadata={"help": "One negative prompt for all samples (default '')."})
+    # ---- training ----
+    train_batch_size: int = field(default=4, metadata={"help": "Trajectories per training minibatch (default 4)."})
+    train_use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit AdamW (default False)."})
+    train_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate (default 3e-4)."})
+    train_adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (default 0.9)."})
+    train_adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (default 0.999)."})
+    train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay (default 1e-4)."})
+    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon (default 1e-8)."})
+    train_gradient_accumulation_steps: int = field(default=1, metadata={"help": "Minibatches per optimizer step (default 1)."})
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (default 1.0)."})
+    train_num_inner_epochs: int = field(default=1, metadata={"help": "PPO passes over each epoch's samples (default 1)."})
+    train_adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages clipped to +-this (default 5)."})
+    train_clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the per-step ratio (default 1e-4)."})
+    train_timesteps_per_forward: int = field(default=0, metadata={"help": "Steps per trajectory batched in one denoiser "
+                                                                          "call; 0 = all trained steps (default 0)."})
+    train_lr_scheduler: str = field(default="constant", metadata={"help": "diffusers LR schedule (default constant)."})
+    train_lr_warmup_steps: int = field(default=0, metadata={"help": "LR warmup optimizer steps (default 0)."})
+    kl_coef: float = field(default=0.0, metadata={"help": "Weight of the per-step KL to the LoRA-disabled reference, "
+                                                          "|mu - mu_ref|^2 / (2 std^2) (default 0)."})
+    global_std: bool = field(default=False, metadata={"help": "Divide group-centred rewards by the std of all the "
+                                                              "epoch's rewards, not the group's (default False)."})
+    per_prompt_stat_tracking: bool = field(default=False, metadata={"help": "Normalise by each prompt's reward history "
+                                                                            "instead of its group (default False)."})
+    per_prompt_stat_tracking_buffer_size: int = field(default=32, metadata={"help": "Rewards kept per prompt (default 32)."})
+    per_prompt_stat_tracking_min_count: int = field(default=4, metadata={"help": "Below this many a prompt is "
+                                                                                 "normalised by the batch (default 4)."})
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the trained weights, used to evaluate and export; "
+                                                            "0 = off (Flow-GRPO: 0.9) (default 0)."})
+    # ---- rewards ----
+    reward: dict = field(default_factory=lambda: {"builtin": "toy_colour"},
+                         metadata={"help": "CLI: the optimised reward block (rlhf.reward_fn) (default {builtin: toy_colour})."})
+    heldout_rewards: dict = field(default_factory=dict, metadata={"help": "Rewards evaluated but not optimised, "
+                                                                          "{name: reward block} (default {})."})
+    async_reward_computation: bool = field(default=False, metadata={"help": "Score each batch in a thread while the "
+                                                                            "next samples (default False)."})
+    # ---- prompts, evaluation, outputs ----
+    prompts: list[str] = field(default_factory=list, metadata={"help": "CLI: training prompts (default: toy prompts)."})
+    prompts_file: str = field(default="", metadata={"help": "CLI: a file of training prompts, one a line (default '')."})
+    eval_prompts: list[str] = field(default_factory=list, metadata={"help": "Evaluation prompts; [] = no evaluation (default [])."})
+    eval_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Evaluation seeds (default 0 1)."})
+    eval_freq: int = field(default=0, metadata={"help": "Also evaluate every this many epochs, into the history and "
+                                                        "curves; 0 = before and after only (default 0)."})
+    num_grid_images: int = field(default=16, metadata={"help": "Images per epoch sample grid (default 16)."})
+    output_dir: str = field(default="runs/grpo", metadata={"help": "Run directory (default 'runs/grpo')."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "CLI: replace an earlier run (default False)."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Save the LoRA for `hf upload` after training (default False)."})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat `{name: scalar}` for trackers."""
+        return {key: str(value) if isinstance(value, (list, tuple, dict)) else value for key, value in asdict(self).items()}
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that does not fit."""
+        per_process = self.sample_batch_size * self.sample_num_batches_per_epoch
+        minibatches = per_process // max(self.train_batch_size, 1)
+        window = self.sde_window_range
+        checks = [
+            (self.num_epochs >= 0, "num_epochs", "a value >= 0"),
+            (self.sample_num_steps >= 1, "sample_num_steps", "a value >= 1"),
+            (self.eval_num_steps >= 0, "eval_num_steps", "a value >= 0 (0 = sample_num_steps)"),
+            (self.sample_batch_size >= 1, "sample_batch_size", "a value >= 1"),
+            (self.sample_num_batches_per_epoch >= 1, "sample_num_batches_per_epoch", "a value >= 1"),
+            (self.num_images_per_prompt >= 2 and per_process % self.num_images_per_prompt == 0, "num_images_per_prompt",
+             f"a value >= 2 dividing the {per_process} images per process per epoch (a group never spans processes)"),
+            (self.noise_level > 0, "noise_level", "a value > 0 (the trained steps need a density)"),
+            (self.eval_noise_level >= 0, "eval_noise_level", "a value >= 0"),
+            (0 <= self.sde_window_size <= self.sample_num_steps, "sde_window_size", f"a value in [0, {self.sample_num_steps}]"),
+            (not window or (len(window) == 2 and 0 <= window[0] <= window[1]
+                            <= self.sample_num_steps - (self.sde_window_size or self.sample_num_steps)),
+             "sde_window_range", f"[] or [first, last] with 0 <= first <= last <= sample_num_steps - sde_window_size "
+                                 f"= {self.sample_num_steps - (self.sde_window_size or self.sample_num_steps)}"),
+            (self.train_batch_size >= 1 and per_process % self.train_batch_size == 0, "train_batch_size",
+             f"a divisor of the {per_process} images per process per epoch"),
+            (self.train_gradient_accumulation_steps >= 1 and minibatches % self.train_gradient_accumulation_steps == 0,
+             "train_gradient_accumulation_steps", f"a divisor of the {minibatches} minibatches per inner epoch"),
+            (self.train_num_inner_epochs >= 1, "train_num_inner_epochs", "a value >= 1"),
+            (self.train_clip_range > 0, "train_clip_range", "a value > 0"),
+            (self.train_adv_clip_max > 0, "train_adv_clip_max", "a value > 0"),
+            (self.train_timesteps_per_forward >= 0, "train_timesteps_per_forward", "a value >= 0"),
+            (self.kl_coef >= 0, "kl_coef", "a value >= 0"),
+            (not (self.global_std and self.per_prompt_stat_tracking), "global_std",
+             "False with per_prompt_stat_tracking (the tracker has its own statistics)"),
+            (self.per_prompt_stat_tracking_buffer_size >= 1, "per_prompt_stat_tracking_buffer_size", "a value >= 1"),
+            (self.per_prompt_stat_tracking_min_count >= 1, "per_prompt_stat_tracking_min_count", "a value >= 1"),
+            (0 <= self.ema_decay < 1, "ema_decay", "a value in [0, 1) (0 = off)"),
+            (all(isinstance(spec, dict) for spec in self.heldout_rewards.values()), "heldout_rewards",
+             "a mapping {name: reward block}"),
+            (self.eval_freq >= 0, "eval_freq", "a value >= 0"),
+            (not self.eval_prompts or self.eval_seeds, "eval_seeds", "at least one seed with eval_prompts"),
+            (self.save_freq >= 1, "save_freq", "a value >= 1"),
+            (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
+            warmup_check(self),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}")
+        inference_dtype(self.mixed_precision)
+
+
+class ParameterEMA:
+    """An exponential moving average of parameters (float32 shadows), swapped in for evaluation and export."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], decay: float) -> None:
+        self.parameters, self.decay = parameters, decay
+        self.shadow = [p.detach().float().clone() for p in parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for shadow, parameter in zip(self.shadow, self.parameters):
+            shadow.mul_(self.decay).add_(parameter.detach().float(), alpha=1 - self.decay)
+
+    @contextmanager
+    @torch.no_grad()
+    def applied(self) -> Iterator[None]:
+        saved = [p.detach().clone() for p in self.parameters]
+        for shadow, parameter in zip(self.shadow, self.parameters):
+            parameter.copy_(shadow)
+        try:
+            yield
+        finally:
+            for value, parameter in zip(saved, self.parameters):
+                parameter.copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {str(i): shadow.contiguous() for i, shadow in enumerate(self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if len(state) != len(self.shadow):
+            raise ValueError(f"EMA state: expected {len(self.shadow)} tensors, got {len(state)}")
+        self.shadow = [state[str(i)].float().to(p.device) for i, p in enumerate(self.parameters)]
+
+
+class GRPOTrainer(PolicyExport):
+    """GRPO on accelerate, TRL-shaped (`GRPOTrainer(config, reward_function, prompt_function, generator).train()`).
+
+    Args:
+        config: a `GRPOConfig`.
+        reward_function: `reward_function(images, prompts, metadata) -> rewards or (rewards, info)`, images float
+            BCHW in [0, 1]; `info["raw"]` per-perspective scores are logged; a non-finite reward drops its image.
+        prompt_function: `prompt_function() -> (prompt, metadata)` or a prompt, called once per group; the global
+            RNGs are reseeded from (seed, epoch, process) before each epoch's draws.
+        generator: any `GeneratorAdapter` (the trainer never names a family).
+        heldout_rewards: `{name: reward function}` evaluated beside the reward, never optimised (default: built
+            from `config.heldout_rewards`).
+        image_samples_hook: TRL's hook, called each epoch with `([[images, prompts, metadata, rewards, info], ...],
+            global_step, tracker or None)`.
+    """
+
+    def __init__(
+        self,
+        config: GRPOConfig,
+        reward_function: Callable[..., Any],
+        prompt_function: Callable[[], Any],
+        generator: GeneratorAdapter,
+        heldout_rewards: dict[str, Callable[..., Any]] | None = None,
+        image_samples_hook: Callable[[Any, int, Any], Any] | None = None,
+    ) -> None:
+        config.validate()
+        if not isinstance(generator, GeneratorAdapter):
+            raise TypeError(f"generator: expected a GeneratorAdapter, got {type(generator).__name__}")
+        if config.kl_coef > 0 and not generator.use_lora:
+            raise ValueError("kl_coef: expected 0 without LoRA (the reference policy is the LoRA-free denoiser)")
+        self.config, self.reward_fn, self.prompt_fn = config, reward_function, prompt_function
+        self.generator = self.sd_pipeline = generator  # `sd_pipeline`: the name PolicyExport and TRL use
+        self.image_samples_hook = image_samples_hook
+        self.num_window_steps = config.sde_window_size or config.sample_num_steps
+        self.timesteps_per_forward = config.train_timesteps_per_forward or self.num_window_steps
+        forwards = -(-self.num_window_steps // self.timesteps_per_forward)
+        # accelerate counts backward calls: one per timestep chunk of every accumulated minibatch
+        self.accelerator, self.outputs = start_run(config, generator, config.train_gradient_accumulation_steps * forwards)
+        self.height = config.sample_height or generator.default_size
+        self.width = config.sample_width or generator.default_size
+        self.trainable = generator.trainable_parameters()
+        optimizer = build_optimizer(config, self.trainable)
+        minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
+        steps = config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
+        lr_scheduler = build_lr_scheduler(config, optimizer, steps, self.accelerator.num_processes)
+        self.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            generator.denoiser, optimizer, lr_scheduler)
+        self.ema = ParameterEMA(self.trainable, config.ema_decay) if config.ema_decay > 0 else None
+        self.stat_tracker = (PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
+                                                  config.per_prompt_stat_tracking_min_count)
+                             if config.per_prompt_stat_tracking else None)
+        self.heldout_rewards = heldout_rewards if heldout_rewards is not None else _build_heldout(config.heldout_rewards)
+        self.checkpointer = policy_checkpointer(self.accelerator, config, generator)
+        # the reward's own `submit` (ours score in call order), or one worker around a plain function: batches are
+        # folded in sampling order either way, so a stateful reward resumes exactly
+        self.async_reward = None
+        if config.async_reward_computation:
+            self.async_reward = reward_function if hasattr(reward_function, "submit") else AsyncReward(reward_function)
+        self.first_epoch, self.global_step, self.num_nonfinite = 0, 0, 0
+        self.eval_before: dict[str, Any] | None = None
+        self.last_row: dict[str, Any] = {}
+        if config.resume_from:
+            state = self.checkpointer.load(config.resume_from)
+            self.first_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
+            self.num_nonfinite, self.eval_before = state["num_nonfinite_rewards"], state["eval_before"]
+            if self.stat_tracker is not None:
+                self.stat_tracker.load_state_dict(state["stat_tracker"])
+            if self.ema is not None:
+                self.ema.load_state_dict(load_file(Checkpointer.resolve(config.resume_from) / EMA_FILE))
+            load_weighting_state(self.reward_fn, state.get("weighting"))
+            self.outputs.keep_history_until(state["epoch"])
+
+    # ---- sampling --------------------------------------------------------------------------------------------
+
+    def _sample(self, prompts: list[str], generator: Any, *, num_steps: int, noise_level: float,
+                stochastic: torch.Tensor | None = None) -> Any:
+        config = self.config
+        negatives = [config.negative_prompts] * len(prompts) if config.negative_prompts else None
+        if stochastic is None:
+            stochastic = torch.full((num_steps,), noise_level > 0)
+        return sample_trajectories(
+            self.generator, prompts, num_steps=num_steps, guidance_scale=config.sample_guidance_scale,
+            noise_level=noise_level, height=self.height, width=self.width, generator=generator,
+            stochastic=stochastic, negative_prompts=negatives)
+
+    def sample_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
+        """Sample and score this process's groups for `epoch`. Returns the rollout (`tensors`: the window steps'
+        latents, next latents, log-probs and timesteps, the conditioning; `prompts`, `rewards`, `perspectives`,
+        `records`) and the phase timings."""
+        config, rank = self.config, self.accelerator.process_index
+        reseed_global_rngs(config.seed, epoch, rank)
+        generator = seeded_generator(config.seed, epoch, rank, 0)
+        # one window for every process (no rank in its seed): the processes train the same steps
+        stochastic = sde_window(config.sample_num_steps, config.sde_window_size, config.sde_window_range,
+                                seeded_generator(config.seed, epoch, 2))
+        window = stochastic.nonzero().squeeze(1)
+        per_process = config.sample_batch_size * config.sample_num_batches_per_epoch
+        prompts, metadata = draw_prompts(self.prompt_fn, per_process // config.num_images_per_prompt,
+                                         config.num_images_per_prompt)
+        batches, images, pending = [], [], []
+        timings = {"time_sampling": 0.0, "time_reward": 0.0}
+        self.generator.denoiser.eval()
+        for start in range(0, len(prompts), config.sample_batch_size):
+            chunk, chunk_meta = prompts[start : start + config.sample_batch_size], metadata[start : start + config.sample_batch_size]
+            began = time.perf_counter()
+            sampled = self._sample(chunk, generator, num_steps=config.sample_num_steps, noise_level=config.noise_level,
+                                   stochastic=stochastic)
+            batches.append({
+                "latents": sampled.latents[:, window], "next_latents": sampled.latents[:, window + 1],
+                "log_probs": sampled.log_probs[:, window], "timesteps": sampled.timesteps[window].repeat(len(chunk), 1),
+                **{COND + key: value for key, value in sampled.conditioning.items()},
+            })
+            images.append(sampled.images)
+            timings["time_sampling"] += time.perf_counter() - began
+            began = time.perf_counter()
+            if self.async_reward is not None:
+                pending.append(self.async_reward.submit(sampled.images, chunk, chunk_meta))
+            else:
+                done: Future = Future()
+                done.set_result(self.reward_fn(sampled.images, chunk, chunk_meta))
+                pending.append(done)
+            timings["time_reward"] += time.perf_counter() - began
+        began = time.perf_counter()
+        results = [reward_result(future.result(), len(batch)) for future, batch in zip(pending, images)]
+        timings["time_reward"] += time.perf_counter() - began
+        perspectives: dict[str, list[torch.Tensor]] = {}
+        for _, info in results:
+            for name, values in perspective_values(info).items():
+                perspectives.setdefault(name, []).append(values)
+        size = config.sample_batch_size
+        rollout = {
+            "tensors": {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]},
+            "prompts": prompts,
+            "rewards": torch.cat([rewards for rewards, _ in results]).to(self.accelerator.device),
+            "perspectives": {k: torch.cat(v).to(self.accelerator.device) for k, v in perspectives.items()},
+            "records": [[batch, prompts[i * size : (i + 1) * size], metadata[i * size : (i + 1) * size], rewards, info]
+                        for i, (batch, (rewards, info)) in enumerate(zip(images, results))],
+        }
+        return rollout, timings
+
+    # ---- advantages ------------------------------------------------------------------------------------------
+
+    def compute_advantages(self, rollout: dict[str, Any]) -> dict[str, Any]:
+        """Gather every process's rewards, drop non-finite ones, and set this process's `advantages` and `valid`.
+
+        A reward weighted at the advantage level (GDPO) computes them from the per-perspective scores; otherwise
+        the per-prompt tracker, else group normalisation (with `global_std`, by the std of all rewards)."""
+        accelerator, config = self.accelerator, self.config
+        local = len(rollout["prompts"])
+        rewards = accelerator.gather(rollout["rewards"]).cpu().double()
+        perspectives = {name: accelerator.gather(v).cpu() for name, v in rollout["perspectives"].items()}
+        prompts = gather_object(rollout["prompts"]) if accelerator.num_processes > 1 else rollout["prompts"]
+        finite = torch.isfinite(rewards)
+        advantages = torch.zeros_like(rewards, dtype=torch.float32)
+        weighting = getattr(self.reward_fn, "weighting", None)
+        if getattr(weighting, "level", "reward") == "advantage":
+            folded = weighting.advantages(perspectives, prompts).total.cpu()
+            finite &= torch.isfinite(folded)
+            advantages[finite] = folded[finite].float()
+        elif finite.any():
+            kept = finite.nonzero().squeeze(1).tolist()
+            if self.stat_tracker is not None:
+                advantages[kept] = self.stat_tracker.update([prompts[i] for i in kept], rewards[kept])
+            else:
+                # a group never spans processes: ids are (process, group index within the process)
+                ids = [(i // local, (i % local) // config.num_images_per_prompt) for i in kept]
+                advantages[kept] = grpo_advantages(rewards[kept], ids, config.global_std)
+        rank = accelerator.process_index
+        rollout["tensors"]["advantages"] = advantages.reshape(-1, local)[rank].to(accelerator.device)
+        rollout["tensors"]["valid"] = finite.reshape(-1, local)[rank].to(accelerator.device)
+        self.num_nonfinite += int((~finite).sum())
+        stats = {"num_nonfinite_rewards": int((~finite).sum()), **_mean_std("reward", rewards[finite])}
+        for name, values in perspectives.items():
+            stats.update(_mean_std(f"reward_{name}", values.double()[torch.isfinite(values)]))
+        return stats
+
+    # ---- training --------------------------------------------------------------------------------------------
+
+    def replay(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New log-probs [R, J] of window steps `columns` [R, J] of samples `rows` [R] (all pairs in one denoiser
+        call), and their KL to the reference policy (when `kl_coef`)."""
+        config, pairs = self.config, columns.shape[1]
+
+        def pick(key: str) -> torch.Tensor:
+            return tensors[key][rows[:, None], columns].flatten(0, 1)
+
+        latents, next_latents, timesteps = pick("latents"), pick("next_latents"), pick("timesteps")
+        conditioning = {key[len(COND):]: value[rows].repeat_interleave(pairs, dim=0)
+                        for key, value in tensors.items() if key.startswith(COND)}
+        options = dict(guidance_scale=config.sample_guidance_scale, noise_level=config.noise_level)
+        log_probs, mean, std = replay_steps(self.generator, latents, next_latents, timesteps, conditioning,
+                                            denoiser=self.denoiser, **options)
+        kl = None
+        if config.kl_coef > 0:
+            with torch.no_grad(), self.generator.reference_policy():
+                _, reference_mean, _ = replay_steps(self.generator, latents, next_latents, timesteps, conditioning,
+                                                    **options)
+            kl = gaussian_step_kl(mean, reference_mean, std).view(len(rows), pairs)
+        return log_probs.view(len(rows), pairs), kl
+
+    def train_epoch(self, epoch: int, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        """PPO-clip over the epoch's samples, `train_num_inner_epochs` passes over shuffled samples, each
+        sample's window steps in a shuffled order chunked by `train_timesteps_per_forward`."""
+        config, accelerator = self.config, self.accelerator
+        generator = seeded_generator(config.seed, epoch, accelerator.process_index, 1)
+        count, steps = tensors["timesteps"].shape
+        window_pairs = config.train_batch_size * steps * config.train_gradient_accumulation_steps
+        scale = accelerator.gradient_accumulation_steps / window_pairs
+        names = ["loss", "approx_kl", "clipfrac", "ratio", "kl", "pairs"]
+        totals = torch.zeros(len(names), dtype=torch.float64)
+        extremes = torch.tensor([float("inf"), float("inf")], dtype=torch.float64)  # min ratio, -max ratio
+        # replays need the sampling schedule, whatever an evaluation set since
+        self.generator.set_timesteps(config.sample_num_steps, self.height, self.width)
+        self.denoiser.train()
+        for _ in range(config.train_num_inner_epochs):
+            order = torch.randperm(count, generator=generator)
+            step_order = torch.rand(count, steps, generator=generator).argsort(dim=1)
+            for start in range(0, count, config.train_batch_size):
+                rows = order[start : start + config.train_batch_size]
+                for first in range(0, steps, self.timesteps_per_forward):
+                    columns = step_order[rows, first : first + self.timesteps_per_forward]
+                    with accelerator.accumulate(self.denoiser):
+                        loss, stats = self._loss(tensors, rows.to(accelerator.device), columns.to(accelerator.device))
+                        accelerator.backward(loss * scale)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(self.trainable, config.train_max_grad_norm)
+                            self.global_step += 1
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
+                        self.optimizer.zero_grad()
+                        if accelerator.sync_gradients and self.ema is not None:
+                            self.ema.update()
+                    totals += torch.stack([stats[name] for name in names]).double().cpu()
+                    extremes = torch.minimum(extremes, torch.stack([stats["ratio_min"], -stats["ratio_max"]]).double().cpu())
+        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+        extremes = accelerator.gather(extremes[None].to(accelerator.device)).cpu().min(dim=0).values
+        pairs = max(float(totals[5]), 1.0)
+        result = {name: float(totals[i]) / pairs for i, name in enumerate(names[:5])}
+        result["ratio_mean"] = result.pop("ratio")
+        result.update(ratio_min=float(extremes[0]), ratio_max=-float(extremes[1]), lr=self.lr_scheduler.get_last_lr()[0])
+        if config.kl_coef == 0:
+            result.pop("kl")
+        return result
+
+    def _loss(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The summed clipped objective (+ KL) over the pairs, invalid samples weighted 0; detached statistics."""
+        config = self.config
+        log_probs, kl = self.replay(tensors, rows, columns)
+        old_log_probs = tensors["log_probs"][rows[:, None], columns]
+        weight = tensors["valid"][rows].float()[:, None].expand_as(log_probs)
+        per_pair, ratio = clipped_policy_loss(log_probs, old_log_probs, tensors["advantages"][rows][:, None],
+                                              config.train_clip_range, config.train_adv_clip_max)
+        if kl is not None:
+            per_pair = per_pair + config.kl_coef * kl
+        loss = (per_pair * weight).sum()
+        stats = ratio_statistics(log_probs, old_log_probs, ratio, config.train_clip_range, weight)
+        stats.update(loss=loss.detach(), pairs=weight.sum(),
+                     kl=(kl.detach() * weight).sum() if kl is not None else torch.zeros((), device=loss.device))
+        return loss, stats
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+
+    def evaluation_weights(self) -> Any:
+        """The weights evaluations and exports use: the EMA when on, else the trained ones."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
+
+    def _evaluation_reward(self, images: torch.Tensor, prompts: list[str], metadata: list[Any]) -> Any:
+        rewards, info = reward_call(self.reward_fn, images, prompts, metadata)
+        raw = dict(info.get("raw") or {})
+        for name, reward in self.heldout_rewards.items():
+            raw[HELDOUT + name] = reward_call(reward, images, prompts, metadata)[0]
+        return rewards, {**info, "raw": raw}
+
+    def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
+        """Mean reward (and held-out rewards, as `per_perspective["heldout/<name>"]`) on `eval_prompts` x
+        `eval_seeds`, sampled with `eval_num_steps` at `eval_noise_level`; None without `eval_prompts`."""
+        config = self.config
+        if not config.eval_prompts:
+            return None
+        self.generator.denoiser.eval()
+        steps = config.eval_num_steps or config.sample_num_steps
+        with self.evaluation_weights():
+            metrics, samples = evaluate(
+                lambda chunk, generators: self._sample(chunk, generators, num_steps=steps,
+                                                       noise_level=config.eval_noise_level).images,
+                self._evaluation_reward, config.eval_prompts, config.eval_seeds, batch_size=config.sample_batch_size,
+                accelerator=self.accelerator, description=f"evaluating ({stage or 'policy'})")
+        if stage:
+            self.outputs.save_evaluation(stage, samples)
+        return metrics
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch: sample, score, advantages, train, log, checkpoint. Returns the global step."""
+        self.global_step = global_step
+        began = time.perf_counter()
+        rollout, timings = self.sample_epoch(epoch)
+        row: dict[str, Any] = {"epoch": epoch, **self.compute_advantages(rollout)}
+        if self.image_samples_hook is not None:
+            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
+            self.image_samples_hook(rollout["records"], self.global_step, tracker)
+        if self.accelerator.is_main_process and self.config.num_grid_images > 0:
+            grid = torch.cat([record[0] for record in rollout["records"]])[: self.config.num_grid_images]
+            self.outputs.save_grid(grid, f"samples/epoch_{epoch:04d}.png")
+        train_began = time.perf_counter()
+        row.update(self.train_epoch(epoch, rollout["tensors"]))
+        timings["time_training"] = time.perf_counter() - train_began
+        if self.config.eval_freq and (epoch + 1) % self.config.eval_freq == 0:
+            evaluation = self.evaluate()
+            if evaluation is not None:
+                row["eval_reward_mean"] = evaluation["reward_mean"]
+                row.update({f"eval_{name}": value for name, value in evaluation["per_perspective"].items()})
+        timings["time_epoch"] = time.perf_counter() - began
+        row.update(global_step=self.global_step, num_nonfinite_rewards_total=self.num_nonfinite, **timings,
+                   peak_memory_mb=peak_memory_mb(self.accelerator.device))
+        self.outputs.append_history(row)
+        if self.config.log_with:
+            self.accelerator.log(row, step=epoch)
+        if (epoch + 1) % self.config.save_freq == 0 or epoch == self.config.num_epochs - 1:
+            directory = self.checkpointer.save(epoch, {
+                "global_step": self.global_step, "num_nonfinite_rewards": self.num_nonfinite,
+                "eval_before": self.eval_before, "weighting": weighting_state(self.reward_fn),
+                "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker is not None else None})
+            if self.ema is not None and self.accelerator.is_main_process:
+                save_file(self.ema.state_dict(), directory / EMA_FILE)
+            self.accelerator.wait_for_everyone()
+        self.last_row = row
+        return self.global_step
+
+    def train(self, epochs: int | None = None) -> dict[str, Any]:
+        """Evaluate (with `eval_prompts`), train from `first_epoch` to `epochs` (default `num_epochs`), evaluate
+        again; write metrics.json, the curves and the final policy (`output_dir/lora`, the EMA when on)."""
+        end = self.config.num_epochs if epochs is None else epochs
+        if self.eval_before is None:
+            self.eval_before = self.evaluate("before")
+        progress = epoch_progress(self.first_epoch, end, "GRPO epochs", self.accelerator.is_local_main_process)
+        for epoch in progress:
+            self.step(epoch, self.global_step)
+            progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
+        metrics = {"eval_before": self.eval_before, "eval_after": self.evaluate("after"), "epochs": end,
+                   "global_step": self.global_step, "num_nonfinite_rewards": self.num_nonfinite}
+        if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
+            self.async_reward.close()
+        curves = ["reward_mean", "approx_kl", "clipfrac", "ratio_mean", "kl", "eval_reward_mean",
+                  *[f"eval_{HELDOUT}{name}" for name in self.heldout_rewards]]
+        with self.evaluation_weights():
+            finish_run(self, metrics, curves, reward_evaluations(metrics))
+        return metrics
+
+
+def _build_heldout(specs: dict[str, dict[str, Any]]) -> dict[str, Callable[..., Any]]:
+    rewards = {}
+    for name, spec in specs.items():
+        try:
+            rewards[name] = build_process_reward(spec)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"heldout_rewards.{name}: {error}") from error
+    return rewards
+
+
+def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
+    if len(values) == 0:
+        return {f"{prefix}_mean": float("nan"), f"{prefix}_std": float("nan")}
+    return {f"{prefix}_mean": float(values.mean()), f"{prefix}_std": float(values.std(unbiased=False))}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+TINY_BUILDERS = {"tiny": "build_tiny_sd", "tiny-sd3": "build_tiny_sd3", "tiny-flux": "build_tiny_flux"}
+
+
+def load_policy(arguments: GRPOGeneratorArguments, seed: int, output_dir: str) -> GeneratorAdapter:
+    """The adapter `arguments` names: '' = the toy generator, a `TINY_BUILDERS` name = a random tiny pipeline built
+    under `output_dir`, else any diffusers pipeline directory or hub id (its family from `load_generator`)."""
+    from rlhf import testing
+    from rlhf.generators import generator_class, load_generator
+
+    name = arguments.pretrained_model
+    if name in TINY_BUILDERS:
+        path = Path(output_dir) / name.replace("-", "_")
+        with PartialState().main_process_first():
+            if not (path / "model_index.json").is_file():
+                getattr(testing, TINY_BUILDERS[name])(path, seed=seed)
+        name = str(path)
+    elif not name:
+        name = str(testing.toy_generator_path())
+    options: dict[str, Any] = dict(use_lora=arguments.use_lora, lora_rank=arguments.lora_rank,
+                                   lora_alpha=arguments.lora_alpha, lora_seed=seed)
+    if arguments.sde_type:
+        family = generator_class(name, arguments.pretrained_revision)
+        if "sde_type" not in inspect.signature(family.__init__).parameters:
+            raise ValueError(f"sde_type: {family.__name__} has one stochastic step; leave sde_type ''")
+        options["sde_type"] = arguments.sde_type
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return load_generator(name, revision=arguments.pretrained_revision, **options)
+
+
+def main(argv: list[str]) -> int:
+    """`rlhf train grpo --config configs/grpo/X.yaml [--field value ...]`."""
+    from rlhf.config import parse_config
+    from trainers.ddpo import load_training_prompts, uniform_prompt_function
+
+    arguments, config = parse_config([GRPOGeneratorArguments, GRPOConfig], argv)
+    config.validate()
+    with training_command(argv, config):
+        prompts = load_training_prompts(config)
+        reward = build_process_reward(config.reward)
+        generator = load_policy(arguments, config.seed, config.output_dir)
+        trainer = GRPOTrainer(config, reward, uniform_prompt_function(prompts), generator)
+        trainer.outputs.save_config([arguments, config])
+        metrics = trainer.train()
+    if config.push_to_hub:
+        trainer.push_to_hub()
+    if trainer.accelerator.is_main_process:
+        last = trainer.last_row
+        summary = (eval_reward_change(metrics["eval_before"], metrics["eval_after"]) if metrics["eval_after"]
+                   else f"last epoch reward {last.get('reward_mean', float('nan')):.4f} (no eval_prompts: no evaluation)")
+        print(f"{summary}; outputs in {config.output_dir}")
+    return 0
