@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+# diffusers' file name for LoRA weights, which every pipeline's `load_lora_weights(directory)` looks for
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# written next to a saved LoRA so that `from_pretrained(directory)` knows which base model it belongs to
+BASE_MODEL_FILE = "ddpo_base_model.json"
 # (prev_sample, log_prob [B], step mean (float32), step std (float32, broadcastable over the sample))
 StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -88,6 +92,52 @@ class GeneratorAdapter(ABC):
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         return noise * self.init_noise_sigma
 
+    @torch.no_grad()
+    def prepare_sampling(
+        self,
+        prompt: str | Sequence[str] | None,
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        **encode_options: Any,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """What every sampling loop starts from: (conditioning, scaled initial latents, timesteps).
+
+        Prompts repeat `num_images_per_prompt` times each; a single negative prompt applies to all; guidance is
+        on when `guidance_scale > 1`. `encode_options` (e.g. SD's `prompt_embeds`) go to `encode_prompt` when set.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+        if prompts is not None:
+            prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        encode_options = {key: value for key, value in encode_options.items() if value is not None}
+        if prompts is None and "prompt_embeds" not in encode_options:
+            raise ValueError("prompt: pass prompts or prompt_embeds")
+        batch_size = len(prompts) if prompts is not None else len(encode_options["prompt_embeds"])
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != batch_size:
+                negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+            if len(negatives) != batch_size:
+                raise ValueError(f"negative_prompt: expected one per prompt ({batch_size}), got {len(negative_prompt)}")
+        height, width = height or self.default_size, width or self.default_size
+        conditioning = self.encode_prompt(
+            prompts, negatives, guidance=guidance_scale > 1.0, height=height, width=width, **encode_options
+        )
+        shape = self.latent_shape(batch_size, height, width)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
+        timesteps = self.set_timesteps(num_inference_steps, height, width)
+        return conditioning, latents.to(self.device, torch.float32) * self.init_noise_sigma, timesteps
+
     @abstractmethod
     def set_timesteps(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         """Set the scheduler's timesteps for a sampling run (flow families shift them by resolution) and return
@@ -119,6 +169,13 @@ class GeneratorAdapter(ABC):
     ) -> StepResult:
         """One stochastic step with its log-prob (DDIM for SD, the flow SDE for flow families)."""
 
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """Clean latents noised to `timestep` (a value of the current schedule) by the scheduler's forward process."""
+        timesteps = timestep.reshape(1).expand(len(clean)).to(clean.device)
+        if hasattr(self.scheduler, "add_noise"):  # DDPM-family schedulers
+            return self.scheduler.add_noise(clean, noise, timesteps)
+        return self.scheduler.scale_noise(clean, timesteps, noise)  # flow matching: (1 - sigma) x0 + sigma noise
+
     def predicted_clean(
         self, model_output: torch.Tensor, timestep: torch.Tensor | float, sample: torch.Tensor
     ) -> torch.Tensor:
@@ -129,7 +186,8 @@ class GeneratorAdapter(ABC):
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Final latents -> float32 images [B, 3, H, W] in [0, 1], without a graph."""
+        """Final latents -> float32 images [B, 3, H, W] in [0, 1]; with grad enabled the graph reaches `latents`
+        (reward back-propagation decodes through it)."""
 
     # ---- the policy ----------------------------------------------------------------------------------------
 

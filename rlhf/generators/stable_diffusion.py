@@ -1,0 +1,362 @@
+"""Stable Diffusion 1.x/2.x and SDXL as a `GeneratorAdapter`: a UNet policy with a LoRA, DDIM steps with
+log-probs, diffusers-format LoRA files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from rlhf.generators.base import BASE_MODEL_FILE, LORA_WEIGHT_NAME, GeneratorAdapter, StepResult
+from rlhf.scheduling import ddim_posterior, ddim_step_with_logprob
+
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+class StableDiffusionAdapter(GeneratorAdapter):
+    """A diffusers Stable Diffusion pipeline as a policy: a trainable LoRA on the UNet and DDIM steps with log-probs.
+
+    Args:
+        sd_pipeline: a `StableDiffusionPipeline` (SD 1.x/2.x) or `StableDiffusionXLPipeline`; its scheduler is
+            replaced by a `DDIMScheduler` with the same config.
+        use_lora: train a LoRA adapter on the UNet (attached with peft's `unet.add_adapter`); otherwise the whole
+            UNet is trainable.
+        lora_rank, lora_alpha, lora_target_modules: the adapter's shape (TRL 0.23: r=4, alpha=4, attention
+            projections), ignored if the UNet already carries an adapter (e.g. one loaded by `from_pretrained`).
+        lora_seed: seeds the adapter's random initialisation (LoRA B starts at zero, so the policy starts as
+            the base model whatever the seed).
+        base_model, base_revision: the name or path (and revision) the pipeline came from, recorded next to
+            exported LoRA weights.
+    """
+
+    def __init__(
+        self,
+        sd_pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline,
+        *,
+        use_lora: bool = True,
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        lora_seed: int = 0,
+        base_model: str = "",
+        base_revision: str = "main",
+    ) -> None:
+        if not isinstance(sd_pipeline, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+            raise TypeError(
+                f"sd_pipeline: expected a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline, "
+                f"got {type(sd_pipeline).__name__}"
+            )
+        self.sd_pipeline = sd_pipeline
+        self.sd_pipeline.scheduler = DDIMScheduler.from_config(sd_pipeline.scheduler.config)
+        if getattr(sd_pipeline, "safety_checker", None) is not None:
+            # the safety checker blacks out images, which a reward would read as signal
+            self.sd_pipeline.safety_checker = None
+        self.use_lora = use_lora
+        self.base_model = base_model
+        self.base_revision = base_revision
+        self.is_sdxl = isinstance(sd_pipeline, StableDiffusionXLPipeline)
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        self.unet.requires_grad_(not use_lora)
+        if use_lora:
+            if not getattr(self.unet, "_hf_peft_config_loaded", False):
+                # peft draws the initial LoRA A from the global RNG: pin it, so that a run reproduces from its seed
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(lora_seed)
+                    self.unet.add_adapter(
+                        LoraConfig(
+                            r=lora_rank,
+                            lora_alpha=lora_alpha,
+                            init_lora_weights="gaussian",
+                            target_modules=list(lora_target_modules),
+                        )
+                    )
+            for name, parameter in self.unet.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+        self.to(dtype=self.unet.dtype)
+
+    # ---- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name: str | Path,
+        *,
+        revision: str = "main",
+        torch_dtype: torch.dtype = torch.float32,
+        use_lora: bool = True,
+        **lora_options: Any,
+    ) -> "StableDiffusionAdapter":
+        """Load an SD 1.x/2.x or SDXL pipeline from a path or the Hugging Face cache.
+
+        A directory written by `save_pretrained` with LoRA weights loads its base model, then that LoRA, which
+        becomes the trainable adapter (training continues from it).
+        """
+        source = Path(pretrained_model_name)
+        exported_lora = (source / BASE_MODEL_FILE).is_file() and (source / LORA_WEIGHT_NAME).is_file()
+        base = json.loads((source / BASE_MODEL_FILE).read_text()) if exported_lora else {}
+        base_name = base.get("base_model", str(pretrained_model_name))
+        sd_pipeline = DiffusionPipeline.from_pretrained(
+            base_name, revision=base.get("revision", revision), dtype=torch_dtype
+        )
+        if exported_lora:
+            sd_pipeline.load_lora_weights(source, weight_name=LORA_WEIGHT_NAME, adapter_name="default")
+            use_lora = True
+        return cls(
+            sd_pipeline,
+            use_lora=use_lora,
+            base_model=base_name,
+            base_revision=base.get("revision", revision),
+            **lora_options,
+        )
+
+    # ---- components (TRL 0.23's properties) ----------------------------------------------------------------
+
+    @property
+    def pipeline(self) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+        return self.sd_pipeline
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.sd_pipeline.unet
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.sd_pipeline.unet
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.sd_pipeline.vae
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.sd_pipeline.text_encoder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.sd_pipeline.tokenizer
+
+    @property
+    def default_size(self) -> int:
+        """The image side the UNet was configured for, in pixels."""
+        return self.unet.config.sample_size * self.sd_pipeline.vae_scale_factor
+
+    def _frozen_modules(self) -> list[torch.nn.Module]:
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return [getattr(self.sd_pipeline, n) for n in names if getattr(self.sd_pipeline, n, None) is not None]
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        self.sd_pipeline.set_progress_bar_config(**kwargs)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "StableDiffusionAdapter":
+        """Move every component; frozen weights take `dtype`, trainable ones stay float32.
+
+        Trainable parameters in fp16 would underflow in Adam and break accelerate's gradient unscaling; a VAE
+        whose config asks `force_upcast` (SDXL's) stays float32, since it overflows to NaN in fp16.
+        """
+        # trainable weights keep their float32 values exactly: never round-tripped through a lower precision
+        trainable = {parameter: parameter.data.float() for parameter in self.trainable_parameters()}
+        for module in (self.unet, *self._frozen_modules()):
+            module.to(device=device)
+        if dtype is not None:
+            for module in (self.unet, *self._frozen_modules()):
+                upcast = module is self.vae and getattr(module.config, "force_upcast", False) and dtype == torch.float16
+                target = torch.float32 if upcast else dtype
+                if module.dtype != target:  # a no-op cast still makes diffusers warn
+                    module.to(dtype=target)
+        for parameter, data in trainable.items():
+            parameter.data = data.to(parameter.device)
+        return self
+
+    # ---- the policy ----------------------------------------------------------------------------------------
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights (the adapter in peft's naming, or the whole UNet): what a checkpoint stores."""
+        state = get_peft_model_state_dict(self.unet) if self.use_lora else self.unet.state_dict()
+        return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+
+    def load_policy_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if not self.use_lora:
+            self.unet.load_state_dict(state_dict)
+            return
+        result = set_peft_model_state_dict(self.unet, state_dict)
+        if result.unexpected_keys:
+            raise ValueError(f"LoRA state dict: keys {result.unexpected_keys[:5]} do not match this UNet's adapter")
+
+    # ---- prompts and the UNet ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompts: Sequence[str] | None,
+        negative_prompts: Sequence[str] | None = None,
+        *,
+        guidance: bool = True,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample conditioning for `predict`; negatives only when `guidance` (an empty one = unconditional)."""
+        negatives = None if negative_prompts is None or all(n == "" for n in negative_prompts) else list(negative_prompts)
+        prompts = list(prompts) if prompts is not None else None
+        if self.is_sdxl:
+            embeds, negative_embeds, pooled, negative_pooled = self.sd_pipeline.encode_prompt(
+                prompt=prompts,
+                device=self.device,
+                do_classifier_free_guidance=guidance,
+                negative_prompt=negatives,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+            )
+            height, width = height or self.default_size, width or self.default_size
+            # SDXL's micro-conditioning: original size, crop top-left, target size
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=embeds.dtype)
+            conditioning = {
+                "prompt_embeds": embeds,
+                "pooled_prompt_embeds": pooled,
+                "add_time_ids": time_ids.expand(len(embeds), -1),
+            }
+            if guidance:
+                conditioning["negative_prompt_embeds"] = negative_embeds
+                conditioning["negative_pooled_prompt_embeds"] = negative_pooled
+            return conditioning
+        embeds, negative_embeds = self.sd_pipeline.encode_prompt(
+            prompts,
+            self.device,
+            1,
+            guidance,
+            negative_prompt=negatives,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
+        conditioning = {"prompt_embeds": embeds}
+        if guidance:
+            conditioning["negative_prompt_embeds"] = negative_embeds
+        return conditioning
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor | int,
+        conditioning: dict[str, torch.Tensor],
+        guidance_scale: float,
+        denoiser: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """The (guided) UNet prediction in float32 for latents [N, ...] at timesteps (scalar or [N]).
+
+        With `negative_prompt_embeds` in `conditioning` the conditional and unconditional halves run in one UNet
+        call and are combined with `guidance_scale`. `denoiser` overrides the module called (the trainer passes its
+        distributed wrapper, so that gradients are synchronised).
+        """
+        unet = denoiser or self.unet
+        guided = "negative_prompt_embeds" in conditioning
+        timesteps = torch.as_tensor(timesteps, device=latents.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(len(latents))
+        embeds = conditioning["prompt_embeds"]
+        added = None
+        if self.is_sdxl:
+            added = {"text_embeds": conditioning["pooled_prompt_embeds"], "time_ids": conditioning["add_time_ids"]}
+        if guided:
+            latents = torch.cat([latents, latents])
+            timesteps = torch.cat([timesteps, timesteps])
+            embeds = torch.cat([conditioning["negative_prompt_embeds"], embeds])
+            if added is not None:
+                added = {
+                    "text_embeds": torch.cat([conditioning["negative_pooled_prompt_embeds"], added["text_embeds"]]),
+                    "time_ids": torch.cat([added["time_ids"], added["time_ids"]]),
+                }
+        dtype = self.unet.dtype
+        if added is not None:
+            added = {k: v.to(dtype) for k, v in added.items()}
+        prediction = unet(
+            latents.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype), added_cond_kwargs=added
+        ).sample.float()
+        if not guided:
+            return prediction
+        unconditional, conditional = prediction.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    def set_timesteps(self, num_inference_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """DDIM's timesteps for a sampling run (they do not depend on the image size)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return self.scheduler.timesteps
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor | int,
+        sample: torch.Tensor,
+        *,
+        noise_level: float,
+        prev_sample: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> StepResult:
+        """One DDIM step with `eta = noise_level`: (prev_sample, log_prob, mean, std) as the flow families return.
+
+        `noise_level = 0` is diffusers' deterministic DDIM step (log-prob 0: the step it takes is certain), which
+        has no density to score a given `prev_sample` with."""
+        if noise_level == 0:
+            if prev_sample is not None:
+                raise ValueError("noise_level: a deterministic step (noise_level=0) has no density to score prev_sample")
+            prev_sample = self.scheduler.step(model_output, timestep, sample, eta=0.0).prev_sample
+            log_prob = torch.zeros(len(sample), device=sample.device)
+            std = torch.zeros((len(sample),) + (1,) * (sample.ndim - 1), device=sample.device)
+            return prev_sample, log_prob, prev_sample.float(), std
+        mean, std = ddim_posterior(self.scheduler, model_output, timestep, sample, noise_level)
+        prev_sample, log_prob = ddim_step_with_logprob(
+            self.scheduler, model_output, timestep, sample, eta=noise_level, prev_sample=prev_sample,
+            generator=generator,
+        )
+        return prev_sample, log_prob, mean, std
+
+    def predicted_clean(self, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor) -> torch.Tensor:
+        """DDIM's x0-hat (the scheduler's `pred_original_sample`; a deterministic step draws nothing)."""
+        return self.scheduler.step(model_output, timestep, sample, eta=0.0).pred_original_sample
+
+    # ---- latents and images --------------------------------------------------------------------------------
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        factor = self.sd_pipeline.vae_scale_factor
+        # the UNet halves the latent (len(blocks) - 1) times, so each side must divide by that too
+        multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % multiple or width % multiple:
+            raise ValueError(f"height/width: expected multiples of {multiple} for this model, got {height}x{width}")
+        return (batch_size, self.unet.config.in_channels, height // factor, width // factor)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> float32 images [B, 3, H, W] in [0, 1]; with grad enabled the graph reaches `latents` (the
+        VAE itself is frozen, so no graph is built for latents that need none)."""
+        vae = self.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ---- export --------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, output_dir: str | Path, is_main_process: bool = True) -> None:
+        """Write the policy: the LoRA in diffusers format (`pytorch_lora_weights.safetensors`, loadable by a plain
+        `StableDiffusionPipeline.load_lora_weights(output_dir)`) plus the base model's name; without LoRA, the
+        whole pipeline."""
+        if not is_main_process:
+            return
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not self.use_lora:
+            self.sd_pipeline.save_pretrained(output_dir)
+            return
+        adapter_config = self.unet.peft_config["default"]
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        type(self.sd_pipeline).save_lora_weights(
+            output_dir,
+            unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in layers.items()},
+            unet_lora_adapter_metadata=adapter_config.to_dict(),
+        )
+        record = {"base_model": self.base_model, "revision": self.base_revision}
+        (output_dir / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
