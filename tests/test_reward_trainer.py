@@ -238,7 +238,7 @@ def test_toy_config_end_to_end(tmp_path, capsys):
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert list(metrics) == ["alignment", "fidelity", "safety"]
     for name, entry in metrics.items():
-        assert 0 <= entry["accuracy"] <= 1 and entry["train_steps"] == 2 and entry["train_seconds"] > 0
+        assert 0 <= entry["accuracy"] <= 1 and entry["train_steps"] == 2
         assert entry["evaluated_on"] == str(toy_dir / name / "test.jsonl")
     assert metrics["alignment"]["tie_policy"] == "drop" and metrics["alignment"]["loss"] == "bradley_terry"
     assert metrics["safety"]["tie_policy"] is None and metrics["safety"]["loss"] == "classification"
