@@ -231,6 +231,26 @@ def test_per_sample_timesteps_equal_one_call_per_timestep(tiny_paths: dict[str, 
     assert x0.shape == noise.shape and x0.dtype == torch.float32
 
 
+@pytest.mark.parametrize("key", ["sd3", "flux"])
+def test_bf16_model_keeps_a_float32_lora_and_replays_exactly(tiny_paths: dict[str, Path], key: str) -> None:
+    """Frozen weights in bf16, the LoRA in float32 (Adam's small updates survive), steps scored in float32."""
+    family = FAMILIES[key]
+    adapter = load(tiny_paths[family.name], torch_dtype=torch.bfloat16)
+    assert adapter.denoiser.dtype == adapter.vae.dtype == torch.bfloat16
+    assert {p.dtype for p in adapter.trainable_parameters()} == {torch.float32}
+    drawn = run_loop(adapter, family, initial_noise(adapter), noise_level=family.noise_level, seed=2)
+    for index, timestep in enumerate(drawn.timesteps):
+        with torch.no_grad():
+            output = adapter.predict(drawn.latents[index], timestep, drawn.conditioning, family.guidance_scale)
+            _, log_prob, _, _ = adapter.step(
+                output, timestep, drawn.latents[index], noise_level=family.noise_level,
+                prev_sample=drawn.latents[index + 1],
+            )
+        assert log_prob.dtype == torch.float32 and torch.equal(log_prob, drawn.log_probs[index])
+    images = adapter.decode(drawn.latents[-1])
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
 # ---- LoRA export: what a plain diffusers pipeline reads ------------------------------------------------------
 
 
