@@ -118,6 +118,17 @@ def run_loop(
     return Trajectory(latents, log_probs, timesteps.clone(), conditioning)
 
 
+@torch.no_grad()
+def assert_steps_replay_exactly(adapter: GeneratorAdapter, family: Family, drawn: Trajectory) -> None:
+    """Each drawn step re-scored with its `prev_sample` as it was drawn: log-probs equal, the PPO ratio exactly 1."""
+    for index, timestep in enumerate(drawn.timesteps):
+        output = adapter.predict(drawn.latents[index], timestep, drawn.conditioning, family.guidance_scale)
+        _, log_prob, _, _ = adapter.step(
+            output, timestep, drawn.latents[index], noise_level=family.noise_level, prev_sample=drawn.latents[index + 1]
+        )
+        assert log_prob.dtype == torch.float32 and torch.equal(log_prob, drawn.log_probs[index])
+
+
 def initial_noise(adapter: GeneratorAdapter, seed: int = 0) -> torch.Tensor:
     return adapter.initial_latents(len(PROMPTS), SIZE, SIZE, torch.Generator().manual_seed(seed))
 
@@ -163,15 +174,7 @@ def test_a_drawn_trajectory_replays_with_ratio_exactly_one(tiny_paths: dict[str,
     assert not torch.allclose(drawn.latents[-1], deterministic.latents[-1], atol=1e-3)  # the steps were stochastic
     recorded = torch.cat(drawn.log_probs)
     assert torch.isfinite(recorded).all() and (recorded != 0).all()
-    # each step re-scored as it was drawn: the ratio is exactly 1
-    for index, timestep in enumerate(drawn.timesteps):
-        with torch.no_grad():
-            output = adapter.predict(drawn.latents[index], timestep, drawn.conditioning, family.guidance_scale)
-            _, log_prob, _, _ = adapter.step(
-                output, timestep, drawn.latents[index], noise_level=family.noise_level,
-                prev_sample=drawn.latents[index + 1],
-            )
-        assert torch.equal(log_prob, drawn.log_probs[index])
+    assert_steps_replay_exactly(adapter, family, drawn)
     # the replay batched over all steps as a trainer does it (one timestep per sample): other batch shapes round
     # differently inside the denoiser, so equal to float32 precision
     rows = len(PROMPTS)
@@ -239,16 +242,11 @@ def test_bf16_model_keeps_a_float32_lora_and_replays_exactly(tiny_paths: dict[st
     assert adapter.denoiser.dtype == adapter.vae.dtype == torch.bfloat16
     assert {p.dtype for p in adapter.trainable_parameters()} == {torch.float32}
     drawn = run_loop(adapter, family, initial_noise(adapter), noise_level=family.noise_level, seed=2)
-    for index, timestep in enumerate(drawn.timesteps):
-        with torch.no_grad():
-            output = adapter.predict(drawn.latents[index], timestep, drawn.conditioning, family.guidance_scale)
-            _, log_prob, _, _ = adapter.step(
-                output, timestep, drawn.latents[index], noise_level=family.noise_level,
-                prev_sample=drawn.latents[index + 1],
-            )
-        assert log_prob.dtype == torch.float32 and torch.equal(log_prob, drawn.log_probs[index])
+    assert_steps_replay_exactly(adapter, family, drawn)
     images = adapter.decode(drawn.latents[-1])
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    half = load(tiny_paths[family.name], torch_dtype=torch.float16)
+    assert half.denoiser.dtype == torch.float16 and half.vae.dtype == torch.float32  # force_upcast: no fp16 NaNs
 
 
 # ---- LoRA export: what a plain diffusers pipeline reads ------------------------------------------------------

@@ -9,6 +9,7 @@ the transformer reads, and one transformer call (`predict`).
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -184,14 +185,19 @@ class FlowMatchingAdapter(GeneratorAdapter):
         self.pipeline.set_progress_bar_config(**kwargs)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FlowMatchingAdapter":
-        """Move every component; frozen weights take `dtype`, trainable ones stay float32 (fp16/bf16 trainable
-        weights lose Adam's small updates and break accelerate's gradient unscaling)."""
+        """Move every component; frozen weights take `dtype` (a `force_upcast` VAE stays float32 under fp16),
+        trainable ones stay float32 (fp16/bf16 trainable weights lose Adam's small updates and break accelerate's
+        gradient unscaling)."""
         trainable = {parameter: parameter.data.float() for parameter in self.trainable_parameters()}
-        modules = (self.transformer, *self._frozen_modules())
-        for module in modules:
+        for module in (self.denoiser, *self._frozen_modules()):
             module.to(device=device)
-            if dtype is not None and module.dtype != dtype:  # a no-op cast still makes diffusers warn
-                module.to(dtype=dtype)
+            if dtype is None:
+                continue
+            # a VAE whose config asks `force_upcast` overflows to NaN in fp16: it stays float32
+            upcast = module is self.vae and getattr(module.config, "force_upcast", False) and dtype == torch.float16
+            target = torch.float32 if upcast else dtype
+            if module.dtype != target:  # a no-op cast still makes diffusers warn
+                module.to(dtype=target)
         for parameter, data in trainable.items():
             parameter.data = data.to(parameter.device)
         return self
@@ -200,21 +206,21 @@ class FlowMatchingAdapter(GeneratorAdapter):
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights (the adapter in peft's naming, or the whole transformer)."""
-        state = get_peft_model_state_dict(self.transformer) if self.use_lora else self.transformer.state_dict()
+        state = get_peft_model_state_dict(self.denoiser) if self.use_lora else self.denoiser.state_dict()
         return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
 
     def load_policy_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         if not self.use_lora:
-            self.transformer.load_state_dict(state_dict)
+            self.denoiser.load_state_dict(state_dict)
             return
-        expected = set(get_peft_model_state_dict(self.transformer))
+        expected = set(get_peft_model_state_dict(self.denoiser))
         if set(state_dict) != expected:
             missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
             raise ValueError(
                 f"LoRA state dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for this "
                 f"transformer's adapter"
             )
-        set_peft_model_state_dict(self.transformer, state_dict)
+        set_peft_model_state_dict(self.denoiser, state_dict)
 
     def save_pretrained(self, output_dir: str | Path, is_main_process: bool = True) -> None:
         """The LoRA in diffusers' format (`pytorch_lora_weights.safetensors`, with its peft config as metadata, so
@@ -239,9 +245,9 @@ class FlowMatchingAdapter(GeneratorAdapter):
 
     # ---- the schedule and the step ------------------------------------------------------------------------
 
+    @abstractmethod
     def image_seq_len(self, height: int, width: int) -> int:
         """The transformer's image token count at this size (what the resolution-dependent shift reads)."""
-        raise NotImplementedError
 
     def _schedule_sigmas(self, num_inference_steps: int) -> np.ndarray | None:
         """Sigmas to hand the scheduler (None: its own linear spacing)."""

@@ -14,7 +14,8 @@ from rlhf.generators.flow import FlowMatchingAdapter
 class SD3Adapter(FlowMatchingAdapter):
     """A diffusers `StableDiffusion3Pipeline` as a policy (see `FlowMatchingAdapter` for the constructor).
 
-    Conditioning keys (batch-first): `prompt_embeds` [B, 77-ish CLIP + T5 tokens, joint_attention_dim],
+    Conditioning keys (batch-first): `prompt_embeds` [B, CLIP tokens + `max_sequence_length` T5 tokens,
+    joint_attention_dim],
     `pooled_prompt_embeds` [B, pooled_projection_dim]; with guidance also `negative_prompt_embeds` and
     `negative_pooled_prompt_embeds`. Latents are [B, 16, H / 8, W / 8] (the VAE's scale factor), as the transformer
     reads them. A pipeline loaded with `text_encoder_3=None` runs without T5 (zeros in its place, as diffusers does).
