@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
 
 from rlhf.generators import FluxAdapter, GeneratorAdapter, SD3Adapter, generator_class, load_generator
 from rlhf.pipeline import DDPOStableDiffusionPipeline
@@ -356,6 +362,22 @@ def test_flux_noise_from_a_generator_is_the_pipelines(tiny_paths: dict[str, Path
     unguided = dataclasses.replace(family, guidance_scale=1.0)
     other = adapter.decode(run_loop(adapter, unguided, initial_noise(adapter, seed=5)).latents[-1])
     assert (other - images).abs().max() > 1e-4
+
+
+def test_flux_without_guidance_embedding_matches_diffusers(tiny_paths: dict[str, Path]) -> None:
+    """FLUX.1-schnell's layout: no guidance embedding, so the scale is not passed (and changes nothing)."""
+    pipeline = FluxPipeline.from_pretrained(tiny_paths["flux"])
+    pipeline.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    pipeline.transformer = FluxTransformer2DModel.from_config(pipeline.transformer.config, guidance_embeds=False)
+    adapter = FluxAdapter(pipeline)
+    family = FAMILIES["flux"]
+    noise = initial_noise(adapter)
+    images = adapter.decode(run_loop(adapter, family, noise).latents[-1])
+    unguided = adapter.decode(run_loop(adapter, dataclasses.replace(family, guidance_scale=1.0), noise).latents[-1])
+    torch.testing.assert_close(images, unguided, rtol=0, atol=0)
+    # the adapter's LoRA starts as a no-op, so the wrapped pipeline's own call is the base model's
+    torch.testing.assert_close(images, reference_images(pipeline, family, noise), rtol=0, atol=1e-5)
 
 
 def test_flux_cfg_arguments_are_ignored(tiny_paths: dict[str, Path]) -> None:
