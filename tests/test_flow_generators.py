@@ -190,7 +190,9 @@ def test_a_drawn_trajectory_replays_with_ratio_exactly_one(tiny_paths: dict[str,
     conditioning = {key_: value.repeat(STEPS, *[1] * (value.ndim - 1)) for key_, value in drawn.conditioning.items()}
     with torch.no_grad():
         output = adapter.predict(samples, timesteps, conditioning, family.guidance_scale)
-        _, log_probs, _, std = adapter.step(output, timesteps, samples, noise_level=family.noise_level, prev_sample=nexts)
+        _, log_probs, _, std = adapter.step(
+            output, timesteps, samples, noise_level=family.noise_level, prev_sample=nexts
+        )
     ratio = torch.exp(log_probs - recorded)
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
     assert std.dtype == torch.float32
@@ -291,6 +293,10 @@ def test_saved_lora_loads_into_the_plain_pipeline_and_back(
 
 def test_policy_state_dict_round_trip_and_mismatch_is_named(tiny_paths: dict[str, Path]) -> None:
     adapter, other = load(tiny_paths["sd3"]), load(tiny_paths["sd3"])
+    # the LoRA's random init comes from lora_seed alone
+    same, reseeded = adapter.policy_state_dict(), load(tiny_paths["sd3"], lora_seed=1).policy_state_dict()
+    assert all(torch.equal(same[k], v) for k, v in other.policy_state_dict().items())
+    assert any(not torch.equal(same[k], v) for k, v in reseeded.items())
     perturb_lora(adapter)
     other.load_policy_state_dict(adapter.policy_state_dict())
     assert all(torch.equal(a, b) for a, b in zip(adapter.trainable_parameters(), other.trainable_parameters()))

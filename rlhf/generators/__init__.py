@@ -51,7 +51,9 @@ def _pipeline_class_name(pretrained_model_name: str | Path, revision: str) -> st
     try:
         config = DiffusionPipeline.load_config(str(pretrained_model_name), revision=revision)
     except OSError as error:  # no model_index.json there (or not in the cache when offline)
-        raise ValueError(f"pretrained_model_name: {pretrained_model_name} is not a diffusers pipeline ({error})") from error
+        raise ValueError(
+            f"pretrained_model_name: {pretrained_model_name} is not a diffusers pipeline ({error})"
+        ) from error
     if "_class_name" not in config:
         raise ValueError(f"pretrained_model_name: {pretrained_model_name}'s model_index.json names no pipeline class")
     return config["_class_name"]

@@ -311,13 +311,16 @@ class FlowMatchingAdapter(GeneratorAdapter):
             return timesteps.expand(len(latents))
         if timesteps.shape != (len(latents),):
             raise ValueError(
-                f"timesteps: expected one timestep or one per sample ({len(latents)}), got shape {tuple(timesteps.shape)}"
+                f"timesteps: expected one timestep or one per sample ({len(latents)}), "
+                f"got shape {tuple(timesteps.shape)}"
             )
         return timesteps
 
     def _check_size(self, height: int, width: int, multiple: int) -> None:
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise ValueError(f"height/width: expected positive multiples of {multiple} for this model, got {height}x{width}")
+            raise ValueError(
+                f"height/width: expected positive multiples of {multiple} for this model, got {height}x{width}"
+            )
 
     def _decode_unpacked(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] latents -> float32 images [B, 3, H, W] in [0, 1] (the pipeline's shift and scale undone);
