@@ -2,7 +2,7 @@
 
 `load_generator(path)` picks the family from the pipeline class in the model's `model_index.json`, so a trainer
 never names one; a new family is one module plus one `GENERATOR_FAMILIES` line. The families are imported on first
-use (`rlhf.pipeline` itself imports this package's `base`).
+use (`rlhf.pipeline` and the SD adapter import this package's `base`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlhf.generators.base import GeneratorAdapter, StepResult
+from rlhf.generators.base import BASE_MODEL_FILE, GeneratorAdapter, StepResult
 
 #: diffusers pipeline class (model_index.json's `_class_name`) -> "module:adapter class"
 GENERATOR_FAMILIES: dict[str, str] = {
@@ -41,8 +41,6 @@ def _pipeline_class_name(pretrained_model_name: str | Path, revision: str) -> st
     """The diffusers pipeline class of a model directory, a Hub name (read from the cache when offline), or a
     directory written by an adapter's `save_pretrained` (its base model's)."""
     from diffusers import DiffusionPipeline
-
-    from rlhf.pipeline import BASE_MODEL_FILE
 
     source = Path(pretrained_model_name)
     if (source / BASE_MODEL_FILE).is_file() and not (source / "model_index.json").is_file():

@@ -26,8 +26,7 @@ from rlhf.flow_scheduling import (
     flow_sde_step_with_logprob,
     flow_sigmas,
 )
-from rlhf.generators.base import GeneratorAdapter, StepResult
-from rlhf.pipeline import BASE_MODEL_FILE, LORA_WEIGHT_NAME
+from rlhf.generators.base import BASE_MODEL_FILE, LORA_WEIGHT_NAME, GeneratorAdapter, StepResult
 
 #: the `sde_type` names and the step each one takes (see rlhf/flow_scheduling.py)
 SDE_STEPS: dict[str, Callable[..., StepResult]] = {
