@@ -13,7 +13,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
-from rlhf.toy import colour_score
+from rlhf.toy import EVAL_PROMPTS, colour_score
 from tests.conftest import assert_resumed_run_matches
 from trainers import AlignPropConfig, AlignPropTrainer
 from trainers.alignprop import main
@@ -275,7 +275,7 @@ def test_alignprop_raises_the_differentiable_toy_reward_by_more_than_three_std(t
 LEARNING_CONFIG = dict(
     mixed_precision="no", seed=0, num_epochs=12, sample_num_steps=10, sample_guidance_scale=5.0,
     train_batch_size=8, train_learning_rate=1e-3, truncated_backprop_rand=False, truncated_backprop_timestep=0,
-    eval_seeds=[0, 1, 2, 3], eval_batch_size=8, num_grid_images=8, save_freq=100,
+    eval_prompts=EVAL_PROMPTS, eval_seeds=[0, 1, 2, 3], eval_batch_size=8, num_grid_images=8, save_freq=100,
 )
 
 

@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
-from rlhf.toy import colour_score, write_toy_datasets
+from rlhf.toy import EVAL_PROMPTS, colour_score, write_toy_datasets
 from tests.conftest import assert_resumed_run_matches
 from trainers.dpo import (
     DiffusionDPOConfig,
@@ -172,7 +172,7 @@ def test_reference_pass_leaves_the_lora_and_its_gradients_untouched_and_adds_no_
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     timesteps = torch.tensor([100, 700])
     conditioning = pipeline.encode_prompt(PROMPTS, guidance=False)
-    policy = pipeline.predict(latents, timesteps, conditioning, 1.0, unet=trainer.unet)
+    policy = pipeline.predict(latents, timesteps, conditioning, 1.0, denoiser=trainer.unet)
     policy.square().mean().backward()
     lora = {name: p for name, p in pipeline.unet.named_parameters() if "lora_" in name}
     weights = {name: p.detach().clone() for name, p in lora.items()}
@@ -196,7 +196,7 @@ def test_reference_pass_leaves_the_lora_and_its_gradients_untouched_and_adds_no_
         expected = base(latents, timesteps, encoder_hidden_states=conditioning["prompt_embeds"]).sample
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-6)  # the reference is the base model
     with torch.no_grad():
-        after = pipeline.predict(latents, timesteps, conditioning, 1.0, unet=trainer.unet)
+        after = pipeline.predict(latents, timesteps, conditioning, 1.0, denoiser=trainer.unet)
     torch.testing.assert_close(after, policy.detach(), rtol=0, atol=0)  # the LoRA is back on
 
 
@@ -466,7 +466,8 @@ def test_online_dpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path)
     config = DiffusionDPOConfig(
         output_dir=str(tmp_path), mixed_precision="no", seed=0, num_epochs=24, sample_num_steps=10,
         sample_batch_size=16, sample_num_batches_per_epoch=4, group_size=4, train_batch_size=8,
-        train_num_inner_epochs=2, train_learning_rate=5e-4, beta=500.0, eval_seeds=[0, 1, 2, 3], num_grid_images=16,
+        train_num_inner_epochs=2, train_learning_rate=5e-4, beta=500.0, eval_prompts=EVAL_PROMPTS,
+        eval_seeds=[0, 1, 2, 3], num_grid_images=16,
     )
     trainer = DiffusionDPOTrainer(
         config, DDPOStableDiffusionPipeline.from_pretrained(toy_generator()), reward_function=colour_reward,

@@ -12,10 +12,12 @@ LAION aesthetic scorer. The image hook keeps the scripts' unpacking but collects
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+import torch
 from transformers import HfArgumentParser
 
 from rlhf.pipeline import DefaultDDPOStableDiffusionPipeline  # was: from trl import DefaultDDPOStableDiffusionPipeline
@@ -83,7 +85,10 @@ def test_trl_ddpo_script_runs_with_changed_imports(tiny_sd, tmp_path, monkeypatc
     run_script(DDPOConfig, DDPOTrainer, argv, image_outputs_logger)
     assert len(logged) == 2 and logged[0][1][0] == 1
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()  # save_model(output_dir)
-    assert (tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # the trainer writes under the scripts' project_dir only: the run, its checkpoint named by accelerate, the policy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "save"]
+    assert (tmp_path / "save" / "checkpoints" / "checkpoint_0" / "trainer_state.json").is_file()
+    assert (tmp_path / "save" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert "uploading it needs network" in capsys.readouterr().out  # push_to_hub saves locally, says so
 
 
@@ -100,4 +105,73 @@ def test_trl_alignprop_script_runs_with_changed_imports(tiny_sd, tmp_path, monke
     run_script(AlignPropConfig, AlignPropTrainer, argv, image_outputs_logger)
     assert logged and logged[0][0] in ANIMALS
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "save"]
+    assert (tmp_path / "save" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert "uploading it needs network" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- TRL's project_kwargs
+
+# TRL 0.23's documented checkpointing: accelerate names checkpoints by save count under project_dir and keeps
+# total_limit of them; `resume_from` may name the checkpoints folder (its highest checkpoint_<n> is taken)
+TRL_PROJECT = {"automatic_checkpoint_naming": True, "total_limit": 1}
+
+
+def ddpo_trainer(pipeline, **fields):
+    config = DDPOConfig(sample_batch_size=2, sample_num_batches_per_epoch=1, train_clip_range=1e-2, **fields)
+    return DDPOTrainer(config, brightness_reward, prompt_fn, pipeline)
+
+
+def alignprop_trainer(pipeline, **fields):
+    return AlignPropTrainer(AlignPropConfig(**fields), brightness_reward, prompt_fn, pipeline)
+
+
+def dpo_trainer(pipeline, **fields):
+    from trainers.dpo import DiffusionDPOConfig, DiffusionDPOTrainer
+
+    config = DiffusionDPOConfig(sample_batch_size=4, sample_num_batches_per_epoch=1, group_size=2, **fields)
+    return DiffusionDPOTrainer(config, pipeline, reward_function=brightness_reward, prompt_function=prompt_fn)
+
+
+def brightness_reward(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3)), {}
+
+
+@pytest.mark.parametrize("make", [ddpo_trainer, alignprop_trainer, dpo_trainer], ids=["ddpo", "alignprop", "dpo"])
+def test_trl_project_kwargs_checkpoint_under_project_dir_and_resume_exactly(make, tiny_sd, tmp_path, monkeypatch):
+    """TRL's documented `project_kwargs` end to end: every file under project_dir, accelerate's checkpoint names
+    with total_limit kept, and a run resumed from the `checkpoints` folder ends with the uninterrupted run's LoRA."""
+    from accelerate.state import AcceleratorState
+
+    from rlhf.pipeline import DDPOStableDiffusionPipeline
+
+    monkeypatch.chdir(tmp_path)
+    fields = dict(num_epochs=3, save_freq=1, sample_num_steps=2, train_batch_size=2, train_learning_rate=3e-3,
+                  mixed_precision="no", num_grid_images=0)
+
+    def trainer(project_dir: str, **extra):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        pipeline = DDPOStableDiffusionPipeline.from_pretrained(tiny_sd, lora_seed=0)
+        return make(pipeline, project_kwargs={"project_dir": project_dir, **TRL_PROJECT}, **fields, **extra)
+
+    uninterrupted = trainer("full")
+    metrics = uninterrupted.train()
+    expected = uninterrupted.sd_pipeline.policy_state_dict()
+    assert metrics["eval_before"] is None and metrics["eval_after"] is None  # no eval_prompts: nothing sampled
+    trainer("save").train(epochs=2)  # stops after epoch 1: checkpoint_0 and checkpoint_1 saved, one kept
+    assert [p.name for p in (tmp_path / "save" / "checkpoints").iterdir()] == ["checkpoint_1"]
+    resumed = trainer("save", resume_from="save/checkpoints")
+    assert resumed.first_epoch == 2
+    resumed.train()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "save"]  # nothing outside project_dir
+    for run in ("full", "save"):
+        assert [p.name for p in (tmp_path / run / "checkpoints").iterdir()] == ["checkpoint_2"]  # total_limit 1
+        checkpoint = tmp_path / run / "checkpoints" / "checkpoint_2"
+        assert json.loads((checkpoint / "trainer_state.json").read_text())["epoch"] == 2
+        assert (checkpoint / "policy.safetensors").is_file() and (tmp_path / run / "lora").is_dir()
+    history = [json.loads(line) for line in (tmp_path / "save" / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [0, 1, 2]
+    for name, value in resumed.sd_pipeline.policy_state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    assert any(value.abs().max() > 0 for name, value in expected.items() if "lora_B" in name)  # it trained

@@ -13,12 +13,15 @@ import torch
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
 from trainers.common import (
+    CHECKPOINT_LIMIT_HELP,
+    PROJECT_KWARGS_HELP,
+    RESUME_FROM_HELP,
     PolicyExport,
     build_lr_scheduler,
     build_optimizer,
     draw_prompts,
-    epoch_progress,
     evaluate,
+    evaluate_and_train,
     finish_run,
     inference_dtype,
     load_weighting_state,
@@ -69,9 +72,7 @@ class AlignPropConfig:
     )
     tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "init_kwargs for the tracker (default {})."})
     accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
-    project_kwargs: dict = field(
-        default_factory=dict, metadata={"help": "Extra accelerate ProjectConfiguration kwargs (default {})."}
-    )
+    project_kwargs: dict = field(default_factory=dict, metadata={"help": PROJECT_KWARGS_HELP})
     tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project name (default 'trl')."})
     logdir: str = field(
         default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
@@ -80,7 +81,7 @@ class AlignPropConfig:
         default=100, metadata={"help": "Number of epochs; one epoch is one optimizer step (default 100)."}
     )
     save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
-    num_checkpoint_limit: int = field(default=5, metadata={"help": "Checkpoints kept; older ones deleted (default 5)."})
+    num_checkpoint_limit: int = field(default=5, metadata={"help": CHECKPOINT_LIMIT_HELP})
     mixed_precision: str = field(
         default="fp16",
         metadata={"help": "'no', 'fp16' (CUDA only) or 'bf16': dtype of the frozen weights; LoRA stays float32 (default 'fp16')."},
@@ -88,7 +89,7 @@ class AlignPropConfig:
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (default True)."})
     resume_from: str = field(
         default="",
-        metadata={"help": "Resume from a checkpoint_<epoch> directory, or the latest one in a run directory (default '')."},
+        metadata={"help": RESUME_FROM_HELP},
     )
     sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per image (default 50)."})
     sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, >= 0; 0 = deterministic DDIM (default 1.0)."})
@@ -175,8 +176,9 @@ class AlignPropConfig:
     )
     eval_prompts: list[str] = field(
         default_factory=list,
-        metadata={"help": "Evaluation prompts (default: the toy EVAL_PROMPTS; the CLI uses the first 8 training "
-                  "prompts when they are not toy prompts)."},
+        metadata={"help": "Evaluation prompts, sampled with every eval seed before and after training (default: none, "
+                  "no evaluation; the CLI uses the first 8 training prompts when given prompts that are not toy "
+                  "prompts)."},
     )
     eval_seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."}
@@ -446,13 +448,17 @@ class AlignPropTrainer(PolicyExport):
         with torch.no_grad():
             return self._rgb_with_grad(prompts, generators, backprop_steps=self.config.sample_num_steps).images
 
-    def evaluate(self, stage: str | None = None) -> dict[str, Any]:
-        """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`)."""
+    def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
+        """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`); None when the
+        config names no `eval_prompts` (TRL never evaluated: a run samples only what the user asked for)."""
+        prompts = self.eval_prompts()
+        if not prompts:
+            return None
         self.sd_pipeline.unet.eval()
         metrics, samples = evaluate(
             self._sample,
             self.reward_fn,
-            self.eval_prompts(),
+            prompts,
             self.config.eval_seeds,
             batch_size=self.config.eval_batch_size,
             accelerator=self.accelerator,
@@ -463,25 +469,17 @@ class AlignPropTrainer(PolicyExport):
         return metrics
 
     def eval_prompts(self) -> list[str]:
-        if self.config.eval_prompts:
-            return list(self.config.eval_prompts)
-        from rlhf.toy import EVAL_PROMPTS
-
-        return list(EVAL_PROMPTS)
+        """The config's evaluation prompts (empty: no evaluation)."""
+        return list(self.config.eval_prompts)
 
     def train(self, epochs: int | None = None) -> dict[str, Any]:
-        """Evaluate, train from `first_epoch` to `epochs` (default `num_epochs`), evaluate again; write
-        `metrics.json`, the curves and the final policy (`output_dir/lora`). Returns the metrics."""
+        """Evaluate (when `eval_prompts` are set), train from `first_epoch` to `epochs` (default `num_epochs`),
+        evaluate again; write `metrics.json` (with `eval_seconds` apart from `train_seconds`), the curves and the
+        final policy (`lora` in the run directory). Returns the metrics."""
         end = self.config.num_epochs if epochs is None else epochs
-        if self.eval_before is None:
-            self.eval_before = self.evaluate("before")
-        progress = epoch_progress(self.first_epoch, end, f"{self.config.method} epochs",
-                                  self.accelerator.is_local_main_process)
-        for epoch in progress:
-            self.step(epoch, self.global_step)
-            progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
-        eval_after = self.evaluate("after")
-        metrics = {"eval_before": self.eval_before, "eval_after": eval_after, "epochs": end, "global_step": self.global_step}
+        eval_after, seconds = evaluate_and_train(self, end, f"{self.config.method} epochs")
+        metrics = {"eval_before": self.eval_before, "eval_after": eval_after, "epochs": end, "global_step": self.global_step,
+                   **seconds}
         curves = ["reward_mean", "loss", "grad_norm", "backprop_steps_mean"]
         finish_run(self, metrics, curves, reward_evaluations(metrics))
         return metrics

@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,24 @@ CHECKPOINT_PREFIX = "checkpoint_"
 TRAINER_STATE_FILE = "trainer_state.json"
 HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
+TIMINGS_FILE = "timings.json"
 POLICY_WEIGHTS_FILE = "policy.safetensors"
 LORA_SUBDIR = "lora"
+
+# The help of the checkpoint fields every diffusion config shares (TRL 0.23's names and defaults)
+PROJECT_KWARGS_HELP = (
+    "accelerate ProjectConfiguration kwargs, as TRL 0.23 passes them (default {}). TRL's documented "
+    "{project_dir: D, automatic_checkpoint_naming: true, total_limit: N}: checkpoints are D/checkpoints/checkpoint_<n> "
+    "(the n-th save), accelerate keeps the last N, and the run writes only under D (output_dir is then unused)."
+)
+RESUME_FROM_HELP = (
+    "Resume from a checkpoint_<n> directory, or the latest one in a checkpoints, run or project directory "
+    "(default '')."
+)
+CHECKPOINT_LIMIT_HELP = (
+    "Checkpoints kept (accelerate deletes older ones; 0 keeps all) when checkpoints are named by epoch; with "
+    "project_kwargs' automatic_checkpoint_naming, its total_limit decides, as under TRL (default 5)."
+)
 
 # ------------------------------------------------------------------------------------------- seeds
 
@@ -81,28 +98,53 @@ def build_accelerator(
     project_kwargs: dict | None = None,
     accelerator_kwargs: dict | None = None,
 ) -> Accelerator:
-    """An `Accelerator` whose project (tracker logs) lives under `output_dir`; refuses fp16 without CUDA."""
+    """An `Accelerator` whose project (checkpoints, tracker logs) lives under `output_dir` unless `project_kwargs`
+    names another `project_dir` (TRL 0.23's `ProjectConfiguration(**project_kwargs)`); refuses fp16 without CUDA.
+
+    `project_kwargs` reach accelerate unchanged: with TRL's documented `automatic_checkpoint_naming` accelerate
+    names (`checkpoint_<n>`, the n-th save) and rotates (`total_limit`) the checkpoints; without it a `Checkpointer`
+    names them by epoch under `output_dir/checkpoints`, still saved and rotated by accelerate."""
     inference_dtype(mixed_precision)
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision: 'fp16' needs a CUDA GPU; use 'no' (or 'bf16') on a CPU")
+    # a TRL config without project_dir would fail at its first automatically named save (accelerate joins None)
     project = {"project_dir": str(output_dir), "logging_dir": str(Path(output_dir) / logdir), **(project_kwargs or {})}
-    # `Checkpointer` names checkpoints by epoch under output_dir/checkpoints and keeps num_checkpoint_limit of them;
-    # accelerate's automatic naming (TRL's example scripts turn it on) would save them elsewhere, under its own count
-    project["automatic_checkpoint_naming"] = False
+    project["project_dir"] = project["project_dir"] or str(output_dir)
+    try:
+        configuration = ProjectConfiguration(**project)
+    except TypeError as error:
+        raise ValueError(f"project_kwargs: expected accelerate ProjectConfiguration fields ({error})") from error
     return Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with,
-        project_config=ProjectConfiguration(**project),
+        project_config=configuration,
         **(accelerator_kwargs or {}),
     )
+
+
+def accelerate_names_checkpoints(config: Any) -> bool:
+    """Whether a trainer config asks accelerate to name its checkpoints (TRL 0.23's documented
+    `project_kwargs={"project_dir": D, "automatic_checkpoint_naming": True, "total_limit": N}`): then, as under
+    TRL, checkpoints are `D/checkpoints/checkpoint_<n>` (the n-th save), `total_limit` rotates them, and the run
+    writes nothing outside `D`."""
+    return bool((getattr(config, "project_kwargs", None) or {}).get("automatic_checkpoint_naming"))
+
+
+def run_directory(config: Any) -> Path:
+    """Where a trainer writes its run (history, metrics, grids, checkpoints, final policy): `project_kwargs`'
+    `project_dir` when accelerate names the checkpoints (a ported TRL script writes nothing outside it; TRL's configs
+    have no `output_dir`), else `output_dir`."""
+    if accelerate_names_checkpoints(config):
+        return Path(config.project_kwargs.get("project_dir") or config.output_dir)
+    return Path(config.output_dir)
 
 
 def start_run(config: Any, sd_pipeline: Any, gradient_accumulation_steps: int = 1) -> tuple[Accelerator, "RunOutputs"]:
     """What every diffusion trainer does first, from its TRL-style config: the accelerator, the run's outputs (with
     the config saved), TF32, trackers, and the pipeline moved to the device in the frozen weights' dtype."""
     accelerator = build_accelerator(
-        config.output_dir,
+        run_directory(config),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=config.log_with,
@@ -110,7 +152,7 @@ def start_run(config: Any, sd_pipeline: Any, gradient_accumulation_steps: int = 
         project_kwargs=config.project_kwargs,
         accelerator_kwargs=config.accelerator_kwargs,
     )
-    outputs = RunOutputs(config.output_dir, accelerator.is_main_process)
+    outputs = RunOutputs(run_directory(config), accelerator.is_main_process)
     outputs.save_config(config)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -133,16 +175,25 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Checkpointer:
-    """Checkpoints `checkpoint_<epoch>` under `output_dir/checkpoints` through `accelerator.save_state`
-    (optimizer, LR schedule, gradient-accumulation step, RNG states), with the trainable weights written by
-    `save_weights(dir)` instead of the full model (a LoRA, not the 3 GB UNet) and a JSON `state` of the loop.
+    """Checkpoints through `accelerator.save_state` with accelerate's automatic naming and rotation (optimizer, LR
+    schedule, gradient-accumulation step, RNG states), the trainable weights written by `save_weights(dir)` instead
+    of the full model (a LoRA, not the 3 GB UNet), and a JSON `state` of the loop (`trainer_state.json`), all inside
+    the directory accelerate creates.
+
+    Two layouts, both named and rotated by accelerate:
+    - by epoch (this project's): `output_dir/checkpoints/checkpoint_<epoch>` (the save iteration is set to the
+      epoch), keeping `limit` of them;
+    - by save count (`by_epoch=False`, TRL 0.23 with `automatic_checkpoint_naming`): `project_dir/checkpoints/
+      checkpoint_<n>` for the n-th save, `total_limit` of `project_kwargs` keeping them; a resumed run goes on
+      counting after the highest checkpoint there.
 
     Args:
         accelerator: the run's accelerator, after `prepare`.
-        output_dir: the run directory.
-        limit: how many checkpoints to keep (the oldest are deleted); 0 or less keeps all.
+        output_dir: the run directory (by epoch); with `by_epoch=False` the accelerator's `project_dir` is used.
+        limit: how many checkpoints to keep by epoch (accelerate deletes the oldest); 0 or less keeps all.
         save_weights, load_weights: write / read the trainable weights in a checkpoint directory; the model
             registered with `accelerator.prepare` is then left out of accelerate's own files.
+        by_epoch: name by epoch under `output_dir` (default) or leave accelerate's project configuration as given.
     """
 
     def __init__(
@@ -152,10 +203,20 @@ class Checkpointer:
         limit: int,
         save_weights: Callable[[Path], None],
         load_weights: Callable[[Path], None],
+        *,
+        by_epoch: bool = True,
     ) -> None:
         self.accelerator = accelerator
-        self.root = Path(output_dir) / "checkpoints"
-        self.limit = limit
+        self.by_epoch = by_epoch
+        project = accelerator.project_configuration
+        if by_epoch:
+            project.project_dir = str(output_dir)
+            project.automatic_checkpoint_naming = True
+            project.total_limit = limit if limit > 0 else None
+        elif not (project.automatic_checkpoint_naming and project.project_dir):
+            raise ValueError("project_kwargs: by save count, checkpoints need automatic_checkpoint_naming and a "
+                             "project_dir")
+        self.root = Path(project.project_dir) / "checkpoints"
 
         def save_hook(models: list, weights: list, directory: str) -> None:
             if accelerator.is_main_process:
@@ -171,29 +232,39 @@ class Checkpointer:
 
     def save(self, epoch: int, state: dict[str, Any]) -> Path:
         """Save after `epoch` (every process must call this); returns the checkpoint directory."""
-        directory = self.root / f"{CHECKPOINT_PREFIX}{epoch}"
-        self.accelerator.save_state(str(directory))
-        if self.accelerator.is_main_process:
+        accelerator = self.accelerator
+        if self.by_epoch:
+            accelerator.project_configuration.iteration = epoch
+        directory = self.root / f"{CHECKPOINT_PREFIX}{accelerator.save_iteration}"
+        if self.by_epoch and accelerator.is_main_process and directory.exists():
+            shutil.rmtree(directory)  # left by the continuation a resumed run abandoned; accelerate refuses to reuse it
+        accelerator.wait_for_everyone()
+        accelerator.save_state()
+        if accelerator.is_main_process:
             (directory / TRAINER_STATE_FILE).write_text(json.dumps({"epoch": epoch, **state}))
-            if self.limit > 0:
-                for old in self.sorted_checkpoints(self.root)[: -self.limit]:
-                    shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
         return directory
 
     def load(self, resume_from: str | Path) -> dict[str, Any]:
-        """Restore a checkpoint (or the latest one under a run or checkpoints directory); returns its state."""
+        """Restore a checkpoint (or the latest one under a run, project or checkpoints directory); returns its
+        state. By save count, the next save is numbered after every checkpoint there (accelerate refuses to
+        overwrite one)."""
         directory = self.resolve(resume_from)
         self.accelerator.load_state(str(directory))
+        if not self.by_epoch:
+            numbers = [checkpoint_number(path) for path in [directory, *self.sorted_checkpoints(self.root)]]
+            self.accelerator.project_configuration.iteration = max(numbers) + 1
         return json.loads((directory / TRAINER_STATE_FILE).read_text())
 
     @staticmethod
     def sorted_checkpoints(root: Path) -> list[Path]:
         found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        return sorted(found, key=checkpoint_number)
 
     @classmethod
     def resolve(cls, resume_from: str | Path) -> Path:
+        """A checkpoint directory itself, or the highest-numbered `checkpoint_<n>` in `resume_from` (TRL 0.23's
+        reading of a `checkpoints` folder) or in its `checkpoints` subfolder (a run or project directory)."""
         path = Path(resume_from).expanduser()
         if (path / TRAINER_STATE_FILE).is_file():
             return path
@@ -201,15 +272,22 @@ class Checkpointer:
             found = cls.sorted_checkpoints(root) if root.is_dir() else []
             if found:
                 return found[-1]
-        raise FileNotFoundError(f"resume_from: no {CHECKPOINT_PREFIX}<epoch> checkpoint found in {path}")
+        raise FileNotFoundError(f"resume_from: no {CHECKPOINT_PREFIX}<n> checkpoint with {TRAINER_STATE_FILE} found "
+                                f"in {path}")
+
+
+def checkpoint_number(path: Path) -> int:
+    """The n of a `checkpoint_<n>` directory."""
+    return int(path.name[len(CHECKPOINT_PREFIX):])
 
 
 # ------------------------------------------------------------------------------------------- run outputs
 
 
 def policy_checkpointer(accelerator: Accelerator, config: Any, sd_pipeline: Any) -> Checkpointer:
-    """A `Checkpointer` (`config.output_dir`, `config.num_checkpoint_limit`) whose weights are the pipeline's
-    trainable policy (its LoRA, or the whole UNet without one), in one safetensors file."""
+    """A `Checkpointer` whose weights are the pipeline's trainable policy (its LoRA, or the whole UNet without one),
+    in one safetensors file: by epoch under `config.output_dir` keeping `config.num_checkpoint_limit`, or, with
+    TRL's `project_kwargs` (`accelerate_names_checkpoints`), as accelerate names and rotates them."""
 
     def save(directory: Path) -> None:
         save_file(sd_pipeline.policy_state_dict(), directory / POLICY_WEIGHTS_FILE)
@@ -217,7 +295,8 @@ def policy_checkpointer(accelerator: Accelerator, config: Any, sd_pipeline: Any)
     def load(directory: Path) -> None:
         sd_pipeline.load_policy_state_dict(load_file(directory / POLICY_WEIGHTS_FILE, device=str(accelerator.device)))
 
-    return Checkpointer(accelerator, config.output_dir, config.num_checkpoint_limit, save, load)
+    return Checkpointer(accelerator, config.output_dir, config.num_checkpoint_limit, save, load,
+                        by_epoch=not accelerate_names_checkpoints(config))
 
 
 def build_optimizer(config: Any, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -287,11 +366,16 @@ def eval_reward_change(before: dict[str, Any], after: dict[str, Any]) -> str:
 def finish_run(trainer: Any, metrics: dict[str, Any], curves: Sequence[str],
                evaluations: dict[str, list[tuple[float, float]]] | None = None) -> None:
     """The end of every diffusion trainer's `train()`: metrics.json and the curves of `curves` (with the
-    `evaluations` points), then the final policy in `output_dir/lora`, then the trackers closed."""
-    trainer.outputs.write_metrics(metrics)
+    `evaluations` points), then the final policy in the run directory's `lora`, then the trackers closed.
+
+    The wall times of `PhaseTimer` (`eval_seconds`, `train_seconds`) go to timings.json, not metrics.json: the
+    metrics of a resumed run equal the uninterrupted run's, its times cannot."""
+    timing_keys = [key for key in metrics if key in PhaseTimer.KEYS]
+    trainer.outputs.write_metrics({key: value for key, value in metrics.items() if key not in timing_keys})
+    trainer.outputs.write_metrics({key: metrics[key] for key in timing_keys}, TIMINGS_FILE)
     trainer.outputs.plot_history(list(curves), evaluations=evaluations)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_pretrained(Path(trainer.config.output_dir) / LORA_SUBDIR)
+    trainer.save_pretrained(run_directory(trainer.config) / LORA_SUBDIR)
     trainer.accelerator.end_training()
 
 
@@ -308,14 +392,14 @@ class PolicyExport:
         self.sd_pipeline.save_pretrained(save_directory, self.accelerator.is_main_process)
 
     def save_model(self, output_dir: str | Path | None = None) -> None:
-        """`save_pretrained` into `output_dir` (default `config.output_dir`), the call TRL's example scripts end with."""
-        self.save_pretrained(output_dir or self.config.output_dir)
+        """`save_pretrained` into `output_dir` (default: the run directory), the call TRL's example scripts end with."""
+        self.save_pretrained(output_dir or run_directory(self.config))
 
     def push_to_hub(self, repo_id: str | None = None, **kwargs: Any) -> Path:
-        """Save the policy into `output_dir/lora` and say how to upload it: this project runs offline, so the upload
+        """Save the policy into the run directory's `lora` and say how to upload it: this project runs offline, so the upload
         to the Hugging Face Hub (which needs network) is left to `hf upload`. `kwargs` (TRL's `dataset_name`,
         `commit_message`, ...) are accepted and unused. Returns the saved directory."""
-        directory = Path(self.config.output_dir) / LORA_SUBDIR
+        directory = run_directory(self.config) / LORA_SUBDIR
         self.save_pretrained(directory)
         if self.accelerator.is_main_process:
             print(f"push_to_hub: saved the policy in {directory}; uploading it needs network: "
@@ -325,15 +409,57 @@ class PolicyExport:
 
 @contextmanager
 def training_command(argv: Sequence[str], config: Any) -> Iterator[None]:
-    """The frame of a diffusion trainer's command: `config.output_dir` must not hold another run (unless
-    `resume_from` or `overwrite_output_dir`), and a Ctrl-C ends with the command that resumes from the last
+    """The frame of a diffusion trainer's command: its run directory (`run_directory`) must not hold another run
+    (unless `resume_from` or `overwrite_output_dir`), and a Ctrl-C ends with the command that resumes from the last
     checkpoint."""
+    directory = run_directory(config)
     with PartialState().main_process_first():
-        claim_output_dir(config.output_dir, resuming=bool(config.resume_from), overwrite=config.overwrite_output_dir,
+        claim_output_dir(directory, resuming=bool(config.resume_from), overwrite=config.overwrite_output_dir,
                          resume_flag="--resume_from")
-    root = Path(config.output_dir) / "checkpoints"
-    with resumable(argv, ["--resume_from", str(config.output_dir)], lambda: bool(Checkpointer.sorted_checkpoints(root))):
+    root = directory / "checkpoints"
+    with resumable(argv, ["--resume_from", str(directory)], lambda: bool(Checkpointer.sorted_checkpoints(root))):
         yield
+
+
+class PhaseTimer:
+    """Wall seconds a `train()` spends per phase, so that evaluation (sampling the evaluation prompts before and
+    after) is reported apart from training: `with timer("eval"): ...`, then `timer.metrics()` gives
+    `{"eval_seconds", "train_seconds"}`."""
+
+    KEYS = ("eval_seconds", "train_seconds")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"eval": 0.0, "train": 0.0}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - began
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{phase}_seconds": round(self.seconds[phase], 3) for phase in ("eval", "train")}
+
+
+def evaluate_and_train(trainer: Any, end: int, description: str) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """The body of the TRL-shaped trainers' `train()` (DDPO, AlignProp): `trainer.evaluate("before")` unless a
+    resumed run's checkpoint holds it (`trainer.eval_before`), `trainer.step(epoch, global_step)` for epochs
+    `first_epoch..end-1` under a bar showing each epoch's mean reward, then `trainer.evaluate("after")`.
+    Returns the evaluation after and the `PhaseTimer` seconds (evaluation apart from training)."""
+    timer = PhaseTimer()
+    with timer("eval"):
+        if trainer.eval_before is None:
+            trainer.eval_before = trainer.evaluate("before")
+    progress = epoch_progress(trainer.first_epoch, end, description, trainer.accelerator.is_local_main_process)
+    with timer("train"):
+        for epoch in progress:
+            trainer.step(epoch, trainer.global_step)
+            progress.set_postfix(reward=f"{trainer.last_row.get('reward_mean', float('nan')):.4f}")
+    with timer("eval"):
+        eval_after = trainer.evaluate("after")
+    return eval_after, timer.metrics()
 
 
 def epoch_progress(first_epoch: int, end: int, description: str, enabled: bool) -> Any:
@@ -390,9 +516,9 @@ class RunOutputs:
             with (self.dir / HISTORY_FILE).open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
 
-    def write_metrics(self, metrics: dict[str, Any]) -> None:
+    def write_metrics(self, metrics: dict[str, Any], filename: str = METRICS_FILE) -> None:
         if self.is_main:
-            (self.dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+            (self.dir / filename).write_text(json.dumps(metrics, indent=2))
 
     def plot_history(self, keys: Sequence[str], filename: str = "training_curves.png",
                      evaluations: dict[str, list[tuple[float, float]]] | None = None) -> None:

@@ -21,15 +21,18 @@ from rlhf.reward_fn import AsyncReward
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from trainers.common import (
+    CHECKPOINT_LIMIT_HELP,
+    PROJECT_KWARGS_HELP,
+    RESUME_FROM_HELP,
     PolicyExport,
     are_toy_prompts,
     build_lr_scheduler,
     build_optimizer,
     build_process_reward,
     draw_prompts,
-    epoch_progress,
     eval_reward_change,
     evaluate,
+    evaluate_and_train,
     finish_run,
     inference_dtype,
     load_weighting_state,
@@ -39,6 +42,7 @@ from trainers.common import (
     reseed_global_rngs,
     reward_result,
     reward_evaluations,
+    run_directory,
     seeded_generator,
     start_run,
     training_command,
@@ -93,16 +97,14 @@ class DDPOConfig:
     )
     tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "init_kwargs for the tracker (default {})."})
     accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
-    project_kwargs: dict = field(
-        default_factory=dict, metadata={"help": "Extra accelerate ProjectConfiguration kwargs (default {})."}
-    )
+    project_kwargs: dict = field(default_factory=dict, metadata={"help": PROJECT_KWARGS_HELP})
     tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project name (default 'trl')."})
     logdir: str = field(
         default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
     )
     num_epochs: int = field(default=100, metadata={"help": "Number of epochs (sample, score, train) (default 100)."})
     save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
-    num_checkpoint_limit: int = field(default=5, metadata={"help": "Checkpoints kept; older ones deleted (default 5)."})
+    num_checkpoint_limit: int = field(default=5, metadata={"help": CHECKPOINT_LIMIT_HELP})
     mixed_precision: str = field(
         default="fp16",
         metadata={"help": "'no', 'fp16' (CUDA only) or 'bf16': dtype of the frozen weights; LoRA stays float32 (default 'fp16')."},
@@ -110,7 +112,7 @@ class DDPOConfig:
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (default True)."})
     resume_from: str = field(
         default="",
-        metadata={"help": "Resume from a checkpoint_<epoch> directory, or the latest one in a run directory (default '')."},
+        metadata={"help": RESUME_FROM_HELP},
     )
     sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per image (default 50)."})
     sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, > 0 (default 1.0)."})
@@ -213,8 +215,9 @@ class DDPOConfig:
     )
     eval_prompts: list[str] = field(
         default_factory=list,
-        metadata={"help": "Evaluation prompts (default: the toy EVAL_PROMPTS; the CLI uses the first 8 training "
-                  "prompts when they are not toy prompts)."},
+        metadata={"help": "Evaluation prompts, sampled with every eval seed before and after training (default: none, "
+                  "no evaluation; the CLI uses the first 8 training prompts when given prompts that are not toy "
+                  "prompts)."},
     )
     eval_seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."}
@@ -492,7 +495,7 @@ class DDPOTrainer(PolicyExport):
         context = torch.enable_grad() if with_grad else torch.no_grad()
         with context:
             prediction = pipeline.predict(
-                latents, timesteps, conditioning, config.sample_guidance_scale, unet=self.unet
+                latents, timesteps, conditioning, config.sample_guidance_scale, denoiser=self.unet
             )
             _, log_probs = ddim_step_with_logprob(
                 pipeline.scheduler, prediction, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents
@@ -624,10 +627,13 @@ class DDPOTrainer(PolicyExport):
         self.last_row = row
         return self.global_step
 
-    def evaluate(self, stage: str | None = None) -> dict[str, Any]:
-        """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`)."""
-        self.sd_pipeline.unet.eval()
+    def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
+        """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`); None when the
+        config names no `eval_prompts` (TRL never evaluated: a run samples only what the user asked for)."""
         prompts = self.eval_prompts()
+        if not prompts:
+            return None
+        self.sd_pipeline.unet.eval()
         metrics, samples = evaluate(
             lambda chunk, generator: self._sample(chunk, generator).images,
             self.reward_fn,
@@ -642,29 +648,22 @@ class DDPOTrainer(PolicyExport):
         return metrics
 
     def eval_prompts(self) -> list[str]:
-        if self.config.eval_prompts:
-            return list(self.config.eval_prompts)
-        from rlhf.toy import EVAL_PROMPTS
-
-        return list(EVAL_PROMPTS)
+        """The config's evaluation prompts (empty: no evaluation)."""
+        return list(self.config.eval_prompts)
 
     def train(self, epochs: int | None = None) -> dict[str, Any]:
-        """Evaluate, train from `first_epoch` to `epochs` (default `num_epochs`), evaluate again; write
-        `metrics.json`, the curves and the final policy (`output_dir/lora`). Returns the metrics."""
+        """Evaluate (when `eval_prompts` are set), train from `first_epoch` to `epochs` (default `num_epochs`),
+        evaluate again; write `metrics.json` (with `eval_seconds` apart from `train_seconds`), the curves and the
+        final policy (`lora` in the run directory). Returns the metrics."""
         end = self.config.num_epochs if epochs is None else epochs
-        if self.eval_before is None:
-            self.eval_before = self.evaluate("before")
-        progress = epoch_progress(self.first_epoch, end, "DDPO epochs", self.accelerator.is_local_main_process)
-        for epoch in progress:
-            self.step(epoch, self.global_step)
-            progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
-        eval_after = self.evaluate("after")
+        eval_after, seconds = evaluate_and_train(self, end, "DDPO epochs")
         metrics = {
             "eval_before": self.eval_before,
             "eval_after": eval_after,
             "epochs": end,
             "global_step": self.global_step,
             "num_nonfinite_rewards": self.num_nonfinite,
+            **seconds,
         }
         if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
             self.async_reward.close()  # the worker we made around a plain function; a reward's own stays its own
@@ -724,7 +723,7 @@ def load_training_prompts(config: DDPOConfig) -> list[str]:
 
 def load_run_prompts(config: DDPOConfig) -> list[str]:
     """`load_training_prompts`; without `eval_prompts`, the run evaluates on the first 8 of them, unless they are
-    toy prompts (then the toy EVAL_PROMPTS are the default)."""
+    toy prompts (a toy config names its evaluation prompts, as configs/*/tiny.yaml do)."""
     prompts = load_training_prompts(config)
     if not config.eval_prompts and not are_toy_prompts(prompts):
         config.eval_prompts = prompts[:8]
@@ -789,5 +788,7 @@ def run_trainer_command(argv: list[str], config_class: type, trainer_class: type
     if config.push_to_hub:
         trainer.push_to_hub()
     if trainer.accelerator.is_main_process:
-        print(f"{eval_reward_change(metrics['eval_before'], metrics['eval_after'])}; outputs in {config.output_dir}")
+        evaluated = metrics["eval_before"] and metrics["eval_after"]
+        change = f"{eval_reward_change(metrics['eval_before'], metrics['eval_after'])}; " if evaluated else ""
+        print(f"{change}outputs in {run_directory(config)}")
     return 0

@@ -24,6 +24,10 @@ from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from trainers.common import (
+    CHECKPOINT_LIMIT_HELP,
+    PROJECT_KWARGS_HELP,
+    RESUME_FROM_HELP,
+    PhaseTimer,
     PolicyExport,
     are_toy_prompts,
     build_lr_scheduler,
@@ -42,6 +46,7 @@ from trainers.common import (
     reseed_global_rngs,
     reward_call,
     reward_evaluations,
+    run_directory,
     save_image_grid,
     seeded_generator,
     start_run,
@@ -102,9 +107,7 @@ class DiffusionDPOConfig:
     )
     tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "init_kwargs for the tracker (default {})."})
     accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
-    project_kwargs: dict = field(
-        default_factory=dict, metadata={"help": "Extra accelerate ProjectConfiguration kwargs (default {})."}
-    )
+    project_kwargs: dict = field(default_factory=dict, metadata={"help": PROJECT_KWARGS_HELP})
     tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project name (default 'trl')."})
     logdir: str = field(
         default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
@@ -122,7 +125,7 @@ class DiffusionDPOConfig:
         default=100, metadata={"help": "Epochs: online rounds, or offline blocks of train_steps_per_epoch steps (default 100)."}
     )
     save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
-    num_checkpoint_limit: int = field(default=5, metadata={"help": "Checkpoints kept; older ones deleted (default 5)."})
+    num_checkpoint_limit: int = field(default=5, metadata={"help": CHECKPOINT_LIMIT_HELP})
     mixed_precision: str = field(
         default="fp16",
         metadata={"help": "'no', 'fp16' (CUDA only) or 'bf16': dtype of the frozen weights; LoRA stays float32 (default 'fp16')."},
@@ -130,7 +133,7 @@ class DiffusionDPOConfig:
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (default True)."})
     resume_from: str = field(
         default="",
-        metadata={"help": "Resume from a checkpoint_<epoch> directory, or the latest one in a run directory (default '')."},
+        metadata={"help": RESUME_FROM_HELP},
     )
     # ---- model ----
     pretrained_model: str = field(
@@ -238,8 +241,8 @@ class DiffusionDPOConfig:
     # ---- evaluation ----
     eval_prompts: list[str] = field(
         default_factory=list,
-        metadata={"help": "Evaluation prompts (default: toy EVAL_PROMPTS, or the first 8 training prompts when those "
-                  "are not toy prompts)."},
+        metadata={"help": "Evaluation prompts, sampled with every eval seed before and after training (default: none, "
+                  "no evaluation; the CLI uses the first 8 training prompts when they are not toy prompts)."},
     )
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."})
     num_grid_images: int = field(default=16, metadata={"help": "Images per online round's sample grid (default 16)."})
@@ -444,12 +447,12 @@ class DatasetPairs(Sequence):
 
 
 def toy_pair_files(config: DiffusionDPOConfig, perspective: str) -> dict[str, Path]:
-    """Toy-world pair files of `perspective` ({"train", "test"}), written under output_dir once."""
+    """Toy-world pair files of `perspective` ({"train", "test"}), written under the run directory once."""
     from rlhf.toy import PERSPECTIVES, write_toy_datasets
 
     if perspective not in PERSPECTIVES or perspective == "safety":
         raise ValueError(f"dataset: 'toy:' expects a pair perspective, alignment or fidelity, got {perspective!r}")
-    root = Path(config.output_dir) / "toy_data" / f"n{config.toy_num_train}_t{config.toy_num_test}_s{config.seed}"
+    root = run_directory(config) / "toy_data" / f"n{config.toy_num_train}_t{config.toy_num_test}_s{config.seed}"
     with PartialState().main_process_first():
         if not (root / perspective / "test.jsonl").is_file():
             write_toy_datasets(root, n=config.toy_num_train, n_test=config.toy_num_test, seed=config.seed)
@@ -898,7 +901,7 @@ class DiffusionDPOTrainer(PolicyExport):
         `pairs/round_<epoch>[_rank<r>].jsonl`, a file `reward.data.load_preferences` reads back as pairs."""
         rank = self.accelerator.process_index
         suffix = f"_rank{rank}" if self.accelerator.num_processes > 1 else ""
-        directory = Path(self.config.output_dir) / "pairs"
+        directory = run_directory(self.config) / "pairs"
         image_dir = f"round_{epoch:04d}{suffix}"
         rows = []
         for chosen, rejected in round_.pairs:
@@ -984,12 +987,13 @@ class DiffusionDPOTrainer(PolicyExport):
 
     def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
         """Mean reward of the policy's samples on the evaluation prompts and seeds (see `trainers.common.evaluate`);
-        None without a reward function."""
-        if self.reward_fn is None:
+        None without a reward function or `eval_prompts` (a run samples only what the user asked for)."""
+        prompts = self.eval_prompts()
+        if self.reward_fn is None or not prompts:
             return None
         self.unet.eval()
         metrics, samples = evaluate(
-            lambda chunk, generator: self._sample(chunk, generator).images, self.reward_fn, self.eval_prompts(),
+            lambda chunk, generator: self._sample(chunk, generator).images, self.reward_fn, prompts,
             self.config.eval_seeds, batch_size=self.config.sample_batch_size, accelerator=self.accelerator,
             description=f"evaluating ({stage or 'policy'})",
         )
@@ -998,35 +1002,35 @@ class DiffusionDPOTrainer(PolicyExport):
         return metrics
 
     def eval_prompts(self) -> list[str]:
-        """`eval_prompts`; else the first 8 distinct offline training prompts unless they are toy prompts; else the
-        toy EVAL_PROMPTS."""
-        if self.config.eval_prompts:
-            return list(self.config.eval_prompts)
-        from rlhf.toy import EVAL_PROMPTS
-
-        if self.train_data is not None and not are_toy_prompts(self.train_data.prompts(64)):
-            return list(dict.fromkeys(self.train_data.prompts(64)))[:8]
-        return list(EVAL_PROMPTS)
+        """The config's evaluation prompts (empty: no evaluation)."""
+        return list(self.config.eval_prompts)
 
     def train(self, epochs: int | None = None) -> dict[str, Any]:
         """Evaluate, train from `first_epoch` to `epochs` (default `num_epochs`), evaluate again; write
-        `metrics.json` (eval_before/eval_after, heldout_before/heldout_after), the curves and `output_dir/lora`."""
+        `metrics.json` (eval_before/eval_after, heldout_before/heldout_after, `eval_seconds` apart from
+        `train_seconds`), the curves and `lora` in the run directory."""
         end = self.config.num_epochs if epochs is None else epochs
-        if self.before is None:
-            self.before = {"eval": self.evaluate("before"), "heldout": self.evaluate_heldout()}
+        timer = PhaseTimer()
+        with timer("eval"):
+            if self.before is None:
+                self.before = {"eval": self.evaluate("before"), "heldout": self.evaluate_heldout()}
         progress = epoch_progress(self.first_epoch, end, "DPO epochs", self.accelerator.is_local_main_process)
-        for epoch in progress:
-            row = self.step(epoch)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_accuracy']:.3f}")
+        with timer("train"):
+            for epoch in progress:
+                row = self.step(epoch)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_accuracy']:.3f}")
+        with timer("eval"):
+            eval_after, heldout_after = self.evaluate("after"), self.evaluate_heldout()
         metrics = {
             "mode": self.config.mode,
             "eval_before": self.before["eval"],
-            "eval_after": self.evaluate("after"),
+            "eval_after": eval_after,
             "heldout_before": self.before["heldout"],
-            "heldout_after": self.evaluate_heldout(),
+            "heldout_after": heldout_after,
             "epochs": end,
             "global_step": self.global_step,
             "num_nonfinite_rewards": self.num_nonfinite,
+            **timer.metrics(),
         }
         heldout = [(epoch, metrics[f"heldout_{stage}"]["implicit_accuracy"])
                    for epoch, stage in ((-1, "before"), (end - 1, "after")) if metrics[f"heldout_{stage}"]]
@@ -1050,6 +1054,10 @@ def main(argv: list[str]) -> int:
         reward = build_process_reward(config.reward) if config.reward else None
         policy = load_policy(config, config.seed, config.output_dir)
         trainer = DiffusionDPOTrainer(config, policy, reward_function=reward, prompt_function=prompt_function)
+        if reward is not None and not config.eval_prompts and trainer.train_data is not None:
+            # the command evaluates a reward on the first 8 distinct offline prompts; the Python API only on request
+            prompts = trainer.train_data.prompts(64)
+            config.eval_prompts = [] if are_toy_prompts(prompts) else list(dict.fromkeys(prompts))[:8]
         metrics = trainer.train()
     if trainer.accelerator.is_main_process:
         for key in ("eval", "heldout"):
@@ -1059,5 +1067,5 @@ def main(argv: list[str]) -> int:
             elif key == "heldout" and before:
                 print(f"held-out implicit accuracy {before['implicit_accuracy']:.3f} -> {after['implicit_accuracy']:.3f} "
                       f"({before['num_pairs']} pairs x {before['noise_draws']} draws)")
-        print(f"outputs in {config.output_dir}")
+        print(f"outputs in {run_directory(config)}")
     return 0
