@@ -4,16 +4,17 @@ reference. Written against `GeneratorAdapter` only, so one trainer serves SD (DD
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import sys
 import time
 import warnings
 from concurrent.futures import Future
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from accelerate import PartialState
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.generators.base import GeneratorAdapter
 from rlhf.generators.sampling import replay_steps, sample_trajectories, sde_window
+from rlhf.grpo_ema import ParameterEMA
 from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages, ratio_statistics
 from rlhf.reward_fn import AsyncReward
 from rlhf.stats import PerPromptStatTracker
@@ -37,22 +39,26 @@ EMA_FILE = "ema.safetensors"
 HELDOUT = "heldout/"  # prefix of held-out rewards among an evaluation's per-perspective means
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A dataclass field with its `--help` text; a list or dict default is copied for each instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GRPOGeneratorArguments:
     """The generator `rlhf train grpo` loads (any family with an adapter)."""
 
-    pretrained_model: str = field(
-        default="",
-        metadata={"help": "A diffusers pipeline directory or hub id (SD 1.x/2.x/SDXL, SD3/3.5, FLUX.1); '' = the toy "
-                  "generator; 'tiny', 'tiny-sd3', 'tiny-flux' = a random tiny pipeline (plumbing only) (default '')."},
-    )
-    pretrained_revision: str = field(default="main", metadata={"help": "Hub revision (default 'main')."})
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA (True) or the whole denoiser (default True)."})
-    lora_rank: int = field(default=4, metadata={"help": "LoRA rank (default 4)."})
-    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (default 4)."})
-    sde_type: str = field(
-        default="", metadata={"help": "The flow families' stochastic step ('flow_sde', 'dance', 'cps'), passed to the "
-                              "adapter; '' = the family's default (DDIM has one) (default '')."})
+    pretrained_model: str = _opt("", "A diffusers pipeline directory or hub id (SD 1.x/2.x/SDXL, SD3/3.5, FLUX.1); "
+                                 "'' = the toy generator (SD), 'toy-flow' = the toy flow generator (SD3); 'tiny', "
+                                 "'tiny-sd3', 'tiny-flux' = a random tiny pipeline (plumbing only) (default '').")
+    pretrained_revision: str = _opt("main", "Hub revision (default 'main').")
+    use_lora: bool = _opt(True, "Train a LoRA (True) or the whole denoiser (default True).")
+    lora_rank: int = _opt(4, "LoRA rank (default 4).")
+    lora_alpha: float = _opt(4.0, "LoRA alpha (default 4).")
+    sde_type: str = _opt("", "The flow families' stochastic step ('flow_sde', 'dance', 'cps'), passed to the adapter; "
+                         "'' = the family's default (DDIM has one) (default '').")
 
 
 @dataclass
@@ -63,7 +69,8 @@ class GRPOConfig:
 
     Choices a user faces:
     - advantages: (r - group mean) / group std by default; `global_std` divides by the std of all rewards of the
-      epoch instead; `per_prompt_stat_tracking` normalises by each prompt's recent history (a buffer over epochs).
+      epoch instead (Flow-GRPO's per-prompt tracking with global std is this: a group is one prompt's images);
+      `per_prompt_stat_tracking` normalises by each prompt's recent history instead (a buffer over epochs).
     - `sde_window_size` > 0 trains only a window of consecutive stochastic steps whose start is drawn per epoch in
       `sde_window_range`; the other steps are the deterministic sampler (MixGRPO, Flow-GRPO-Fast).
     - `train_clip_range`: log-probs are means over latent dimensions, so ratios move by ~1e-4..1e-2 per update;
@@ -71,96 +78,92 @@ class GRPOConfig:
     """
 
     # ---- run (TRL's names) ----
-    exp_name: str = field(default=os.path.basename(sys.argv[0]).removesuffix(".py"),
-                          metadata={"help": "Experiment name (default: the script's file name)."})
-    run_name: str = field(default="", metadata={"help": "Run name for the tracker (default '')."})
-    seed: int = field(default=0, metadata={"help": "Random seed; every draw derives from it (default 0)."})
-    log_with: Optional[str] = field(default=None, metadata={"help": "'wandb' or 'tensorboard' (default None)."})
-    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "Tracker init_kwargs (default {})."})
-    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
-    project_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra ProjectConfiguration kwargs (default {})."})
-    tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project (default 'trl')."})
-    logdir: str = field(default="logs", metadata={"help": "Tracker logs, under output_dir (default 'logs')."})
-    num_epochs: int = field(default=100, metadata={"help": "Epochs (sample, score, train) (default 100)."})
-    save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
-    num_checkpoint_limit: int = field(default=5, metadata={"help": "Checkpoints kept (default 5)."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' (CUDA) or 'bf16' for the frozen "
-                                                                 "weights; the LoRA stays float32 (default 'no')."})
-    allow_tf32: bool = field(default=True, metadata={"help": "TF32 matmuls on Ampere+ GPUs (default True)."})
-    resume_from: str = field(default="", metadata={"help": "A checkpoint_<epoch> directory or a run directory to "
-                                                           "resume from (default '')."})
+    exp_name: str = _opt(os.path.basename(sys.argv[0]).removesuffix(".py"),
+                         "Experiment name (default: the script's file name).")
+    run_name: str = _opt("", "Run name for the tracker (default '').")
+    seed: int = _opt(0, "Random seed; every draw derives from it (default 0).")
+    log_with: Optional[str] = _opt(None, "'wandb' or 'tensorboard' (default None).")
+    tracker_kwargs: dict = _opt({}, "Tracker init_kwargs (default {}).")
+    accelerator_kwargs: dict = _opt({}, "Extra Accelerator kwargs (default {}).")
+    project_kwargs: dict = _opt({}, "Extra ProjectConfiguration kwargs (default {}).")
+    tracker_project_name: str = _opt("trl", "Tracker project (default 'trl').")
+    logdir: str = _opt("logs", "Tracker logs, under output_dir (default 'logs').")
+    num_epochs: int = _opt(100, "Epochs (sample, score, train) (default 100).")
+    save_freq: int = _opt(1, "Checkpoint every this many epochs (default 1).")
+    num_checkpoint_limit: int = _opt(5, "Checkpoints kept (default 5).")
+    mixed_precision: str = _opt("no", "'no', 'fp16' (CUDA) or 'bf16' for the frozen weights; the LoRA stays float32 "
+                                "(default 'no').")
+    allow_tf32: bool = _opt(True, "TF32 matmuls on Ampere+ GPUs (default True).")
+    resume_from: str = _opt("", "A checkpoint_<epoch> directory or a run directory to resume from (default '').")
     # ---- sampling ----
-    sample_num_steps: int = field(default=10, metadata={"help": "Denoising steps of the training rollouts (default 10)."})
-    eval_num_steps: int = field(default=0, metadata={"help": "Denoising steps of evaluations; 0 = sample_num_steps. "
-                                                             "More than sample_num_steps is denoising reduction "
-                                                             "(Flow-GRPO: 10 / 40) (default 0)."})
-    sample_guidance_scale: float = field(default=4.5, metadata={"help": "Guidance scale; <= 1 samples and trains "
-                                                                        "without classifier-free guidance (default 4.5)."})
-    sample_batch_size: int = field(default=8, metadata={"help": "Images per sampling batch, per process (default 8)."})
-    sample_num_batches_per_epoch: int = field(default=2, metadata={"help": "Sampling batches per epoch (default 2)."})
-    num_images_per_prompt: int = field(default=4, metadata={"help": "K, the images of one prompt whose rewards are "
-                                                                    "compared (a group) (default 4)."})
-    noise_level: float = field(default=0.7, metadata={"help": "Stochasticity of the trained steps: the flow SDE's "
-                                                              "noise level, DDIM's eta; > 0 (default 0.7)."})
-    eval_noise_level: float = field(default=0.0, metadata={"help": "Noise level of evaluation sampling; 0 = the "
-                                                                   "deterministic sampler (default 0)."})
-    sde_window_size: int = field(default=0, metadata={"help": "Consecutive stochastic (trained) steps per rollout; "
-                                                              "0 = every step (default 0)."})
-    sde_window_range: list[int] = field(default_factory=list, metadata={"help": "First and last step index the window "
-                                                                                "may start at; [] = anywhere (default [])."})
-    sample_height: int = field(default=0, metadata={"help": "Image height; 0 = the model's (default 0)."})
-    sample_width: int = field(default=0, metadata={"help": "Image width; 0 = the model's (default 0)."})
-    negative_prompts: str = field(default="", metadata={"help": "One negative prompt for all samples (default '')."})
+    sample_num_steps: int = _opt(10, "Denoising steps of the training rollouts (default 10).")
+    eval_num_steps: int = _opt(0, "Denoising steps of evaluations; 0 = sample_num_steps. More than sample_num_steps is "
+                               "denoising reduction (Flow-GRPO: 10 / 40) (default 0).")
+    sample_guidance_scale: float = _opt(4.5, "Guidance scale; <= 1 samples and trains without classifier-free "
+                                        "guidance; a guidance-distilled family reads it itself (default 4.5).")
+    sample_batch_size: int = _opt(8, "Images per sampling batch, per process (default 8).")
+    sample_num_batches_per_epoch: int = _opt(2, "Sampling batches per epoch, per process (default 2).")
+    num_images_per_prompt: int = _opt(4, "K, the images of one prompt whose rewards are compared (default 4).")
+    noise_level: float = _opt(0.7, "Stochasticity of the trained steps: the flow SDE's noise level, DDIM's eta; > 0 "
+                              "(default 0.7).")
+    eval_noise_level: float = _opt(0.0, "Noise level of evaluation sampling; 0 = the deterministic sampler "
+                                   "(default 0).")
+    sde_window_size: int = _opt(0, "Consecutive stochastic (trained) steps per rollout; 0 = every step (default 0).")
+    sde_window_range: list[int] = _opt([], "First and last step index the window may start at; [] = anywhere "
+                                       "(default []).")
+    sample_height: int = _opt(0, "Image height; 0 = the model's (default 0).")
+    sample_width: int = _opt(0, "Image width; 0 = the model's (default 0).")
+    negative_prompts: str = _opt("", "One negative prompt for all samples (default '').")
     # ---- training ----
-    train_batch_size: int = field(default=4, metadata={"help": "Trajectories per training minibatch (default 4)."})
-    train_use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit AdamW (default False)."})
-    train_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate (default 3e-4)."})
-    train_adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (default 0.9)."})
-    train_adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (default 0.999)."})
-    train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay (default 1e-4)."})
-    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon (default 1e-8)."})
-    train_gradient_accumulation_steps: int = field(default=1, metadata={"help": "Minibatches per optimizer step (default 1)."})
-    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (default 1.0)."})
-    train_num_inner_epochs: int = field(default=1, metadata={"help": "PPO passes over each epoch's samples (default 1)."})
-    train_adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages clipped to +-this (default 5)."})
-    train_clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the per-step ratio (default 1e-4)."})
-    train_timesteps_per_forward: int = field(default=0, metadata={"help": "Steps per trajectory batched in one denoiser "
-                                                                          "call; 0 = all trained steps (default 0)."})
-    train_lr_scheduler: str = field(default="constant", metadata={"help": "diffusers LR schedule (default constant)."})
-    train_lr_warmup_steps: int = field(default=0, metadata={"help": "LR warmup optimizer steps (default 0)."})
-    kl_coef: float = field(default=0.0, metadata={"help": "Weight of the per-step KL to the LoRA-disabled reference, "
-                                                          "|mu - mu_ref|^2 / (2 std^2) (default 0)."})
-    global_std: bool = field(default=False, metadata={"help": "Divide group-centred rewards by the std of all the "
-                                                              "epoch's rewards, not the group's (default False)."})
-    per_prompt_stat_tracking: bool = field(default=False, metadata={"help": "Normalise by each prompt's reward history "
-                                                                            "instead of its group (default False)."})
-    per_prompt_stat_tracking_buffer_size: int = field(default=32, metadata={"help": "Rewards kept per prompt (default 32)."})
-    per_prompt_stat_tracking_min_count: int = field(default=4, metadata={"help": "Below this many a prompt is "
-                                                                                 "normalised by the batch (default 4)."})
-    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the trained weights, used to evaluate and export; "
-                                                            "0 = off (Flow-GRPO: 0.9) (default 0)."})
+    train_batch_size: int = _opt(4, "Trajectories per training minibatch (default 4).")
+    train_use_8bit_adam: bool = _opt(False, "bitsandbytes 8-bit AdamW (default False).")
+    train_learning_rate: float = _opt(3e-4, "Learning rate (default 3e-4).")
+    train_adam_beta1: float = _opt(0.9, "Adam beta1 (default 0.9).")
+    train_adam_beta2: float = _opt(0.999, "Adam beta2 (default 0.999).")
+    train_adam_weight_decay: float = _opt(1e-4, "Adam weight decay (default 1e-4).")
+    train_adam_epsilon: float = _opt(1e-8, "Adam epsilon (default 1e-8).")
+    train_gradient_accumulation_steps: int = _opt(1, "Minibatches per optimizer step (default 1).")
+    train_max_grad_norm: float = _opt(1.0, "Gradient clipping norm (default 1.0).")
+    train_num_inner_epochs: int = _opt(1, "PPO passes over each epoch's samples (default 1).")
+    train_adv_clip_max: float = _opt(5.0, "Advantages clipped to +-this (default 5).")
+    train_clip_range: float = _opt(1e-4, "PPO clip range of the per-step ratio (default 1e-4).")
+    train_timesteps_per_forward: int = _opt(0, "Steps per trajectory batched in one denoiser call; 0 = all trained "
+                                            "steps (default 0).")
+    train_lr_scheduler: str = _opt("constant", "diffusers LR schedule (default constant).")
+    train_lr_warmup_steps: int = _opt(0, "LR warmup optimizer steps (default 0).")
+    kl_coef: float = _opt(0.0, "Weight of the per-step KL to the LoRA-disabled reference, |mu - mu_ref|^2 / "
+                          "(2 std^2) (default 0).")
+    global_std: bool = _opt(False, "Divide group-centred rewards by the std of all the epoch's rewards, not the "
+                            "group's (default False).")
+    per_prompt_stat_tracking: bool = _opt(False, "Normalise by each prompt's reward history instead of its group "
+                                          "(default False).")
+    per_prompt_stat_tracking_buffer_size: int = _opt(32, "Rewards kept per prompt (default 32).")
+    per_prompt_stat_tracking_min_count: int = _opt(4, "Below this many a prompt is normalised by the batch "
+                                                   "(default 4).")
+    ema_decay: float = _opt(0.0, "EMA of the trained weights, used to evaluate and export; 0 = off (Flow-GRPO: 0.9) "
+                            "(default 0).")
     # ---- rewards ----
-    reward: dict = field(default_factory=lambda: {"builtin": "toy_colour"},
-                         metadata={"help": "CLI: the optimised reward block (rlhf.reward_fn) (default {builtin: toy_colour})."})
-    heldout_rewards: dict = field(default_factory=dict, metadata={"help": "Rewards evaluated but not optimised, "
-                                                                          "{name: reward block} (default {})."})
-    async_reward_computation: bool = field(default=False, metadata={"help": "Score each batch in a thread while the "
-                                                                            "next samples (default False)."})
+    reward: dict = _opt({"builtin": "toy_colour"}, "CLI: the optimised reward block (rlhf.reward_fn) "
+                        "(default {builtin: toy_colour}).")
+    heldout_rewards: dict = _opt({}, "Rewards evaluated but not optimised, {name: reward block} (default {}).")
+    async_reward_computation: bool = _opt(False, "Score each batch in a thread while the next samples "
+                                          "(default False).")
     # ---- prompts, evaluation, outputs ----
-    prompts: list[str] = field(default_factory=list, metadata={"help": "CLI: training prompts (default: toy prompts)."})
-    prompts_file: str = field(default="", metadata={"help": "CLI: a file of training prompts, one a line (default '')."})
-    eval_prompts: list[str] = field(default_factory=list, metadata={"help": "Evaluation prompts; [] = no evaluation (default [])."})
-    eval_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Evaluation seeds (default 0 1)."})
-    eval_freq: int = field(default=0, metadata={"help": "Also evaluate every this many epochs, into the history and "
-                                                        "curves; 0 = before and after only (default 0)."})
-    num_grid_images: int = field(default=16, metadata={"help": "Images per epoch sample grid (default 16)."})
-    output_dir: str = field(default="runs/grpo", metadata={"help": "Run directory (default 'runs/grpo')."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "CLI: replace an earlier run (default False)."})
-    push_to_hub: bool = field(default=False, metadata={"help": "Save the LoRA for `hf upload` after training (default False)."})
+    prompts: list[str] = _opt([], "CLI: training prompts (default: toy prompts).")
+    prompts_file: str = _opt("", "CLI: a file of training prompts, one a line (default '').")
+    eval_prompts: list[str] = _opt([], "Evaluation prompts; [] = no evaluation (default []).")
+    eval_seeds: list[int] = _opt([0, 1], "Evaluation seeds (default 0 1).")
+    eval_freq: int = _opt(0, "Also evaluate every this many epochs, into the history and curves; 0 = before and "
+                          "after only (default 0).")
+    num_grid_images: int = _opt(16, "Images per epoch sample grid (default 16).")
+    output_dir: str = _opt("runs/grpo", "Run directory (default 'runs/grpo').")
+    overwrite_output_dir: bool = _opt(False, "CLI: replace an earlier run (default False).")
+    push_to_hub: bool = _opt(False, "Save the LoRA for `hf upload` after training (default False).")
 
     def to_dict(self) -> dict[str, Any]:
         """Flat `{name: scalar}` for trackers."""
-        return {key: str(value) if isinstance(value, (list, tuple, dict)) else value for key, value in asdict(self).items()}
+        return {key: str(value) if isinstance(value, (list, tuple, dict)) else value
+                for key, value in asdict(self).items()}
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that does not fit."""
@@ -177,7 +180,8 @@ class GRPOConfig:
              f"a value >= 2 dividing the {per_process} images per process per epoch (a group never spans processes)"),
             (self.noise_level > 0, "noise_level", "a value > 0 (the trained steps need a density)"),
             (self.eval_noise_level >= 0, "eval_noise_level", "a value >= 0"),
-            (0 <= self.sde_window_size <= self.sample_num_steps, "sde_window_size", f"a value in [0, {self.sample_num_steps}]"),
+            (0 <= self.sde_window_size <= self.sample_num_steps, "sde_window_size",
+             f"a value in [0, {self.sample_num_steps}]"),
             (not window or (len(window) == 2 and 0 <= window[0] <= window[1]
                             <= self.sample_num_steps - (self.sde_window_size or self.sample_num_steps)),
              "sde_window_range", f"[] or [first, last] with 0 <= first <= last <= sample_num_steps - sde_window_size "
@@ -208,39 +212,6 @@ class GRPOConfig:
             if not ok:
                 raise ValueError(f"{name}: expected {expected}")
         inference_dtype(self.mixed_precision)
-
-
-class ParameterEMA:
-    """An exponential moving average of parameters (float32 shadows), swapped in for evaluation and export."""
-
-    def __init__(self, parameters: list[torch.nn.Parameter], decay: float) -> None:
-        self.parameters, self.decay = parameters, decay
-        self.shadow = [p.detach().float().clone() for p in parameters]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for shadow, parameter in zip(self.shadow, self.parameters):
-            shadow.mul_(self.decay).add_(parameter.detach().float(), alpha=1 - self.decay)
-
-    @contextmanager
-    @torch.no_grad()
-    def applied(self) -> Iterator[None]:
-        saved = [p.detach().clone() for p in self.parameters]
-        for shadow, parameter in zip(self.shadow, self.parameters):
-            parameter.copy_(shadow)
-        try:
-            yield
-        finally:
-            for value, parameter in zip(saved, self.parameters):
-                parameter.copy_(value)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {str(i): shadow.contiguous() for i, shadow in enumerate(self.shadow)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if len(state) != len(self.shadow):
-            raise ValueError(f"EMA state: expected {len(self.shadow)} tensors, got {len(state)}")
-        self.shadow = [state[str(i)].float().to(p.device) for i, p in enumerate(self.parameters)]
 
 
 class GRPOTrainer(PolicyExport):
@@ -280,13 +251,15 @@ class GRPOTrainer(PolicyExport):
         self.timesteps_per_forward = config.train_timesteps_per_forward or self.num_window_steps
         forwards = -(-self.num_window_steps // self.timesteps_per_forward)
         # accelerate counts backward calls: one per timestep chunk of every accumulated minibatch
-        self.accelerator, self.outputs = start_run(config, generator, config.train_gradient_accumulation_steps * forwards)
+        self.accelerator, self.outputs = start_run(config, generator,
+                                                   config.train_gradient_accumulation_steps * forwards)
         self.height = config.sample_height or generator.default_size
         self.width = config.sample_width or generator.default_size
         self.trainable = generator.trainable_parameters()
         optimizer = build_optimizer(config, self.trainable)
         minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
-        steps = config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
+        steps = (config.num_epochs * config.train_num_inner_epochs * minibatches
+                 // config.train_gradient_accumulation_steps)
         lr_scheduler = build_lr_scheduler(config, optimizer, steps, self.accelerator.num_processes)
         self.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             generator.denoiser, optimizer, lr_scheduler)
@@ -294,7 +267,9 @@ class GRPOTrainer(PolicyExport):
         self.stat_tracker = (PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
                                                   config.per_prompt_stat_tracking_min_count)
                              if config.per_prompt_stat_tracking else None)
-        self.heldout_rewards = heldout_rewards if heldout_rewards is not None else _build_heldout(config.heldout_rewards)
+        if heldout_rewards is None:
+            heldout_rewards = _build_heldout(config.heldout_rewards)
+        self.heldout_rewards = heldout_rewards
         self.checkpointer = policy_checkpointer(self.accelerator, config, generator)
         # the reward's own `submit` (ours score in call order), or one worker around a plain function: batches are
         # folded in sampling order either way, so a stateful reward resumes exactly
@@ -346,7 +321,8 @@ class GRPOTrainer(PolicyExport):
         timings = {"time_sampling": 0.0, "time_reward": 0.0}
         self.generator.denoiser.eval()
         for start in range(0, len(prompts), config.sample_batch_size):
-            chunk, chunk_meta = prompts[start : start + config.sample_batch_size], metadata[start : start + config.sample_batch_size]
+            end = start + config.sample_batch_size
+            chunk, chunk_meta = prompts[start:end], metadata[start:end]
             began = time.perf_counter()
             sampled = self._sample(chunk, generator, num_steps=config.sample_num_steps, noise_level=config.noise_level,
                                    stochastic=stochastic)
@@ -477,13 +453,15 @@ class GRPOTrainer(PolicyExport):
                         if accelerator.sync_gradients and self.ema is not None:
                             self.ema.update()
                     totals += torch.stack([stats[name] for name in names]).double().cpu()
-                    extremes = torch.minimum(extremes, torch.stack([stats["ratio_min"], -stats["ratio_max"]]).double().cpu())
+                    pair = torch.stack([stats["ratio_min"], -stats["ratio_max"]]).double().cpu()
+                    extremes = torch.minimum(extremes, pair)
         totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
         extremes = accelerator.gather(extremes[None].to(accelerator.device)).cpu().min(dim=0).values
         pairs = max(float(totals[5]), 1.0)
         result = {name: float(totals[i]) / pairs for i, name in enumerate(names[:5])}
         result["ratio_mean"] = result.pop("ratio")
-        result.update(ratio_min=float(extremes[0]), ratio_max=-float(extremes[1]), lr=self.lr_scheduler.get_last_lr()[0])
+        result.update(ratio_min=float(extremes[0]), ratio_max=-float(extremes[1]),
+                      lr=self.lr_scheduler.get_last_lr()[0])
         if config.kl_coef == 0:
             result.pop("kl")
         return result
@@ -614,12 +592,14 @@ def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------- CLI
 
+TOY_FLOW = "toy-flow"
 TINY_BUILDERS = {"tiny": "build_tiny_sd", "tiny-sd3": "build_tiny_sd3", "tiny-flux": "build_tiny_flux"}
 
 
 def load_policy(arguments: GRPOGeneratorArguments, seed: int, output_dir: str) -> GeneratorAdapter:
-    """The adapter `arguments` names: '' = the toy generator, a `TINY_BUILDERS` name = a random tiny pipeline built
-    under `output_dir`, else any diffusers pipeline directory or hub id (its family from `load_generator`)."""
+    """The adapter `arguments` names: '' = the toy generator, 'toy-flow' = the toy flow generator (SD3), a
+    `TINY_BUILDERS` name = a random tiny pipeline built under `output_dir`, else any diffusers pipeline directory or
+    hub id (its family from `load_generator`)."""
     from rlhf import testing
     from rlhf.generators import generator_class, load_generator
 
@@ -630,6 +610,10 @@ def load_policy(arguments: GRPOGeneratorArguments, seed: int, output_dir: str) -
             if not (path / "model_index.json").is_file():
                 getattr(testing, TINY_BUILDERS[name])(path, seed=seed)
         name = str(path)
+    elif name == TOY_FLOW:
+        from rlhf.toy_generators import toy_flow_generator_path
+
+        name = str(toy_flow_generator_path())
     elif not name:
         name = str(testing.toy_generator_path())
     options: dict[str, Any] = dict(use_lora=arguments.use_lora, lora_rank=arguments.lora_rank,
@@ -662,7 +646,7 @@ def main(argv: list[str]) -> int:
         trainer.push_to_hub()
     if trainer.accelerator.is_main_process:
         last = trainer.last_row
-        summary = (eval_reward_change(metrics["eval_before"], metrics["eval_after"]) if metrics["eval_after"]
-                   else f"last epoch reward {last.get('reward_mean', float('nan')):.4f} (no eval_prompts: no evaluation)")
+        summary = (eval_reward_change(metrics["eval_before"], metrics["eval_after"]) if metrics["eval_after"] else
+                   f"last epoch reward {last.get('reward_mean', float('nan')):.4f} (no eval_prompts: no evaluation)")
         print(f"{summary}; outputs in {config.output_dir}")
     return 0
