@@ -28,10 +28,10 @@ from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantage
 from rlhf.reward_fn import AsyncReward
 from rlhf.stats import PerPromptStatTracker
 from trainers.common import (
-    Checkpointer, PolicyExport, build_lr_scheduler, build_optimizer, build_process_reward, draw_prompts, epoch_progress,
-    eval_reward_change, evaluate, finish_run, inference_dtype, load_weighting_state, peak_memory_mb, perspective_values,
-    policy_checkpointer, reseed_global_rngs, reward_call, reward_evaluations, reward_result, seeded_generator,
-    start_run, training_command, warmup_check, weighting_state,
+    Checkpointer, PolicyExport, build_lr_scheduler, build_optimizer, build_process_reward, draw_prompts,
+    eval_reward_change, evaluate, evaluate_and_train, finish_run, inference_dtype, load_weighting_state,
+    peak_memory_mb, perspective_values, policy_checkpointer, reseed_global_rngs, reward_call, reward_evaluations,
+    reward_result, run_directory, seeded_generator, start_run, training_command, warmup_check, weighting_state,
 )
 
 COND = "cond/"
@@ -555,18 +555,14 @@ class GRPOTrainer(PolicyExport):
 
     def train(self, epochs: int | None = None) -> dict[str, Any]:
         """Evaluate (with `eval_prompts`), train from `first_epoch` to `epochs` (default `num_epochs`), evaluate
-        again; write metrics.json, the curves and the final policy (`output_dir/lora`, the EMA when on)."""
+        again; write metrics.json (`eval_seconds` apart from `train_seconds`), the curves and the final policy
+        (`lora` in the run directory; the EMA when on, as evaluated). Returns the metrics."""
         end = self.config.num_epochs if epochs is None else epochs
-        if self.eval_before is None:
-            self.eval_before = self.evaluate("before")
-        progress = epoch_progress(self.first_epoch, end, "GRPO epochs", self.accelerator.is_local_main_process)
-        for epoch in progress:
-            self.step(epoch, self.global_step)
-            progress.set_postfix(reward=f"{self.last_row.get('reward_mean', float('nan')):.4f}")
-        metrics = {"eval_before": self.eval_before, "eval_after": self.evaluate("after"), "epochs": end,
-                   "global_step": self.global_step, "num_nonfinite_rewards": self.num_nonfinite}
+        eval_after, seconds = evaluate_and_train(self, end, "GRPO epochs")
+        metrics = {"eval_before": self.eval_before, "eval_after": eval_after, "epochs": end,
+                   "global_step": self.global_step, "num_nonfinite_rewards": self.num_nonfinite, **seconds}
         if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
-            self.async_reward.close()
+            self.async_reward.close()  # the worker made around a plain function; a reward's own stays its own
         curves = ["reward_mean", "approx_kl", "clipfrac", "ratio_mean", "kl", "eval_reward_mean",
                   *[f"eval_{HELDOUT}{name}" for name in self.heldout_rewards]]
         with self.evaluation_weights():
@@ -638,7 +634,7 @@ def main(argv: list[str]) -> int:
     with training_command(argv, config):
         prompts = load_training_prompts(config)
         reward = build_process_reward(config.reward)
-        generator = load_policy(arguments, config.seed, config.output_dir)
+        generator = load_policy(arguments, config.seed, str(run_directory(config)))
         trainer = GRPOTrainer(config, reward, uniform_prompt_function(prompts), generator)
         trainer.outputs.save_config([arguments, config])
         metrics = trainer.train()
@@ -648,5 +644,5 @@ def main(argv: list[str]) -> int:
         last = trainer.last_row
         summary = (eval_reward_change(metrics["eval_before"], metrics["eval_after"]) if metrics["eval_after"] else
                    f"last epoch reward {last.get('reward_mean', float('nan')):.4f} (no eval_prompts: no evaluation)")
-        print(f"{summary}; outputs in {config.output_dir}")
+        print(f"{summary}; outputs in {run_directory(config)}")
     return 0
