@@ -4,12 +4,15 @@ prompts in, a denoiser to train, one stochastic step with its log-prob, images o
 from __future__ import annotations
 
 import contextlib
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 # diffusers' file name for LoRA weights, which every pipeline's `load_lora_weights(directory)` looks for
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -36,8 +39,48 @@ class GeneratorAdapter(ABC):
     pipeline: Any
     #: whether the denoiser carries a trainable LoRA adapter (otherwise the whole denoiser is trained)
     use_lora: bool
-    #: the name or path the base model came from, recorded next to saved LoRA weights
+    #: the name or path (and revision) the base model came from, recorded next to saved LoRA weights
     base_model: str
+    base_revision: str
+    #: the pipeline's components that stay frozen (text encoders, VAE)
+    frozen_component_names: ClassVar[tuple[str, ...]] = ()
+
+    # ---- construction (shared by every family) --------------------------------------------------------------
+
+    def _set_up_policy(
+        self, use_lora: bool, lora_rank: int, lora_alpha: float, lora_target_modules: Sequence[str], lora_seed: int
+    ) -> None:
+        """Freeze all but the policy: a LoRA on the denoiser (kept as it is when the denoiser already carries one,
+        e.g. loaded from a saved policy), or the whole denoiser; then trainable weights float32 (see `to`)."""
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        denoiser = self.denoiser
+        denoiser.requires_grad_(not use_lora)
+        if use_lora:
+            if not getattr(denoiser, "_hf_peft_config_loaded", False):
+                # peft draws the initial LoRA A from the global RNG: pin it, so that a run reproduces from its seed
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(lora_seed)
+                    denoiser.add_adapter(
+                        LoraConfig(
+                            r=lora_rank,
+                            lora_alpha=lora_alpha,
+                            init_lora_weights="gaussian",
+                            target_modules=list(lora_target_modules),
+                        )
+                    )
+            for name, parameter in denoiser.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+        self.to(dtype=denoiser.dtype)
+
+    @staticmethod
+    def saved_policy_source(pretrained_model_name: str | Path, revision: str) -> tuple[str, str, bool]:
+        """(base model, its revision, whether `pretrained_model_name` is a directory `save_pretrained` wrote with
+        LoRA weights, whose base model must be loaded first)."""
+        source = Path(pretrained_model_name)
+        saved = (source / BASE_MODEL_FILE).is_file() and (source / LORA_WEIGHT_NAME).is_file()
+        record = json.loads((source / BASE_MODEL_FILE).read_text()) if saved else {}
+        return record.get("base_model", str(pretrained_model_name)), record.get("revision", revision), saved
 
     # ---- components --------------------------------------------------------------------------------------
 
@@ -51,8 +94,39 @@ class GeneratorAdapter(ABC):
         return self.pipeline.scheduler
 
     @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipeline.vae
+
+    @property
     def device(self) -> torch.device:
         return self.denoiser.device
+
+    def _frozen_modules(self) -> list[torch.nn.Module]:
+        names = self.frozen_component_names
+        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None]
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        self.pipeline.set_progress_bar_config(**kwargs)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "GeneratorAdapter":
+        """Move every component; frozen weights take `dtype`, trainable ones stay float32.
+
+        Trainable parameters in fp16 would underflow in Adam and break accelerate's gradient unscaling; a VAE
+        whose config asks `force_upcast` (SDXL's) stays float32, since it overflows to NaN in fp16.
+        """
+        # trainable weights keep their float32 values exactly: never round-tripped through a lower precision
+        trainable = {parameter: parameter.data.float() for parameter in self.trainable_parameters()}
+        for module in (self.denoiser, *self._frozen_modules()):
+            module.to(device=device)
+        if dtype is not None:
+            for module in (self.denoiser, *self._frozen_modules()):
+                upcast = module is self.vae and getattr(module.config, "force_upcast", False) and dtype == torch.float16
+                target = torch.float32 if upcast else dtype
+                if module.dtype != target:  # a no-op cast still makes diffusers warn
+                    module.to(dtype=target)
+        for parameter, data in trainable.items():
+            parameter.data = data.to(parameter.device)
+        return self
 
     @property
     @abstractmethod
@@ -205,15 +279,40 @@ class GeneratorAdapter(ABC):
         finally:
             self.denoiser.enable_adapters()
 
-    @abstractmethod
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights (the adapter, or the whole denoiser): what a checkpoint stores."""
+        """The trainable weights (the adapter in peft's naming, or the whole denoiser): what a checkpoint stores."""
+        state = get_peft_model_state_dict(self.denoiser) if self.use_lora else self.denoiser.state_dict()
+        return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
 
-    @abstractmethod
     def load_policy_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Inverse of `policy_state_dict`; an error naming the keys when they do not match."""
+        if not self.use_lora:
+            self.denoiser.load_state_dict(state_dict)
+            return
+        expected = set(get_peft_model_state_dict(self.denoiser))
+        if set(state_dict) != expected:
+            missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+            raise ValueError(
+                f"LoRA state dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for this "
+                f"{type(self.denoiser).__name__}'s adapter"
+            )
+        set_peft_model_state_dict(self.denoiser, state_dict)
+
+    def save_pretrained(self, output_dir: str | Path, is_main_process: bool = True) -> None:
+        """The LoRA in diffusers' format (`pytorch_lora_weights.safetensors` with its peft config as metadata,
+        what the plain pipeline's `load_lora_weights(output_dir)` reads) plus the base model's name, which
+        `from_pretrained(output_dir)` reads back; without LoRA, the whole pipeline."""
+        if not is_main_process:
+            return
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not self.use_lora:
+            self.pipeline.save_pretrained(output_dir)
+            return
+        self._save_lora_weights(output_dir)
+        record = {"base_model": self.base_model, "revision": self.base_revision}
+        (output_dir / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
 
     @abstractmethod
-    def save_pretrained(self, output_dir: str | Path, is_main_process: bool = True) -> None:
-        """The LoRA in diffusers' format (what the plain pipeline's `load_lora_weights(output_dir)` reads) plus
-        the base model's name; without LoRA, the whole pipeline."""
+    def _save_lora_weights(self, output_dir: Path) -> None:
+        """Write the denoiser's LoRA with the family's pipeline class `save_lora_weights`."""

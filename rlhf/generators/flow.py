@@ -8,7 +8,6 @@ the transformer reads, and one transformer call (`predict`).
 
 from __future__ import annotations
 
-import json
 from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -17,8 +16,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 
 from rlhf.flow_scheduling import (
     cps_step_with_logprob,
@@ -26,7 +24,7 @@ from rlhf.flow_scheduling import (
     flow_sde_step_with_logprob,
     flow_sigmas,
 )
-from rlhf.generators.base import BASE_MODEL_FILE, LORA_WEIGHT_NAME, GeneratorAdapter, StepResult
+from rlhf.generators.base import LORA_WEIGHT_NAME, GeneratorAdapter, StepResult
 
 #: the `sde_type` names and the step each one takes (see rlhf/flow_scheduling.py)
 SDE_STEPS: dict[str, Callable[..., StepResult]] = {
@@ -66,8 +64,6 @@ class FlowMatchingAdapter(GeneratorAdapter):
     default_max_shift: ClassVar[float]
     #: T5's padded prompt length in the diffusers pipeline's `__call__`
     default_max_sequence_length: ClassVar[int]
-    #: the pipeline's text encoders and VAE, frozen
-    frozen_component_names: ClassVar[tuple[str, ...]]
 
     def __init__(
         self,
@@ -100,26 +96,7 @@ class FlowMatchingAdapter(GeneratorAdapter):
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.base_model = base_model
         self.base_revision = base_revision
-        for module in self._frozen_modules():
-            module.requires_grad_(False)
-        transformer = self.transformer
-        transformer.requires_grad_(not use_lora)
-        if use_lora:
-            if not getattr(transformer, "_hf_peft_config_loaded", False):
-                # peft draws the initial LoRA A from the global RNG: pin it, so that a run reproduces from its seed
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(lora_seed)
-                    transformer.add_adapter(
-                        LoraConfig(
-                            r=lora_rank,
-                            lora_alpha=lora_alpha,
-                            init_lora_weights="gaussian",
-                            target_modules=list(lora_target_modules),
-                        )
-                    )
-            for name, parameter in transformer.named_parameters():
-                parameter.requires_grad_("lora_" in name)
-        self.to(dtype=transformer.dtype)
+        self._set_up_policy(use_lora, lora_rank, lora_alpha, lora_target_modules, lora_seed)
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -141,16 +118,12 @@ class FlowMatchingAdapter(GeneratorAdapter):
         pipeline's `from_pretrained` (e.g. `{"text_encoder_3": None, "tokenizer_3": None}`: SD3 without T5);
         `options` to the constructor (LoRA shape, `sde_type`, ...).
         """
-        source = Path(pretrained_model_name)
-        exported_lora = (source / BASE_MODEL_FILE).is_file() and (source / LORA_WEIGHT_NAME).is_file()
-        record = json.loads((source / BASE_MODEL_FILE).read_text()) if exported_lora else {}
-        base_name = record.get("base_model", str(pretrained_model_name))
-        base_revision = record.get("revision", revision)
+        base_name, base_revision, saved_policy = cls.saved_policy_source(pretrained_model_name, revision)
         pipeline = cls.pipeline_class.from_pretrained(
             base_name, revision=base_revision, dtype=torch_dtype, **(pipeline_options or {})
         )
-        if exported_lora:
-            pipeline.load_lora_weights(source, weight_name=LORA_WEIGHT_NAME, adapter_name="default")
+        if saved_policy:
+            pipeline.load_lora_weights(pretrained_model_name, weight_name=LORA_WEIGHT_NAME, adapter_name="default")
             use_lora = True
         return cls(pipeline, use_lora=use_lora, base_model=base_name, base_revision=base_revision, **options)
 
@@ -165,73 +138,13 @@ class FlowMatchingAdapter(GeneratorAdapter):
         return self.pipeline.transformer
 
     @property
-    def vae(self) -> torch.nn.Module:
-        return self.pipeline.vae
-
-    @property
     def step_function(self) -> Callable[..., StepResult]:
         """The `rlhf.flow_scheduling` step `sde_type` names."""
         return SDE_STEPS[self.sde_type]
 
-    def _frozen_modules(self) -> list[torch.nn.Module]:
-        return [
-            getattr(self.pipeline, name)
-            for name in self.frozen_component_names
-            if getattr(self.pipeline, name, None) is not None
-        ]
-
-    def set_progress_bar_config(self, **kwargs: Any) -> None:
-        self.pipeline.set_progress_bar_config(**kwargs)
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FlowMatchingAdapter":
-        """Move every component; frozen weights take `dtype` (a `force_upcast` VAE stays float32 under fp16),
-        trainable ones stay float32 (fp16/bf16 trainable weights lose Adam's small updates and break accelerate's
-        gradient unscaling)."""
-        trainable = {parameter: parameter.data.float() for parameter in self.trainable_parameters()}
-        for module in (self.denoiser, *self._frozen_modules()):
-            module.to(device=device)
-            if dtype is None:
-                continue
-            # a VAE whose config asks `force_upcast` overflows to NaN in fp16: it stays float32
-            upcast = module is self.vae and getattr(module.config, "force_upcast", False) and dtype == torch.float16
-            target = torch.float32 if upcast else dtype
-            if module.dtype != target:  # a no-op cast still makes diffusers warn
-                module.to(dtype=target)
-        for parameter, data in trainable.items():
-            parameter.data = data.to(parameter.device)
-        return self
-
     # ---- the policy ---------------------------------------------------------------------------------------
 
-    def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights (the adapter in peft's naming, or the whole transformer)."""
-        state = get_peft_model_state_dict(self.denoiser) if self.use_lora else self.denoiser.state_dict()
-        return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
-
-    def load_policy_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        if not self.use_lora:
-            self.denoiser.load_state_dict(state_dict)
-            return
-        expected = set(get_peft_model_state_dict(self.denoiser))
-        if set(state_dict) != expected:
-            missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-            raise ValueError(
-                f"LoRA state dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for this "
-                f"transformer's adapter"
-            )
-        set_peft_model_state_dict(self.denoiser, state_dict)
-
-    def save_pretrained(self, output_dir: str | Path, is_main_process: bool = True) -> None:
-        """The LoRA in diffusers' format (`pytorch_lora_weights.safetensors`, with its peft config as metadata, so
-        that the plain pipeline's `load_lora_weights(output_dir)` reads it) plus the base model's name; without
-        LoRA, the whole pipeline."""
-        if not is_main_process:
-            return
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if not self.use_lora:
-            self.pipeline.save_pretrained(output_dir)
-            return
+    def _save_lora_weights(self, output_dir: Path) -> None:
         layers = get_peft_model_state_dict(self.transformer)
         self.pipeline_class.save_lora_weights(
             output_dir,
@@ -239,8 +152,6 @@ class FlowMatchingAdapter(GeneratorAdapter):
             transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
             weight_name=LORA_WEIGHT_NAME,
         )
-        record = {"base_model": self.base_model, "revision": self.base_revision}
-        (output_dir / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
 
     # ---- the schedule and the step ------------------------------------------------------------------------
 

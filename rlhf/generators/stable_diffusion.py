@@ -3,17 +3,15 @@ log-probs, diffusers-format LoRA files."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 
-from rlhf.generators.base import BASE_MODEL_FILE, LORA_WEIGHT_NAME, GeneratorAdapter, StepResult
+from rlhf.generators.base import LORA_WEIGHT_NAME, GeneratorAdapter, StepResult
 from rlhf.scheduling import ddim_posterior, ddim_step_with_logprob
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
@@ -34,6 +32,8 @@ class StableDiffusionAdapter(GeneratorAdapter):
         base_model, base_revision: the name or path (and revision) the pipeline came from, recorded next to
             exported LoRA weights.
     """
+
+    frozen_component_names = ("vae", "text_encoder", "text_encoder_2")
 
     def __init__(
         self,
@@ -61,25 +61,7 @@ class StableDiffusionAdapter(GeneratorAdapter):
         self.base_model = base_model
         self.base_revision = base_revision
         self.is_sdxl = isinstance(sd_pipeline, StableDiffusionXLPipeline)
-        for module in self._frozen_modules():
-            module.requires_grad_(False)
-        self.unet.requires_grad_(not use_lora)
-        if use_lora:
-            if not getattr(self.unet, "_hf_peft_config_loaded", False):
-                # peft draws the initial LoRA A from the global RNG: pin it, so that a run reproduces from its seed
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(lora_seed)
-                    self.unet.add_adapter(
-                        LoraConfig(
-                            r=lora_rank,
-                            lora_alpha=lora_alpha,
-                            init_lora_weights="gaussian",
-                            target_modules=list(lora_target_modules),
-                        )
-                    )
-            for name, parameter in self.unet.named_parameters():
-                parameter.requires_grad_("lora_" in name)
-        self.to(dtype=self.unet.dtype)
+        self._set_up_policy(use_lora, lora_rank, lora_alpha, lora_target_modules, lora_seed)
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -98,23 +80,12 @@ class StableDiffusionAdapter(GeneratorAdapter):
         A directory written by `save_pretrained` with LoRA weights loads its base model, then that LoRA, which
         becomes the trainable adapter (training continues from it).
         """
-        source = Path(pretrained_model_name)
-        exported_lora = (source / BASE_MODEL_FILE).is_file() and (source / LORA_WEIGHT_NAME).is_file()
-        base = json.loads((source / BASE_MODEL_FILE).read_text()) if exported_lora else {}
-        base_name = base.get("base_model", str(pretrained_model_name))
-        sd_pipeline = DiffusionPipeline.from_pretrained(
-            base_name, revision=base.get("revision", revision), dtype=torch_dtype
-        )
-        if exported_lora:
-            sd_pipeline.load_lora_weights(source, weight_name=LORA_WEIGHT_NAME, adapter_name="default")
+        base_name, base_revision, saved_policy = cls.saved_policy_source(pretrained_model_name, revision)
+        sd_pipeline = DiffusionPipeline.from_pretrained(base_name, revision=base_revision, dtype=torch_dtype)
+        if saved_policy:
+            sd_pipeline.load_lora_weights(pretrained_model_name, weight_name=LORA_WEIGHT_NAME, adapter_name="default")
             use_lora = True
-        return cls(
-            sd_pipeline,
-            use_lora=use_lora,
-            base_model=base_name,
-            base_revision=base.get("revision", revision),
-            **lora_options,
-        )
+        return cls(sd_pipeline, use_lora=use_lora, base_model=base_name, base_revision=base_revision, **lora_options)
 
     # ---- components (TRL 0.23's properties) ----------------------------------------------------------------
 
@@ -131,10 +102,6 @@ class StableDiffusionAdapter(GeneratorAdapter):
         return self.sd_pipeline.unet
 
     @property
-    def vae(self) -> torch.nn.Module:
-        return self.sd_pipeline.vae
-
-    @property
     def text_encoder(self) -> torch.nn.Module:
         return self.sd_pipeline.text_encoder
 
@@ -146,48 +113,6 @@ class StableDiffusionAdapter(GeneratorAdapter):
     def default_size(self) -> int:
         """The image side the UNet was configured for, in pixels."""
         return self.unet.config.sample_size * self.sd_pipeline.vae_scale_factor
-
-    def _frozen_modules(self) -> list[torch.nn.Module]:
-        names = ("vae", "text_encoder", "text_encoder_2")
-        return [getattr(self.sd_pipeline, n) for n in names if getattr(self.sd_pipeline, n, None) is not None]
-
-    def set_progress_bar_config(self, **kwargs: Any) -> None:
-        self.sd_pipeline.set_progress_bar_config(**kwargs)
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "StableDiffusionAdapter":
-        """Move every component; frozen weights take `dtype`, trainable ones stay float32.
-
-        Trainable parameters in fp16 would underflow in Adam and break accelerate's gradient unscaling; a VAE
-        whose config asks `force_upcast` (SDXL's) stays float32, since it overflows to NaN in fp16.
-        """
-        # trainable weights keep their float32 values exactly: never round-tripped through a lower precision
-        trainable = {parameter: parameter.data.float() for parameter in self.trainable_parameters()}
-        for module in (self.unet, *self._frozen_modules()):
-            module.to(device=device)
-        if dtype is not None:
-            for module in (self.unet, *self._frozen_modules()):
-                upcast = module is self.vae and getattr(module.config, "force_upcast", False) and dtype == torch.float16
-                target = torch.float32 if upcast else dtype
-                if module.dtype != target:  # a no-op cast still makes diffusers warn
-                    module.to(dtype=target)
-        for parameter, data in trainable.items():
-            parameter.data = data.to(parameter.device)
-        return self
-
-    # ---- the policy ----------------------------------------------------------------------------------------
-
-    def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights (the adapter in peft's naming, or the whole UNet): what a checkpoint stores."""
-        state = get_peft_model_state_dict(self.unet) if self.use_lora else self.unet.state_dict()
-        return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
-
-    def load_policy_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        if not self.use_lora:
-            self.unet.load_state_dict(state_dict)
-            return
-        result = set_peft_model_state_dict(self.unet, state_dict)
-        if result.unexpected_keys:
-            raise ValueError(f"LoRA state dict: keys {result.unexpected_keys[:5]} do not match this UNet's adapter")
 
     # ---- prompts and the UNet ------------------------------------------------------------------------------
 
@@ -340,23 +265,10 @@ class StableDiffusionAdapter(GeneratorAdapter):
 
     # ---- export --------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, output_dir: str | Path, is_main_process: bool = True) -> None:
-        """Write the policy: the LoRA in diffusers format (`pytorch_lora_weights.safetensors`, loadable by a plain
-        `StableDiffusionPipeline.load_lora_weights(output_dir)`) plus the base model's name; without LoRA, the
-        whole pipeline."""
-        if not is_main_process:
-            return
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if not self.use_lora:
-            self.sd_pipeline.save_pretrained(output_dir)
-            return
-        adapter_config = self.unet.peft_config["default"]
+    def _save_lora_weights(self, output_dir: Path) -> None:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
         type(self.sd_pipeline).save_lora_weights(
             output_dir,
             unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in layers.items()},
-            unet_lora_adapter_metadata=adapter_config.to_dict(),
+            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
         )
-        record = {"base_model": self.base_model, "revision": self.base_revision}
-        (output_dir / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
