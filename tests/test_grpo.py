@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,24 +17,14 @@ from safetensors.torch import load_file
 from rlhf.generators.sampling import sde_window
 from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages
 from rlhf.pipeline import DDPOStableDiffusionPipeline
-from rlhf.toy import colour_score
 from tests.conftest import assert_resumed_run_matches
+from tests.test_ddpo import PROMPTS, colour_reward, prompt_cycle
 from trainers import GRPOConfig, GRPOTrainer
 from trainers.grpo import main
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 
 pytestmark = pytest.mark.usefixtures("isolated_accelerator")
-
-
-def colour_reward(images: torch.Tensor, prompts: list[str], metadata: list) -> tuple[torch.Tensor, dict]:
-    scores = colour_score(images, prompts)
-    return scores, {"raw": {"colour": scores}}
-
-
-def prompt_cycle() -> tuple[str, dict]:
-    return random.choice(PROMPTS), {}
 
 
 def small_config(output_dir: Path, **overrides) -> GRPOConfig:
