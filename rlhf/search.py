@@ -265,8 +265,9 @@ METHODS = ("best_of_n", "zero_order", "fk_steering")
 class SearchConfig:
     """Arguments of `rlhf search`: N = `n`, K = `rounds`, k = `particles` in the methods' papers."""
 
-    pretrained_model: str = field(default="", metadata={"help": "A Stable Diffusion pipeline path or cached hub id, or "
-                                                                "an exported LoRA directory ('' = the toy generator)."})
+    pretrained_model: str = field(default="", metadata={"help": "A diffusers pipeline (SD, SDXL, SD3, FLUX) path or "
+                                                                "cached hub id, or a saved LoRA policy directory "
+                                                                "('' = the toy generator)."})
     prompts: list[str] = field(default_factory=list, metadata={"help": "The prompts (or prompts_file)."})
     prompts_file: str = field(default="", metadata={"help": "A file with one prompt per line."})
     method: str = field(default="best_of_n", metadata={"help": "best_of_n | zero_order | fk_steering."})
@@ -281,7 +282,8 @@ class SearchConfig:
     resample_every: int = field(default=5, metadata={"help": "FK resampling interval in denoising steps."})
     num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps."})
     guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance weight."})
-    eta: float = field(default=-1.0, metadata={"help": "DDIM eta; -1 = 0 for best_of_n/zero_order, 1 for fk_steering."})
+    eta: float = field(default=-1.0, metadata={"help": "The step's noise level (DDIM eta, the flow SDE's noise level); "
+                                                       "-1 = 0 for best_of_n/zero_order, 1 for fk_steering."})
     seed: int = field(default=0, metadata={"help": "Prompt i uses seed + i."})
     height: int = field(default=0, metadata={"help": "Image height (0 = the model's size)."})
     width: int = field(default=0, metadata={"help": "Image width (0 = the model's size)."})
@@ -355,17 +357,16 @@ def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from rlhf.config import parse_config, save_config
-    from rlhf.pipeline import DDPOStableDiffusionPipeline
+    from rlhf.generators import load_generator
     from rlhf.reward_fn import build_reward
-    from rlhf.testing import toy_generator_path
+    from rlhf.toy_generators import toy_generator_path
 
     (config,) = parse_config(SearchConfig, argv)
     if config.method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {config.method!r}")
     prompts = _prompts(config)
     reward_fn = build_reward(config.reward)
-    pipeline = DDPOStableDiffusionPipeline.from_pretrained(config.pretrained_model or str(toy_generator_path()),
-                                                           use_lora=False).to(config.device)
+    pipeline = load_generator(config.pretrained_model or str(toy_generator_path()), use_lora=False).to(config.device)
     pipeline.set_progress_bar_config(disable=True)
     output = Path(config.output_dir)
     (output / "images").mkdir(parents=True, exist_ok=True)

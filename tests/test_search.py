@@ -123,3 +123,21 @@ def test_search_cli_writes_images_metrics_and_grid(tmp_path, capsys):
     assert (out / "candidates.png").is_file()
     assert main(["search", "--prompts", "a", "--method", "beam"]) == 2
     assert "method: expected one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["best_of_n", "fk_steering"])
+def test_search_cli_runs_on_a_flow_matching_generator(tmp_path, method):
+    """The search names no family: a tiny SD3 goes through the same command (FK steering scores the flow x0-hat)."""
+    from rlhf.testing import build_tiny_sd3
+
+    model = build_tiny_sd3(tmp_path / "sd3")
+    out = tmp_path / "search"
+    assert main(["search", "--pretrained_model", str(model), "--prompts", PROMPTS[0], "--method", method,
+                 "--n", "3", "--particles", "3", "--resample_every", "2", "--num_inference_steps", "4",
+                 "--output_dir", str(out), "--reward", '{"builtin": "toy_colour_soft"}']) == 0
+    row = json.loads((out / "metrics.json").read_text())["prompts"][0]
+    calls = 3 if method == "best_of_n" else 3 * 2  # FK: one resampling step (step 2 of 4) and the final scoring
+    assert (row["nfe"], row["reward_calls"]) == (3 * 4 * 2, calls)
+    if method == "best_of_n":
+        assert row["chosen_reward"] >= row["baseline_reward"]
+    assert (out / row["image"]).is_file()
