@@ -14,9 +14,11 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
+from rlhf.generators import load_generator
 from rlhf.generators.sampling import sde_window
 from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages
 from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.testing import build_tiny_sd3
 from tests.conftest import assert_resumed_run_matches
 from tests.test_ddpo import PROMPTS, colour_reward, prompt_cycle
 from trainers import GRPOConfig, GRPOTrainer
@@ -95,8 +97,16 @@ def test_config_errors_name_the_field(tmp_path: Path, overrides: dict, field: st
 # ------------------------------------------------------------------------------------------- the policy
 
 
-def test_replay_of_the_unchanged_policy_has_ratio_one_and_kl_zero_until_a_step(tiny_sd: Path, tmp_path: Path) -> None:
-    trainer = make_trainer(tiny_sd, small_config(tmp_path, kl_coef=0.1, sde_window_size=2))
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_replay_of_the_unchanged_policy_has_ratio_one_and_kl_zero_until_a_step(
+    tiny_sd: Path, tmp_path: Path, family: str
+) -> None:
+    config = small_config(tmp_path / "run", kl_coef=0.1, sde_window_size=2)
+    if family == "sd":
+        trainer = make_trainer(tiny_sd, config)
+    else:  # the flow SDE through the same trainer code
+        generator = load_generator(build_tiny_sd3(tmp_path / "tiny_sd3"), sde_type="flow_sde")
+        trainer = GRPOTrainer(config, colour_reward, prompt_cycle, generator)
     rollout, _ = trainer.sample_epoch(0)
     trainer.compute_advantages(rollout)
     tensors = rollout["tensors"]
@@ -213,6 +223,7 @@ TWO_PROCESS_SCRIPT = """
 import sys, torch
 from safetensors.torch import save_file
 from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.testing import build_tiny_sd3
 from tests.test_grpo import colour_reward, prompt_cycle, small_config
 from trainers import GRPOTrainer
 
