@@ -14,6 +14,12 @@ Sections (each guarded: one that fails, e.g. out of memory, prints its error in 
 3. AlignProp: peak memory of one `rgb_with_grad` step + backward with gradient checkpointing, K=1 and K=all (50
    steps, 512 px; `--small`: 5 steps, 64 px), each in its own process by `bench/alignprop.py`: on CUDA
    `max_memory_allocated` above the weights, on a CPU the growth of the max resident set.
+4. GRPO on SD3.5-Medium's shape: its `SD3Transformer2DModel` (24 MMDiT blocks of width 1536, 13 with dual attention,
+   RMS q/k norm: 2.24B parameters), SD3's 16-channel VAE, and text encoders of the published widths (CLIP-L 768,
+   CLIP-G 1280, T5 4096) at one layer each (prompt encoding is not what is timed); `GRPOTrainer.step` at 512 px,
+   10 flow-SDE steps, CFG 4.5, 4 images per prompt, LoRA rank 32 on the attention: samples/s of sampling and of
+   training (one timestep per transformer call) and the epoch's peak memory, after a warm-up epoch.
+   `--small`: the tiny random SD3 (`rlhf.testing.build_tiny_sd3`), 32 px, 4 steps.
 Random weights change neither time nor memory. Writes `--output` (default runs/bench_gpu.json).
 """
 
@@ -175,10 +181,103 @@ def bench_alignprop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return result
 
 
+def build_sd35_medium_shaped() -> Any:
+    """An SD3.5-Medium-shaped `StableDiffusion3Pipeline` with random weights (see section 4)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from rlhf.testing import _tiny_t5_tokenizer, build_tiny_tokenizer
+
+    clip_tokenizer, t5_tokenizer = build_tiny_tokenizer(), _tiny_t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
+    )
+
+    def clip(width: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(clip_tokenizer), hidden_size=width, intermediate_size=4 * width, projection_dim=width,
+            num_hidden_layers=1, num_attention_heads=width // 64, max_position_embeddings=77,
+            bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id))
+
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=4096, d_kv=64, d_ff=10240, num_layers=1,
+                                 num_heads=64, pad_token_id=t5_tokenizer.pad_token_id,
+                                 eos_token_id=t5_tokenizer.eos_token_id))
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip(768), tokenizer=clip_tokenizer, text_encoder_2=clip(1280), tokenizer_2=clip_tokenizer,
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
+
+
+def bench_grpo_sd35m(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """A GRPO epoch on an SD3.5-Medium-shaped policy: samples/s while sampling and while training, peak memory."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from rlhf.generators import SD3Adapter
+    from rlhf.testing import build_tiny_sd3
+    from rlhf.toy import colour_score
+    from trainers.ddpo import uniform_prompt_function
+    from trainers.grpo import GRPOConfig, GRPOTrainer
+
+    size, steps, rank = (32, 4, 4) if args.small else (512, 10, 32)
+    if args.small:
+        pipeline = StableDiffusion3Pipeline.from_pretrained(build_tiny_sd3(work / "sd3"))
+    else:
+        with initialised_on(args.device, getattr(torch, args.dtype)):
+            pipeline = build_sd35_medium_shaped()
+    # the LoRA is added in float32 (the default dtype here), as it must stay under bf16
+    policy = SD3Adapter(pipeline, lora_rank=rank, lora_alpha=rank)
+    config = GRPOConfig(
+        output_dir=str(work / "grpo"),
+        mixed_precision=MIXED_PRECISION[args.dtype],
+        accelerator_kwargs={"cpu": not args.device.startswith("cuda")},
+        num_epochs=3,  # two are run: the checkpoint written after the last epoch would otherwise be timed
+        save_freq=1000,
+        sample_num_steps=steps,
+        sample_guidance_scale=4.5,
+        noise_level=0.7,
+        sample_batch_size=8,
+        sample_num_batches_per_epoch=1,
+        num_images_per_prompt=4,
+        train_batch_size=4,
+        train_timesteps_per_forward=1,  # every step of 4 trajectories at once would not fit at 512 px with CFG
+        sample_height=size,
+        sample_width=size,
+        num_grid_images=0,
+    )
+    trainer = GRPOTrainer(config, lambda images, prompts, metadata: (colour_score(images, prompts), {}),
+                          uniform_prompt_function(list(PROMPTS)), policy)
+    trainer.step(0, 0)  # warm-up
+    trainer.step(1, trainer.global_step)
+    row = trainer.last_row
+    parameters = sum(p.numel() for p in policy.denoiser.parameters())
+    return {
+        "model": "tiny SD3" if args.small else "SD3.5-Medium shape",
+        "transformer_parameters_m": parameters / 1e6,
+        "image_side": size,
+        "steps": steps,
+        "samples_per_epoch": config.sample_batch_size,
+        "sampling_samples_per_s": config.sample_batch_size / row["time_sampling"],
+        "training_samples_per_s": config.sample_batch_size / row["time_training"],
+        "epoch_s": row["time_epoch"],
+        "peak_memory_mb": row["peak_memory_mb"],
+    }
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "reward_model": bench_reward_model,
     "ddpo": bench_ddpo,
     "alignprop": bench_alignprop,
+    "grpo_sd35m": bench_grpo_sd35m,
 }
 
 
