@@ -9,6 +9,15 @@ shared machine only ever adds time). Rewards: "toy" (the toy colour score, micro
 LLaVA-Reward model, `build_tiny_vlm(size="bench")`, scored in-process); "remote" (the toy score plus `--latency`
 seconds of waiting per batch, standing in for a reward server). Async overlaps each batch's reward with the next
 batch's sampling.
+
+    python bench/ddpo.py --ported --trl-python /tmp/trl023/bin/python [--rounds 2] [--threads 1]
+
+`--ported` times instead a TRL 0.23 script ported by changing its imports: the same calls (TRL's documented
+`project_kwargs`, `DefaultDDPOStableDiffusionPipeline(model, use_lora=True)`, `DDPOTrainer(config, reward_fn,
+prompt_fn, pipeline).train()`; 3 epochs of 2 x 4 samples, 6 steps, train batch 2, the tiny pipeline) run once on our
+trainer and, with `--trl-python`, once on TRL 0.23.1's own in its own virtual environment (TRL pins its own
+transformers/diffusers/peft), each in its own process, round-robin `--rounds` times; it prints the fastest total
+`train()` time of each and their ratio (ours / TRL's), and writes them as JSON with `--json`.
 """
 
 from __future__ import annotations
@@ -101,6 +110,111 @@ def run_variant(args: argparse.Namespace) -> dict[str, dict]:
     }
 
 
+# the ported script's settings (issue 15): 3 epochs of 2 x 4 samples, 6 DDIM steps, train batch 2, TRL's project_kwargs
+PORTED = dict(num_epochs=3, sample_num_steps=6, sample_batch_size=4, sample_num_batches_per_epoch=2,
+              train_batch_size=2, mixed_precision="no")
+ANIMALS = ["cat", "dog", "horse"]
+
+
+def run_ported(args: argparse.Namespace) -> dict[str, float]:
+    """TRL 0.23's example script, ported by its imports: `--stack ours` (this project, `sys.path` gets the
+    repository) or `--stack trl` (run by TRL's interpreter; nothing of this project is imported). Same config, same
+    calls; returns the wall seconds of `trainer.train()` alone (our metrics add `eval_seconds`, 0 without eval_prompts)."""
+    torch.set_num_threads(args.threads)
+    if args.stack == "trl":
+        from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+    else:
+        sys.path.insert(0, str(ROOT))
+        from rlhf.pipeline import DefaultDDPOStableDiffusionPipeline
+        from trainers import DDPOConfig, DDPOTrainer
+    import random
+
+    random.seed(0)
+    torch.manual_seed(0)
+
+    def prompt_fn():
+        return random.choice(ANIMALS), {}
+
+    def brightness(images, prompts, metadata):  # a weight-free stand-in for the aesthetic scorer
+        return images.float().mean(dim=(1, 2, 3)), {}
+
+    project_dir = Path(args.work) / f"{args.stack}_{time.monotonic_ns()}"
+    config = DDPOConfig(
+        **PORTED, project_kwargs={"project_dir": str(project_dir), "automatic_checkpoint_naming": True, "total_limit": 1}
+    )
+    from accelerate import PartialState
+
+    PartialState()  # TRL's pipeline warns through accelerate's logger, which needs the state (the trainer makes it anyway)
+    pipeline = DefaultDDPOStableDiffusionPipeline(args.pipeline, use_lora=True)
+    trainer = DDPOTrainer(config, brightness, prompt_fn, pipeline)
+    began = time.perf_counter()
+    metrics = trainer.train()
+    result = {"train_seconds_total": time.perf_counter() - began}
+    if isinstance(metrics, dict):
+        result["eval_seconds"] = metrics.get("eval_seconds", 0.0)
+    return result
+
+
+def for_transformers_4(pipeline: Path, target: Path) -> Path:
+    """A copy of the tiny pipeline that TRL 0.23.1's transformers 4.x loads with the same weights: transformers 5
+    writes a tokenizer.json alone (4.x's slow CLIPTokenizer wants vocab/merges files, its fast one reads it) and
+    the CLIP text encoder's keys without the `text_model.` prefix 4.x expects (else it initialises them at random)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(pipeline, target)
+    index = target / "model_index.json"
+    layout = json.loads(index.read_text())
+    layout["tokenizer"] = ["transformers", "CLIPTokenizerFast"]
+    index.write_text(json.dumps(layout, indent=2))
+    weights = target / "text_encoder" / "model.safetensors"
+    state = load_file(weights)
+    save_file({key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in state.items()},
+              weights, metadata={"format": "pt"})
+    return target
+
+
+def compare_ported(args: argparse.Namespace) -> dict:
+    """Ours vs TRL 0.23.1 on the ported script, round-robin in one run; the fastest `train()` of each."""
+    stacks = {"ours": sys.executable}
+    if args.trl_python:
+        stacks["trl"] = args.trl_python
+    times: dict[str, list[dict]] = {stack: [] for stack in stacks}
+    with tempfile.TemporaryDirectory() as work:
+        sys.path.insert(0, str(ROOT))
+        from rlhf.testing import build_tiny_sd
+
+        pipelines = {"ours": build_tiny_sd(Path(work) / "tiny_sd")}
+        pipelines["trl"] = for_transformers_4(pipelines["ours"], Path(work) / "tiny_sd_transformers4")
+        for _ in range(args.rounds):
+            for stack, python in stacks.items():
+                command = [python, __file__, "--ported-worker", "--stack", stack, "--work", work,
+                           "--pipeline", str(pipelines[stack]), f"--threads={args.threads}"]
+                result = subprocess.run(command, cwd=work, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"{stack} ({python}) failed:\n{result.stderr[-3000:]}")
+                times[stack].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    report = {"settings": {**PORTED, "threads": args.threads, "rounds": args.rounds}}
+    for stack, runs in times.items():
+        report[stack] = {"train_seconds": min(run["train_seconds_total"] for run in runs),
+                         "all_train_seconds": [round(run["train_seconds_total"], 3) for run in runs]}
+    report["ours"]["eval_seconds"] = max(run.get("eval_seconds", 0.0) for run in times["ours"])
+    line = f"ported TRL 0.23 script, train(): ours {report['ours']['train_seconds']:.2f}s"
+    if "trl" in report:
+        report["ratio_ours_to_trl"] = report["ours"]["train_seconds"] / report["trl"]["train_seconds"]
+        # each round's two runs are neighbours in time: their ratio sees the same load on a shared machine
+        rounds = sorted(ours["train_seconds_total"] / trl["train_seconds_total"]
+                        for ours, trl in zip(times["ours"], times["trl"]))
+        report["ratio_per_round"] = [round(ratio, 3) for ratio in rounds]
+        report["ratio_median_of_rounds"] = rounds[len(rounds) // 2] if len(rounds) % 2 else \
+            (rounds[len(rounds) // 2 - 1] + rounds[len(rounds) // 2]) / 2
+        line += (f", TRL 0.23.1 {report['trl']['train_seconds']:.2f}s: ours/TRL = {report['ratio_ours_to_trl']:.2f}x "
+                 f"(median of the rounds' ratios {report['ratio_median_of_rounds']:.2f}x; target <= 0.6x)")
+    print(f"{line}; fastest of {args.rounds}, {args.threads} thread(s), eval {report['ours']['eval_seconds']:.2f}s")
+    return report
+
+
 VARIANTS = {
     # name: (reward, one UNet call per timestep, train_batch_size; None = the sampling batch)
     "toy": ("toy", False, None),
@@ -123,11 +237,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="warm epochs per run, after one warm-up epoch")
     parser.add_argument("--rounds", type=int, default=2, help="runs per variant, interleaved with the others")
     parser.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--ported", action="store_true", help="time the ported TRL 0.23 script (see above)")
+    parser.add_argument("--trl-python", default="", help="with --ported: a Python whose environment has trl==0.23.1")
+    parser.add_argument("--json", default="", help="with --ported: also write the times to this JSON file")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--ported-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stack", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ported_worker:
+        print(json.dumps(run_ported(args)))
+        return
     if args.variant:
         print(json.dumps(run_variant(args)))
+        return
+    if args.ported:
+        report = compare_ported(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
         return
 
     runs: dict[str, list[dict]] = {name: [] for name in args.only}

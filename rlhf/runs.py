@@ -12,7 +12,7 @@ from rlhf.config import ConfigError, current_command
 
 # what a training run writes into its output directory; caches it may also hold there (the tiny pipeline, toy data)
 # do not make it a run, and survive --overwrite_output_dir
-RUN_OUTPUTS = ("config.yaml", "history.jsonl", "metrics.json", "training_curves.png", "eval_before.png",
+RUN_OUTPUTS = ("config.yaml", "history.jsonl", "metrics.json", "timings.json", "training_curves.png", "eval_before.png",
                "eval_after.png", "eval_before_after.png", "eval_before_samples.safetensors",
                "eval_after_samples.safetensors", "checkpoints", "samples", "lora", "pairs", "logs", "model")
 OVERWRITE_FLAG = "--overwrite_output_dir"

@@ -350,6 +350,31 @@ if trainer.accelerator.is_main_process:
 """
 
 
+def test_evaluation_samples_only_when_asked_and_is_timed_apart(tiny_sd: Path, tmp_path: Path) -> None:
+    """No eval_prompts: train() samples the training batches and nothing else (TRL 0.23 never evaluated); with
+    them, each evaluation adds prompts x seeds images, and its time is reported apart from the training's."""
+    drawn: dict[str, list[int]] = {}
+    results: dict[str, dict] = {}
+    cases = {"plain": {"eval_prompts": []}, "evaluated": {"eval_prompts": PROMPTS, "eval_seeds": [0, 1, 2]}}
+    for name, extra in cases.items():
+        trainer = make_trainer(tiny_sd, small_config(tmp_path / name, num_epochs=1, num_grid_images=0, **extra))
+        sample = trainer._sample
+        drawn[name] = []
+        trainer._sample = lambda prompts, generator, sample=sample, log=drawn[name]: log.append(len(prompts)) or \
+            sample(prompts, generator)
+        metrics = trainer.train()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        timings = json.loads((tmp_path / name / "timings.json").read_text())
+        assert set(timings) == {"eval_seconds", "train_seconds"} and timings["eval_seconds"] == metrics["eval_seconds"]
+        assert not {"eval_seconds", "train_seconds"} & set(json.loads((tmp_path / name / "metrics.json").read_text()))
+        results[name] = metrics
+    assert sum(drawn["plain"]) == 4  # sample_batch_size 2 x sample_num_batches_per_epoch 2
+    assert results["plain"]["eval_before"] is None and results["plain"]["eval_after"] is None
+    assert sum(drawn["evaluated"]) == 4 + 2 * len(PROMPTS) * 3  # before and after: 2 prompts x 3 seeds each
+    evaluated = results["evaluated"]
+    assert evaluated["eval_before"]["num_seeds"] == 3 and evaluated["eval_after"]["num_prompts"] == len(PROMPTS)
+
+
 def test_two_cpu_processes_end_with_identical_lora(tiny_sd: Path, tmp_path: Path) -> None:
     script = tmp_path / "two_process.py"
     script.write_text(TWO_PROCESS_SCRIPT)

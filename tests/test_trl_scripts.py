@@ -170,6 +170,7 @@ def test_trl_project_kwargs_checkpoint_under_project_dir_and_resume_exactly(make
         checkpoint = tmp_path / run / "checkpoints" / "checkpoint_2"
         assert json.loads((checkpoint / "trainer_state.json").read_text())["epoch"] == 2
         assert (checkpoint / "policy.safetensors").is_file() and (tmp_path / run / "lora").is_dir()
+        assert not list((tmp_path / run).glob("*.png"))  # no evaluation grids nor curves: TRL's API drew none
     history = [json.loads(line) for line in (tmp_path / "save" / "history.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in history] == [0, 1, 2]
     for name, value in resumed.sd_pipeline.policy_state_dict().items():

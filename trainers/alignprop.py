@@ -481,7 +481,7 @@ class AlignPropTrainer(PolicyExport):
         metrics = {"eval_before": self.eval_before, "eval_after": eval_after, "epochs": end, "global_step": self.global_step,
                    **seconds}
         curves = ["reward_mean", "loss", "grad_norm", "backprop_steps_mean"]
-        finish_run(self, metrics, curves, reward_evaluations(metrics))
+        finish_run(self, metrics, curves, reward_evaluations(metrics), plot=self.write_curves)
         return metrics
 
 

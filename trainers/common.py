@@ -364,16 +364,18 @@ def eval_reward_change(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 
 def finish_run(trainer: Any, metrics: dict[str, Any], curves: Sequence[str],
-               evaluations: dict[str, list[tuple[float, float]]] | None = None) -> None:
-    """The end of every diffusion trainer's `train()`: metrics.json and the curves of `curves` (with the
-    `evaluations` points), then the final policy in the run directory's `lora`, then the trackers closed.
+               evaluations: dict[str, list[tuple[float, float]]] | None = None, *, plot: bool = True) -> None:
+    """The end of every diffusion trainer's `train()`: metrics.json and (with `plot`) training_curves.png of
+    `curves` (with the `evaluations` points), then the final policy in the run directory's `lora`, then the trackers
+    closed.
 
     The wall times of `PhaseTimer` (`eval_seconds`, `train_seconds`) go to timings.json, not metrics.json: the
     metrics of a resumed run equal the uninterrupted run's, its times cannot."""
     timing_keys = [key for key in metrics if key in PhaseTimer.KEYS]
     trainer.outputs.write_metrics({key: value for key, value in metrics.items() if key not in timing_keys})
     trainer.outputs.write_metrics({key: metrics[key] for key in timing_keys}, TIMINGS_FILE)
-    trainer.outputs.plot_history(list(curves), evaluations=evaluations)
+    if plot:
+        trainer.outputs.plot_history(list(curves), evaluations=evaluations)
     trainer.accelerator.wait_for_everyone()
     trainer.save_pretrained(run_directory(trainer.config) / LORA_SUBDIR)
     trainer.accelerator.end_training()
@@ -381,11 +383,16 @@ def finish_run(trainer: Any, metrics: dict[str, Any], curves: Sequence[str],
 
 class PolicyExport:
     """TRL 0.23's trainer methods that export the trained policy (the pipeline's LoRA in diffusers' format, or the
-    whole UNet without one), for a diffusion trainer with `sd_pipeline`, `accelerator` and `config.output_dir`."""
+    whole UNet without one), for a diffusion trainer with `sd_pipeline`, `accelerator` and `config.output_dir`.
+
+    `write_curves`: whether `train()` ends by drawing training_curves.png. The commands (`rlhf train ...`, the demo)
+    turn it on; a Python API run leaves it off, as TRL drew none: matplotlib's import and drawing cost seconds,
+    more than a small run's epochs (history.jsonl holds every number; `outputs.plot_history` draws them on demand)."""
 
     sd_pipeline: Any
     accelerator: Accelerator
     config: Any
+    write_curves: bool = False
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write the policy into `save_directory` (main process only)."""

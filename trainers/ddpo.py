@@ -667,7 +667,8 @@ class DDPOTrainer(PolicyExport):
         }
         if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
             self.async_reward.close()  # the worker we made around a plain function; a reward's own stays its own
-        finish_run(self, metrics, ["reward_mean", "approx_kl", "clipfrac", "loss"], reward_evaluations(metrics))
+        finish_run(self, metrics, ["reward_mean", "approx_kl", "clipfrac", "loss"], reward_evaluations(metrics),
+                   plot=self.write_curves)
         return metrics
 
 
@@ -783,6 +784,7 @@ def run_trainer_command(argv: list[str], config_class: type, trainer_class: type
         reward = build_process_reward(config.reward, **reward_defaults)
         policy = load_policy(generator, config.seed, config.output_dir)
         trainer = trainer_class(config, reward, uniform_prompt_function(prompts), policy)
+        trainer.write_curves = True
         trainer.outputs.save_config([generator, config])
         metrics = trainer.train()
     if config.push_to_hub:

@@ -1035,7 +1035,8 @@ class DiffusionDPOTrainer(PolicyExport):
         heldout = [(epoch, metrics[f"heldout_{stage}"]["implicit_accuracy"])
                    for epoch, stage in ((-1, "before"), (end - 1, "after")) if metrics[f"heldout_{stage}"]]
         finish_run(self, metrics, ["loss", "implicit_accuracy", "implicit_reward_margin", "reward_mean"],
-                   {**reward_evaluations(metrics), **({"implicit_accuracy": heldout} if heldout else {})})
+                   {**reward_evaluations(metrics), **({"implicit_accuracy": heldout} if heldout else {})},
+                   plot=self.write_curves)
         return metrics
 
 
@@ -1054,6 +1055,7 @@ def main(argv: list[str]) -> int:
         reward = build_process_reward(config.reward) if config.reward else None
         policy = load_policy(config, config.seed, config.output_dir)
         trainer = DiffusionDPOTrainer(config, policy, reward_function=reward, prompt_function=prompt_function)
+        trainer.write_curves = True
         if reward is not None and not config.eval_prompts and trainer.train_data is not None:
             # the command evaluates a reward on the first 8 distinct offline prompts; the Python API only on request
             prompts = trainer.train_data.prompts(64)
