@@ -132,6 +132,7 @@ def test_train_two_epochs_writes_history_metrics_curves_and_heldout(tiny_sd: Pat
     config = small_config(tmp_path, kl_coef=0.05, ema_decay=0.5, eval_prompts=PROMPTS, eval_seeds=[0], eval_freq=1,
                           eval_num_steps=4, heldout_rewards={"alignment": {"builtin": "toy_alignment"}})
     trainer = make_trainer(tiny_sd, config)
+    trainer.write_curves = True  # as the command does
     metrics = trainer.train()
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in history] == [0, 1]
@@ -202,6 +203,7 @@ def test_cli_runs_every_family_end_to_end(tmp_path: Path, model: str) -> None:
     row = json.loads((output / "history.jsonl").read_text().splitlines()[0])
     assert row["ratio_max"] >= row["ratio_min"] > 0 and row["approx_kl"] > 0
     assert (output / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (output / "training_curves.png").is_file()
 
 
 def test_cli_rejects_an_unknown_key() -> None:

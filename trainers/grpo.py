@@ -566,7 +566,7 @@ class GRPOTrainer(PolicyExport):
         curves = ["reward_mean", "approx_kl", "clipfrac", "ratio_mean", "kl", "eval_reward_mean",
                   *[f"eval_{HELDOUT}{name}" for name in self.heldout_rewards]]
         with self.evaluation_weights():
-            finish_run(self, metrics, curves, reward_evaluations(metrics))
+            finish_run(self, metrics, curves, reward_evaluations(metrics), plot=self.write_curves)
         return metrics
 
 
@@ -636,6 +636,7 @@ def main(argv: list[str]) -> int:
         reward = build_process_reward(config.reward)
         generator = load_policy(arguments, config.seed, str(run_directory(config)))
         trainer = GRPOTrainer(config, reward, uniform_prompt_function(prompts), generator)
+        trainer.write_curves = True  # the command draws training_curves.png; the Python API leaves it to the caller
         trainer.outputs.save_config([arguments, config])
         metrics = trainer.train()
     if config.push_to_hub:
