@@ -128,6 +128,18 @@ def test_replay_of_the_unchanged_policy_has_ratio_one_and_kl_zero_until_a_step(
     assert kl.min() > 0
 
 
+@pytest.mark.parametrize("same", [False, True])
+def test_same_initial_noise_shares_a_groups_first_latents(tiny_sd: Path, tmp_path: Path, same: bool) -> None:
+    # 8 images in 2 batches of 4, groups of 4: with same_initial_noise each group starts from one noise
+    trainer = make_trainer(tiny_sd, small_config(tmp_path, same_initial_noise=same, sample_num_batches_per_epoch=2,
+                                                 num_images_per_prompt=4))
+    rollout, _ = trainer.sample_epoch(0)
+    first = rollout["tensors"]["latents"][:, 0]
+    assert torch.equal(first[0], first[3]) == same and torch.equal(first[4], first[7]) == same
+    assert not torch.equal(first[0], first[4])
+    assert not torch.equal(rollout["tensors"]["next_latents"][0, 0], rollout["tensors"]["next_latents"][1, 0])
+
+
 def test_train_two_epochs_writes_history_metrics_curves_and_heldout(tiny_sd: Path, tmp_path: Path) -> None:
     config = small_config(tmp_path, kl_coef=0.05, ema_decay=0.5, eval_prompts=PROMPTS, eval_seeds=[0], eval_freq=1,
                           eval_num_steps=4, heldout_rewards={"alignment": {"builtin": "toy_alignment"}})

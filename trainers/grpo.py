@@ -111,6 +111,8 @@ class GRPOConfig:
     sde_window_size: int = _opt(0, "Consecutive stochastic (trained) steps per rollout; 0 = every step (default 0).")
     sde_window_range: list[int] = _opt([], "First and last step index the window may start at; [] = anywhere "
                                        "(default []).")
+    same_initial_noise: bool = _opt(False, "The K images of a prompt start from one noise, so they differ by the SDE "
+                                    "steps alone (DanceGRPO's init_same_noise) (default False).")
     sample_height: int = _opt(0, "Image height; 0 = the model's (default 0).")
     sample_width: int = _opt(0, "Image width; 0 = the model's (default 0).")
     negative_prompts: str = _opt("", "One negative prompt for all samples (default '').")
@@ -293,7 +295,7 @@ class GRPOTrainer(PolicyExport):
     # ---- sampling --------------------------------------------------------------------------------------------
 
     def _sample(self, prompts: list[str], generator: Any, *, num_steps: int, noise_level: float,
-                stochastic: torch.Tensor | None = None) -> Any:
+                stochastic: torch.Tensor | None = None, initial_latents: torch.Tensor | None = None) -> Any:
         config = self.config
         negatives = [config.negative_prompts] * len(prompts) if config.negative_prompts else None
         if stochastic is None:
@@ -301,7 +303,7 @@ class GRPOTrainer(PolicyExport):
         return sample_trajectories(
             self.generator, prompts, num_steps=num_steps, guidance_scale=config.sample_guidance_scale,
             noise_level=noise_level, height=self.height, width=self.width, generator=generator,
-            stochastic=stochastic, negative_prompts=negatives)
+            stochastic=stochastic, negative_prompts=negatives, initial_latents=initial_latents)
 
     def sample_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
         """Sample and score this process's groups for `epoch`. Returns the rollout (`tensors`: the window steps'
@@ -317,6 +319,11 @@ class GRPOTrainer(PolicyExport):
         per_process = config.sample_batch_size * config.sample_num_batches_per_epoch
         prompts, metadata = draw_prompts(self.prompt_fn, per_process // config.num_images_per_prompt,
                                          config.num_images_per_prompt)
+        noise = None
+        if config.same_initial_noise:
+            groups = len(prompts) // config.num_images_per_prompt
+            noise = self.generator.initial_latents(groups, self.height, self.width, generator)
+            noise = noise.repeat_interleave(config.num_images_per_prompt, dim=0)
         batches, images, pending = [], [], []
         timings = {"time_sampling": 0.0, "time_reward": 0.0}
         self.generator.denoiser.eval()
@@ -325,7 +332,7 @@ class GRPOTrainer(PolicyExport):
             chunk, chunk_meta = prompts[start:end], metadata[start:end]
             began = time.perf_counter()
             sampled = self._sample(chunk, generator, num_steps=config.sample_num_steps, noise_level=config.noise_level,
-                                   stochastic=stochastic)
+                                   stochastic=stochastic, initial_latents=None if noise is None else noise[start:end])
             batches.append({
                 "latents": sampled.latents[:, window], "next_latents": sampled.latents[:, window + 1],
                 "log_probs": sampled.log_probs[:, window], "timesteps": sampled.timesteps[window].repeat(len(chunk), 1),

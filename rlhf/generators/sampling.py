@@ -73,11 +73,13 @@ def sample_trajectories(
     stochastic: torch.Tensor | None = None,
     negative_prompts: list[str] | None = None,
     conditioning: dict[str, torch.Tensor] | None = None,
+    initial_latents: torch.Tensor | None = None,
 ) -> Trajectories:
     """Sample `len(prompts)` images with `num_steps` steps, the steps of `stochastic` (default all) drawn with
     `noise_level` and the others with the deterministic step (noise_level 0). Guidance applies when
     `guidance_scale > 1` (classifier-free); a guidance-distilled family reads the scale itself. Every draw comes
-    from `generator` (one, or one per image). A precomputed `conditioning` skips the text encoders."""
+    from `generator` (one, or one per image). A precomputed `conditioning` skips the text encoders; given
+    `initial_latents` (float32, scaled) replace the first draw."""
     guided = guidance_scale > 1.0
     if conditioning is None:
         conditioning = adapter.encode_prompt(prompts, negative_prompts, guidance=guided, height=height, width=width)
@@ -86,7 +88,9 @@ def sample_trajectories(
         stochastic = torch.ones(len(timesteps), dtype=torch.bool)
     if len(stochastic) != len(timesteps):
         raise ValueError(f"stochastic: expected one flag per step ({len(timesteps)}), got {len(stochastic)}")
-    latents = adapter.initial_latents(len(prompts), height, width, generator)
+    if initial_latents is None:
+        initial_latents = adapter.initial_latents(len(prompts), height, width, generator)
+    latents = initial_latents.float()
     all_latents, log_probs = [latents], []
     for index, timestep in enumerate(timesteps):
         prediction = adapter.predict(latents, timestep, conditioning, guidance_scale)
