@@ -23,7 +23,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "reward"): ("trainers.reward_model:eval_main", "evaluate a reward model's accuracy on preference data"),
     ("convert", "official"): ("rlhf.convert:main", "a released LLaVA-Reward checkpoint into a reward model directory"),
     ("train", "ddpo"): ("trainers.ddpo:main", "fine-tune a diffusion model with DDPO (PPO on DDIM log-probs)"),
-    ("train", "grpo"): ("trainers.grpo:main", "fine-tune any generator family with GRPO (K images per prompt, flow SDE or DDIM)"),
+    ("train", "grpo"): ("trainers.grpo:main", "fine-tune any generator family (SD, SD3, FLUX) with GRPO (group advantages)"),
     ("train", "dpo"): ("trainers.dpo:main", "fine-tune a diffusion model with Diffusion-DPO (offline or online)"),
     ("train", "alignprop"): ("trainers.alignprop:main", "fine-tune by reward back-propagation (AlignProp, DRaFT)"),
 }
