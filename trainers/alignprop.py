@@ -14,6 +14,7 @@ import torch
 from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
 from trainers.common import (
     CHECKPOINT_LIMIT_HELP,
+    OUTPUT_DIR_NOTE,
     PROJECT_KWARGS_HELP,
     RESUME_FROM_HELP,
     PolicyExport,
@@ -149,7 +150,7 @@ class AlignPropConfig:
     decode_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute the VAE decode in the backward pass too (default False)."}
     )
-    output_dir: str = field(default="runs/alignprop", metadata={"help": "Run directory (default 'runs/alignprop')."})
+    output_dir: str = field(default="runs/alignprop", metadata={"help": "Run directory (default 'runs/alignprop'); " + OUTPUT_DIR_NOTE})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "

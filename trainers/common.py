@@ -46,6 +46,7 @@ RESUME_FROM_HELP = (
     "Resume from a checkpoint_<n> directory, or the latest one in a checkpoints, run or project directory "
     "(default '')."
 )
+OUTPUT_DIR_NOTE = "with project_kwargs' automatic_checkpoint_naming the run is written under its project_dir instead."
 CHECKPOINT_LIMIT_HELP = (
     "Checkpoints kept (accelerate deletes older ones; 0 keeps all) when checkpoints are named by epoch; with "
     "project_kwargs' automatic_checkpoint_naming, its total_limit decides, as under TRL (default 5)."

@@ -22,6 +22,7 @@ from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from trainers.common import (
     CHECKPOINT_LIMIT_HELP,
+    OUTPUT_DIR_NOTE,
     PROJECT_KWARGS_HELP,
     RESUME_FROM_HELP,
     PolicyExport,
@@ -176,7 +177,7 @@ class DDPOConfig:
                   "network (huggingface_hub) (default False)."},
     )
     # ---- this project ----
-    output_dir: str = field(default="runs/ddpo", metadata={"help": "Run directory (default 'runs/ddpo')."})
+    output_dir: str = field(default="runs/ddpo", metadata={"help": "Run directory (default 'runs/ddpo'); " + OUTPUT_DIR_NOTE})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "

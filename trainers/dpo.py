@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from trainers.common import (
     CHECKPOINT_LIMIT_HELP,
+    OUTPUT_DIR_NOTE,
     PROJECT_KWARGS_HELP,
     RESUME_FROM_HELP,
     PhaseTimer,
@@ -112,7 +113,7 @@ class DiffusionDPOConfig:
     logdir: str = field(
         default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
     )
-    output_dir: str = field(default="runs/dpo", metadata={"help": "Run directory (default 'runs/dpo')."})
+    output_dir: str = field(default="runs/dpo", metadata={"help": "Run directory (default 'runs/dpo'); " + OUTPUT_DIR_NOTE})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "
