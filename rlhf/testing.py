@@ -1,5 +1,5 @@
-"""Tiny offline diffusion pipelines: random ones (SD 1.x, SD3, FLUX.1) for plumbing tests, and the committed toy
-generator."""
+"""Tiny offline diffusion pipelines with random weights (SD 1.x, SD3, FLUX.1) for plumbing tests; the committed,
+pre-trained toy generators are in `rlhf.toy_generators`."""
 
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ TEXT_MAX_LENGTH = 16
 # Words beyond the toy world so that ordinary test prompts ("a photo of a cat") get whole-word tokens too.
 EXTRA_WORDS: tuple[str, ...] = ("the", "an", "of", "in", "with", "and", "photo", "picture", "cat", "dog", "shape")
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
-TOY_GENERATOR_DIR = Path(__file__).resolve().parent / "assets" / "toy_generator"
 
 
 def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
@@ -149,23 +148,6 @@ def build_tiny_sd(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     assemble_pipeline(tiny_sd_components(seed)).save_pretrained(path)
     return path
-
-
-def toy_generator_path() -> Path:
-    """The committed pre-trained toy generator (a diffusers pipeline directory); see `rlhf toy pretrain`."""
-    if not (TOY_GENERATOR_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"toy generator not found at {TOY_GENERATOR_DIR}; rebuild it with "
-            f"`rlhf toy pretrain --output_dir {TOY_GENERATOR_DIR}`"
-        )
-    return TOY_GENERATOR_DIR
-
-
-def load_toy_generator(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """The committed toy generator as a `StableDiffusionPipeline`, on the CPU with progress bars off."""
-    pipeline = StableDiffusionPipeline.from_pretrained(toy_generator_path(), dtype=dtype)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:

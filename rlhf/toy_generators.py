@@ -14,34 +14,46 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-from rlhf.testing import load_toy_generator, toy_generator_path
+__all__ = ["load_toy_flow_generator", "load_toy_generator", "toy_flow_generator_path", "toy_generator_path"]
 
-__all__ = [
-    "TOY_FLOW_GENERATOR_DIR",
-    "load_toy_flow_generator",
-    "load_toy_generator",
-    "toy_flow_generator_path",
-    "toy_generator_path",
-]
+ASSETS = Path(__file__).resolve().parent / "assets"
 
-TOY_FLOW_GENERATOR_DIR = Path(__file__).resolve().parent / "assets" / "toy_flow_generator"
+
+def _committed(name: str, pretrain_options: str) -> Path:
+    """The committed generator directory `assets/<name>`, or an error saying how to rebuild it."""
+    directory = ASSETS / name
+    if not (directory / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{name.replace('_', ' ')} not found at {directory}; rebuild it with "
+            f"`rlhf toy pretrain {pretrain_options}--output_dir {directory}`"
+        )
+    return directory
+
+
+def _load(pipeline_class: type[DiffusionPipeline], path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    pipeline = pipeline_class.from_pretrained(path, dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def toy_generator_path() -> Path:
+    """The committed toy generator (a `StableDiffusionPipeline` directory; see `rlhf toy pretrain`)."""
+    return _committed("toy_generator", "")
+
+
+def load_toy_generator(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """The committed toy generator as a `StableDiffusionPipeline`, on the CPU with progress bars off."""
+    return _load(StableDiffusionPipeline, toy_generator_path(), dtype)
 
 
 def toy_flow_generator_path() -> Path:
     """The committed toy flow generator (a `StableDiffusion3Pipeline` directory); pass it wherever a model name or
     path of an SD3 pipeline is expected (`StableDiffusion3Pipeline.from_pretrained`, a trainer's pretrained_model)."""
-    if not (TOY_FLOW_GENERATOR_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"toy flow generator not found at {TOY_FLOW_GENERATOR_DIR}; rebuild it with "
-            f"`rlhf toy pretrain --family sd3 --output_dir {TOY_FLOW_GENERATOR_DIR}`"
-        )
-    return TOY_FLOW_GENERATOR_DIR
+    return _committed("toy_flow_generator", "--family sd3 ")
 
 
 def load_toy_flow_generator(dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
     """The committed toy flow generator as a `StableDiffusion3Pipeline`, on the CPU with progress bars off."""
-    pipeline = StableDiffusion3Pipeline.from_pretrained(toy_flow_generator_path(), dtype=dtype)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return _load(StableDiffusion3Pipeline, toy_flow_generator_path(), dtype)

@@ -429,7 +429,7 @@ def test_ddpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path) -> No
     """The toy generator, DDPO on the soft colour oracle (the prompt's colour coverage): 16 epochs of 32 samples,
     evaluated on every colour x shape x background prompt with 4 seeds. Measured: 0.543 +- 0.028 -> 0.676 +- 0.025,
     a gain of 0.133 against the 3-std bar 0.084 (oracle alignment 0.47 -> 0.61, colour 0.72 -> 0.88), ~45 s."""
-    from rlhf.testing import toy_generator_path
+    from rlhf.toy_generators import toy_generator_path
     from rlhf.toy import ALL_PROMPTS
     from trainers.ddpo import load_training_prompts, uniform_prompt_function
 

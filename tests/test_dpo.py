@@ -449,7 +449,7 @@ def test_cli_rejects_an_unknown_key_and_a_missing_dataset(tmp_path: Path) -> Non
 
 
 def toy_generator() -> Path:
-    from rlhf.testing import toy_generator_path
+    from rlhf.toy_generators import toy_generator_path
 
     try:
         return toy_generator_path()

@@ -10,7 +10,7 @@ import torch
 from rlhf.cli import main
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.search import best_of_n, effective_sample_size, fk_steering, sphere_neighbours, zero_order_search
-from rlhf.testing import toy_generator_path
+from rlhf.toy_generators import toy_generator_path
 from rlhf.toy import EVAL_PROMPTS, colour_score
 
 STEPS = 6

@@ -745,7 +745,8 @@ def load_policy(generator: GeneratorArguments | Any, seed: int, output_dir: str)
     """The policy `generator` names (`GeneratorArguments` fields): `pretrained_model` '' = the toy generator,
     'tiny' = a random tiny pipeline (seeded by `seed`) built under `output_dir` (plumbing only), else a diffusers
     path or hub id (or a directory written by `save_pretrained`)."""
-    from rlhf.testing import build_tiny_sd, toy_generator_path
+    from rlhf.testing import build_tiny_sd
+    from rlhf.toy_generators import toy_generator_path
 
     name = generator.pretrained_model
     if name == TINY_MODEL:

@@ -603,7 +603,7 @@ def load_policy(arguments: GRPOGeneratorArguments, seed: int, output_dir: str) -
     """The adapter `arguments` names: '' = the toy generator, 'toy-flow' = the toy flow generator (SD3), a
     `TINY_BUILDERS` name = a random tiny pipeline built under `output_dir`, else any diffusers pipeline directory or
     hub id (its family from `load_generator`)."""
-    from rlhf import testing
+    from rlhf import testing, toy_generators
     from rlhf.generators import generator_class, load_generator
 
     name = arguments.pretrained_model
@@ -614,11 +614,9 @@ def load_policy(arguments: GRPOGeneratorArguments, seed: int, output_dir: str) -
                 getattr(testing, TINY_BUILDERS[name])(path, seed=seed)
         name = str(path)
     elif name == TOY_FLOW:
-        from rlhf.toy_generators import toy_flow_generator_path
-
-        name = str(toy_flow_generator_path())
+        name = str(toy_generators.toy_flow_generator_path())
     elif not name:
-        name = str(testing.toy_generator_path())
+        name = str(toy_generators.toy_generator_path())
     options: dict[str, Any] = dict(use_lora=arguments.use_lora, lora_rank=arguments.lora_rank,
                                    lora_alpha=arguments.lora_alpha, lora_seed=seed)
     if arguments.sde_type:
