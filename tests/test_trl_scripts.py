@@ -176,3 +176,19 @@ def test_trl_project_kwargs_checkpoint_under_project_dir_and_resume_exactly(make
     for name, value in resumed.sd_pipeline.policy_state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
     assert any(value.abs().max() > 0 for name, value in expected.items() if "lora_B" in name)  # it trained
+
+
+def test_resume_from_reads_trl_s_forms_of_a_checkpoint_path(tmp_path):
+    """TRL 0.23 resumes from a `checkpoint_<n>` or the highest one in the folder given; ours also from the project
+    directory above `checkpoints`, and refuses a folder without any, naming the field."""
+    from trainers.common import Checkpointer
+
+    for number in (2, 10, 9):  # numeric order: checkpoint_10 is the latest, not checkpoint_9
+        (tmp_path / "checkpoints" / f"checkpoint_{number}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"checkpoint_{number}" / "trainer_state.json").write_text("{}")
+    latest = tmp_path / "checkpoints" / "checkpoint_10"
+    assert Checkpointer.resolve(tmp_path / "checkpoints") == latest  # TRL's documented form
+    assert Checkpointer.resolve(tmp_path) == latest
+    assert Checkpointer.resolve(tmp_path / "checkpoints" / "checkpoint_2") == tmp_path / "checkpoints" / "checkpoint_2"
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        Checkpointer.resolve(tmp_path / "empty")
