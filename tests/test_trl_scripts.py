@@ -192,3 +192,10 @@ def test_resume_from_reads_trl_s_forms_of_a_checkpoint_path(tmp_path):
     assert Checkpointer.resolve(tmp_path / "checkpoints" / "checkpoint_2") == tmp_path / "checkpoints" / "checkpoint_2"
     with pytest.raises(FileNotFoundError, match="resume_from"):
         Checkpointer.resolve(tmp_path / "empty")
+
+
+def test_a_bad_project_kwargs_key_names_the_field(tmp_path):
+    from trainers.common import build_accelerator
+
+    with pytest.raises(ValueError, match="project_kwargs: .*automatic_checkpoint_namin"):
+        build_accelerator(tmp_path, project_kwargs={"automatic_checkpoint_namin": True})
