@@ -44,6 +44,8 @@ class GeneratorAdapter(ABC):
     base_revision: str
     #: the pipeline's components that stay frozen (text encoders, VAE)
     frozen_component_names: ClassVar[tuple[str, ...]] = ()
+    #: the dtype the denoiser computes in (its frozen weights'), recorded by `to`
+    denoiser_dtype: torch.dtype
 
     # ---- construction (shared by every family) --------------------------------------------------------------
 
@@ -126,6 +128,8 @@ class GeneratorAdapter(ABC):
                     module.to(dtype=target)
         for parameter, data in trainable.items():
             parameter.data = data.to(parameter.device)
+        # what `predict` casts its inputs to; diffusers' `dtype` walks every module, too slow for once per step
+        self.denoiser_dtype = self.denoiser.dtype
         return self
 
     @property

@@ -116,7 +116,7 @@ class FluxAdapter(FlowMatchingAdapter):
                 f"height/width: latents {tuple(latents.shape)} do not match the {image_ids.shape[-2]} image tokens "
                 f"the conditioning was encoded for (encode_prompt at the sampling size)"
             )
-        dtype = self.transformer.dtype
+        dtype = self.denoiser_dtype
         timesteps = self._timesteps_per_sample(timesteps, latents).to(dtype) / 1000
         embeds = conditioning["prompt_embeds"]
         guidance = None

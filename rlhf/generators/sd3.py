@@ -102,7 +102,7 @@ class SD3Adapter(FlowMatchingAdapter):
             latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
             embeds = torch.cat([conditioning["negative_prompt_embeds"], embeds])
             pooled = torch.cat([conditioning["negative_pooled_prompt_embeds"], pooled])
-        dtype = self.transformer.dtype
+        dtype = self.denoiser_dtype
         prediction = transformer(
             hidden_states=latents.to(dtype),
             timestep=timesteps,

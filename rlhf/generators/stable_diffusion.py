@@ -198,7 +198,7 @@ class StableDiffusionAdapter(GeneratorAdapter):
                     "text_embeds": torch.cat([conditioning["negative_pooled_prompt_embeds"], added["text_embeds"]]),
                     "time_ids": torch.cat([added["time_ids"], added["time_ids"]]),
                 }
-        dtype = self.unet.dtype
+        dtype = self.denoiser_dtype
         if added is not None:
             added = {k: v.to(dtype) for k, v in added.items()}
         prediction = unet(
