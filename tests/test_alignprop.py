@@ -236,7 +236,7 @@ def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path) -> None:
 
 
 def test_cli_rejects_an_unknown_key_and_a_shipped_config_validates() -> None:
-    from rlhf.cli import main as rlhf_main
+    from trainers.cli import main as rlhf_main
     from rlhf.config import parse_config
     from trainers.ddpo import GeneratorArguments
 

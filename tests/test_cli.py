@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.cli import COMMANDS, main
+from trainers.cli import COMMANDS, main
 from rlhf.config import ConfigError, build_parser, running_command
 from rlhf.runs import claim_output_dir, resume_command
 
@@ -162,7 +162,7 @@ def test_a_resumed_progress_bar_counts_from_where_it_resumed():
 def test_ctrl_c_ends_a_training_run_with_the_command_that_resumes(tmp_path):
     """SIGINT to `rlhf train ddpo` after its first checkpoint: exit 130, no traceback, the resume command."""
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "rlhf.cli", "train", "ddpo", "--config", str(ROOT / "configs/ddpo/tiny.yaml"),
+    command = [sys.executable, "-m", "trainers.cli", "train", "ddpo", "--config", str(ROOT / "configs/ddpo/tiny.yaml"),
                "--pretrained_model", "tiny", "--output_dir", str(output), "--num_epochs", "100", "--save_freq", "1",
                "--sample_num_steps", "2", "--sample_batch_size", "2", "--sample_num_batches_per_epoch", "1",
                "--train_batch_size", "2", "--group_size", "2", "--eval_seeds", "0", "--eval_prompts",

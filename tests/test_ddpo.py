@@ -416,7 +416,7 @@ def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path) -> None:
 
 
 def test_cli_rejects_an_unknown_key(tmp_path: Path) -> None:
-    from rlhf.cli import main as rlhf_main
+    from trainers.cli import main as rlhf_main
 
     assert rlhf_main(["train", "ddpo", "--config", str(ROOT / "configs/ddpo/tiny.yaml"), "--not_a_field", "1"]) == 2
 

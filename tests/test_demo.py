@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from rlhf.cli import main as rlhf_main
-from rlhf.demo import _gain, write_report
+from trainers.cli import main as rlhf_main
+from trainers.demo import _gain, write_report
 
 
 def evaluation(reward: float, reward_std: float, alignment: float, alignment_std: float) -> dict:

@@ -436,7 +436,7 @@ def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path, mode: str) ->
 
 
 def test_cli_rejects_an_unknown_key_and_a_missing_dataset(tmp_path: Path) -> None:
-    from rlhf.cli import main as rlhf_main
+    from trainers.cli import main as rlhf_main
 
     assert rlhf_main(["train", "dpo", "--config", str(ROOT / "configs/dpo/tiny.yaml"), "--not_a_field", "1"]) == 2
     assert rlhf_main([

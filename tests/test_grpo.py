@@ -219,7 +219,7 @@ def test_cli_runs_every_family_end_to_end(tmp_path: Path, model: str) -> None:
 
 
 def test_cli_rejects_an_unknown_key() -> None:
-    from rlhf.cli import main as rlhf_main
+    from trainers.cli import main as rlhf_main
 
     assert rlhf_main(["train", "grpo", "--config", str(ROOT / "configs/grpo/tiny.yaml"), "--not_a_field", "1"]) == 2
 

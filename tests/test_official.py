@@ -14,7 +14,7 @@ from PIL import Image
 
 from reward import RewardModel
 from reward.official import general_preference, official_pixels, official_text, official_text_inputs
-from rlhf.cli import main as rlhf_main
+from trainers.cli import main as rlhf_main
 
 ROOT = Path(__file__).parent / "fixtures" / "official"
 RECORD = json.loads((ROOT / "scores.json").read_text())

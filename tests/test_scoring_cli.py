@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from reward import RewardModel
-from rlhf.cli import main
+from trainers.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rlhf.cli import main
+from trainers.cli import main
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.search import best_of_n, effective_sample_size, fk_steering, sphere_neighbours, zero_order_search
 from rlhf.toy_generators import toy_generator_path

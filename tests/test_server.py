@@ -215,7 +215,7 @@ def test_rlhf_serve_command_with_a_builtin(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "rlhf.cli", "serve", "--model", "builtin:toy_oracles", "--port", str(port),
+        [sys.executable, "-m", "trainers.cli", "serve", "--model", "builtin:toy_oracles", "--port", str(port),
          "--token-file", str(token_file), "--max_batch_size", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -242,7 +242,7 @@ def test_rlhf_serve_command_with_a_builtin(tmp_path):
 
 
 def test_rlhf_serve_option_errors_name_the_option(capsys):
-    from rlhf.cli import main as cli_main
+    from trainers.cli import main as cli_main
 
     assert cli_main(["serve", "--model", "builtin:toy_oracles", "--max-batch-size", "0"]) == 2
     assert "max_batch_size: expected an integer >= 1" in capsys.readouterr().err

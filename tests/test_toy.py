@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from rlhf import toy
-from rlhf.cli import main as rlhf_main
+from trainers.cli import main as rlhf_main
 
 
 def _scene(colour: str = "red", shape: str = "circle", background: str = "white", **changes) -> toy.ToyScene:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from rlhf.cli import main as rlhf_main
+from trainers.cli import main as rlhf_main
 from rlhf.testing import build_tiny_tokenizer
 from rlhf.toy import EVAL_PROMPTS, oracle_colour
 from rlhf.toy_generators import load_toy_flow_generator, toy_flow_generator_path

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from rlhf.cli import main as rlhf_main
+from trainers.cli import main as rlhf_main
 from rlhf.testing import build_tiny_sd, build_tiny_tokenizer
 from rlhf.toy_generators import toy_generator_path
 from rlhf.toy import EVAL_PROMPTS, TOY_COLOURS, TOY_SHAPES, oracle_colour, parse_prompt

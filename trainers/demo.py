@@ -99,7 +99,7 @@ def generator_stage(out: Path, name: str, quick: bool, seed: int) -> dict[str, A
 
 
 def _run(words: list[str], config: dict[str, Any], path: Path) -> None:
-    from rlhf.cli import INTERRUPTED, main
+    from trainers.cli import INTERRUPTED, main
 
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     code = main([*words, "--config", str(path)])

@@ -16,7 +16,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("score",): ("rlhf.scoring:main", "score images against prompts with a saved reward model"),
     ("serve",): ("rlhf.server:main", "serve a reward model over HTTP (POST /score)"),
     ("search",): ("rlhf.search:main", "inference-time search guided by a reward (best-of-N, zero-order, FK)"),
-    ("demo",): ("rlhf.demo:main", "the toy world end to end: reward model, DDPO and DPO, judged by oracles"),
+    ("demo",): ("trainers.demo:main", "the toy world end to end: reward model, DDPO and DPO, judged by oracles"),
     ("toy", "data"): ("rlhf.toy:data_main", "write toy-world preference data (JSONL + PNG)"),
     ("toy", "pretrain"): ("rlhf.toy_pretrain:main", "pre-train the toy generator on toy-world images"),
     ("train", "reward"): ("trainers.reward_model:main", "train LLaVA-Reward perspectives on preference data"),
