@@ -204,14 +204,14 @@ CLI_FAST = ["--num_epochs", "1", "--sample_num_steps", "3", "--eval_num_steps", 
             "--eval_seeds", "0", "--eval_prompts", *PROMPTS]
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd3", "tiny-flux", "toy-flow"])
 def test_cli_runs_every_family_end_to_end(tmp_path: Path, model: str) -> None:
     output = tmp_path / model
     code = main(["--config", str(ROOT / "configs/grpo/tiny.yaml"), "--pretrained_model", model,
                  "--output_dir", str(output), *CLI_FAST])
     assert code == 0
     metrics = json.loads((output / "metrics.json").read_text())
-    assert set(metrics["eval_after"]["per_perspective"]) == {"colour", "heldout/alignment"}
+    assert set(metrics["eval_after"]["per_perspective"]) == {"colour", "heldout/alignment", "heldout/fidelity"}
     row = json.loads((output / "history.jsonl").read_text().splitlines()[0])
     assert row["ratio_max"] >= row["ratio_min"] > 0 and row["approx_kl"] > 0
     assert (output / "lora" / "pytorch_lora_weights.safetensors").is_file()
