@@ -238,7 +238,7 @@ def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path) -> None:
 def test_cli_rejects_an_unknown_key_and_a_shipped_config_validates() -> None:
     from trainers.cli import main as rlhf_main
     from rlhf.config import parse_config
-    from trainers.ddpo import GeneratorArguments
+    from trainers import GeneratorArguments
 
     assert rlhf_main(["train", "alignprop", "--config", str(ROOT / "configs/alignprop/tiny.yaml"), "--not_a_field", "1"]) == 2
     for path in sorted((ROOT / "configs/alignprop").glob("*.yaml")):

@@ -22,7 +22,8 @@ from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from rlhf.toy import colour_score
 from tests.conftest import assert_resumed_run_matches
 from trainers import DDPOConfig, DDPOTrainer
-from trainers.ddpo import GeneratorArguments, main
+from trainers import GeneratorArguments
+from trainers.ddpo import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]

@@ -3,20 +3,14 @@ the last denoising steps, trains a LoRA Stable Diffusion policy."""
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
 from trainers.common import (
-    CHECKPOINT_LIMIT_HELP,
-    OUTPUT_DIR_NOTE,
-    PROJECT_KWARGS_HELP,
-    RESUME_FROM_HELP,
     PolicyExport,
     build_lr_scheduler,
     build_optimizer,
@@ -24,7 +18,6 @@ from trainers.common import (
     evaluate,
     evaluate_and_train,
     finish_run,
-    inference_dtype,
     load_weighting_state,
     peak_memory_mb,
     perspective_values,
@@ -33,19 +26,19 @@ from trainers.common import (
     reward_evaluations,
     seeded_generator,
     start_run,
-    warmup_check,
     weighting_state,
 )
-from trainers.ddpo import DDPOConfig, run_trainer_command
+from trainers.base import DiffusionTrainerConfig, redeclare, require
+from trainers.ddpo import run_trainer_command
 
 METHODS = ("alignprop", "draft_k", "draft_lv")
 
 
 @dataclass
-class AlignPropConfig:
+class AlignPropConfig(DiffusionTrainerConfig):
     r"""Configuration of `AlignPropTrainer`: every field of TRL 0.23's `AlignPropConfig` (same names and
-    defaults; `truncated_rand_backprop_minmax` is a two-item list instead of a tuple, for the CLI), then this
-    project's own. Each field's `help` says its default and meaning.
+    defaults, the shared ones in `DiffusionTrainerConfig`; `truncated_rand_backprop_minmax` is a two-item list
+    instead of a tuple, for the CLI), then this project's own. Each field's `help` says its default and meaning.
 
     Methods (`method`):
     - `alignprop` (AlignProp, Prabhudesai et al. 2023): back-propagate through the steps from index `start` on,
@@ -58,60 +51,18 @@ class AlignPropConfig:
     """
 
     # ---- TRL 0.23 ----
-    exp_name: str = field(
-        default=os.path.basename(sys.argv[0]).removesuffix(".py"),  # TRL cut 3 characters: "rlhf" gave "r"
-        metadata={"help": "Name of this experiment (default: the script's file name without extension)."},
-    )
-    run_name: str = field(default="", metadata={"help": "Name of this run, for the tracker (default '')."})
-    seed: int = field(default=0, metadata={"help": "Random seed; every draw of the run derives from it (default 0)."})
-    log_with: Optional[str] = field(
-        default=None,
-        metadata={"help": "Tracker: 'wandb' or 'tensorboard' (default None: files only).", "choices": ["wandb", "tensorboard"]},
-    )
     log_image_freq: int = field(
         default=1, metadata={"help": "Call image_samples_hook every this many epochs (default 1)."}
-    )
-    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "init_kwargs for the tracker (default {})."})
-    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
-    project_kwargs: dict = field(default_factory=dict, metadata={"help": PROJECT_KWARGS_HELP})
-    tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project name (default 'trl')."})
-    logdir: str = field(
-        default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
     )
     num_epochs: int = field(
         default=100, metadata={"help": "Number of epochs; one epoch is one optimizer step (default 100)."}
     )
-    save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
-    num_checkpoint_limit: int = field(default=5, metadata={"help": CHECKPOINT_LIMIT_HELP})
-    mixed_precision: str = field(
-        default="fp16",
-        metadata={"help": "'no', 'fp16' (CUDA only) or 'bf16': dtype of the frozen weights; LoRA stays float32 (default 'fp16')."},
-    )
-    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (default True)."})
-    resume_from: str = field(
-        default="",
-        metadata={"help": RESUME_FROM_HELP},
-    )
-    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per image (default 50)."})
-    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, >= 0; 0 = deterministic DDIM (default 1.0)."})
-    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance weight (default 5.0)."})
     train_batch_size: int = field(
         default=1, metadata={"help": "Images sampled with a graph per minibatch, per process (default 1)."}
     )
-    train_use_8bit_adam: bool = field(
-        default=False, metadata={"help": "8-bit AdamW from bitsandbytes (must be installed) (default False)."}
-    )
-    train_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate (default 1e-3)."})
-    train_adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (default 0.9)."})
-    train_adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (default 0.999)."})
-    train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay (default 1e-4)."})
-    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon (default 1e-8)."})
+    train_learning_rate: float = redeclare("train_learning_rate", 1e-3, "1e-3")
     train_gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Minibatches accumulated per optimizer step, i.e. per epoch (default 1)."}
-    )
-    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (default 1.0)."})
-    negative_prompts: str = field(
-        default="", metadata={"help": "One negative prompt used for every sample; '' = unconditional (default '')."}
     )
     truncated_backprop_rand: bool = field(
         default=True,
@@ -127,11 +78,6 @@ class AlignPropConfig:
         default_factory=lambda: [0, 50],
         metadata={"help": "alignprop: [min, max] (inclusive) of the drawn first back-propagated step; a draw past "
                   "the last step back-propagates through the last step only (default 0 50)."},
-    )
-    push_to_hub: bool = field(
-        default=False,
-        metadata={"help": "Call push_to_hub() after training: saves the LoRA locally; the upload itself needs "
-                  "network (huggingface_hub) (default False)."},
     )
     # ---- this project ----
     method: str = field(
@@ -150,55 +96,20 @@ class AlignPropConfig:
     decode_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute the VAE decode in the backward pass too (default False)."}
     )
-    output_dir: str = field(default="runs/alignprop", metadata={"help": "Run directory (default 'runs/alignprop'); " + OUTPUT_DIR_NOTE})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "
-                  "resume_from, a directory holding a run is refused (default False)."},
-    )
-    prompts: list[str] = field(
-        default_factory=list, metadata={"help": "CLI: training prompts, drawn uniformly (default: toy prompts)."}
-    )
-    prompts_file: str = field(
-        default="", metadata={"help": "CLI: a text file of training prompts, one per line (default '')."}
-    )
+    output_dir: str = redeclare("output_dir", "runs/alignprop", "'runs/alignprop'")
     reward: dict = field(
         default_factory=lambda: {"builtin": "toy_colour_soft"},
         metadata={"help": "CLI: the reward block for rlhf.reward_fn.build_reward; it must give gradients "
                   "(default {builtin: toy_colour_soft})."},
     )
-    sample_height: int = field(default=0, metadata={"help": "Image height; 0 = the model's size (default 0)."})
-    sample_width: int = field(default=0, metadata={"help": "Image width; 0 = the model's size (default 0)."})
-    train_lr_scheduler: str = field(
-        default="constant", metadata={"help": "diffusers LR schedule name, e.g. constant, cosine (default constant)."}
-    )
-    train_lr_warmup_steps: int = field(
-        default=0, metadata={"help": "LR warmup optimizer steps; not with the 'constant' schedule, which ignores them (default 0)."}
-    )
-    eval_prompts: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Evaluation prompts, sampled with every eval seed before and after training (default: none, "
-                  "no evaluation; the CLI uses the first 8 training prompts when given prompts that are not toy "
-                  "prompts)."},
-    )
-    eval_seeds: list[int] = field(
-        default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."}
-    )
     eval_batch_size: int = field(default=8, metadata={"help": "Images per evaluation sampling call (default 8)."})
-    num_grid_images: int = field(default=16, metadata={"help": "Images per epoch sample grid (default 16)."})
-
-    to_dict = DDPOConfig.to_dict
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that does not fit."""
+        super().validate()
         minmax = list(self.truncated_rand_backprop_minmax)
-        checks = [
+        require([
             (self.method in METHODS, "method", f"one of {list(METHODS)}, got {self.method!r}"),
-            (self.num_epochs >= 0, "num_epochs", "a value >= 0"),
-            (self.sample_num_steps >= 1, "sample_num_steps", "a value >= 1"),
-            (self.sample_eta >= 0, "sample_eta", "a value >= 0"),
-            (self.train_batch_size >= 1, "train_batch_size", "a value >= 1"),
-            (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps", "a value >= 1"),
             (self.method != "alignprop" or self.truncated_backprop_rand
              or 0 <= self.truncated_backprop_timestep < self.sample_num_steps, "truncated_backprop_timestep",
              f"a step index in [0, sample_num_steps - 1 = {self.sample_num_steps - 1}]"),
@@ -208,19 +119,7 @@ class AlignPropConfig:
             (self.draft_lv_copies >= 1, "draft_lv_copies", "a value >= 1"),
             (self.log_image_freq >= 1, "log_image_freq", "a value >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size", "a value >= 1"),
-            (self.save_freq >= 1, "save_freq", "a value >= 1"),
-            (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
-            warmup_check(self),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}: expected {expected}")
-        inference_dtype(self.mixed_precision)
-        if self.train_use_8bit_adam:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as error:
-                raise ValueError("train_use_8bit_adam: needs bitsandbytes installed (pip install bitsandbytes)") from error
+        ])
 
 
 def check_differentiable_reward(

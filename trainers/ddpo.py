@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 import time
 import warnings
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from accelerate import PartialState
@@ -21,10 +19,6 @@ from rlhf.reward_fn import AsyncReward
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from trainers.common import (
-    CHECKPOINT_LIMIT_HELP,
-    OUTPUT_DIR_NOTE,
-    PROJECT_KWARGS_HELP,
-    RESUME_FROM_HELP,
     PolicyExport,
     are_toy_prompts,
     build_lr_scheduler,
@@ -35,7 +29,6 @@ from trainers.common import (
     evaluate,
     evaluate_and_train,
     finish_run,
-    inference_dtype,
     load_weighting_state,
     peak_memory_mb,
     perspective_values,
@@ -47,33 +40,18 @@ from trainers.common import (
     seeded_generator,
     start_run,
     training_command,
-    warmup_check,
     weighting_state,
 )
+from trainers.base import DiffusionTrainerConfig, GeneratorArguments, redeclare, require
 
 TINY_MODEL = "tiny"
 
 
 @dataclass
-class GeneratorArguments:
-    """The generator a trainer's command loads. Kept out of the TRL-named configs because TRL 0.23's example
-    scripts declare these names in their own `ScriptArguments`, parsed together with the config by one parser."""
-
-    pretrained_model: str = field(
-        default="",
-        metadata={"help": "diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random "
-                  "tiny pipeline (plumbing only) (default '')."},
-    )
-    pretrained_revision: str = field(default="main", metadata={"help": "Hub revision (default 'main')."})
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA (True) or the whole UNet (default True)."})
-    lora_rank: int = field(default=4, metadata={"help": "LoRA rank (default 4)."})
-    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (default 4)."})
-
-
-@dataclass
-class DDPOConfig:
-    r"""Configuration of `DDPOTrainer`: every field of TRL 0.23.1's `DDPOConfig` (same names and defaults), then
-    this project's own. Each field's `help` says its default and meaning; fields that cannot apply here say so.
+class DDPOConfig(DiffusionTrainerConfig):
+    r"""Configuration of `DDPOTrainer`: every field of TRL 0.23.1's `DDPOConfig` (same names and defaults; the
+    shared ones in `DiffusionTrainerConfig`), then this project's own. Each field's `help` says its default and
+    meaning; fields that cannot apply here say so.
 
     Notes on the choices a user faces:
     - `train_clip_range`: log-probs are means over latent dimensions (see `rlhf.scheduling`), so per-step
@@ -86,57 +64,12 @@ class DDPOConfig:
     """
 
     # ---- TRL 0.23.1 ----
-    exp_name: str = field(
-        default=os.path.basename(sys.argv[0]).removesuffix(".py"),  # TRL cut 3 characters: "rlhf" gave "r"
-        metadata={"help": "Name of this experiment (default: the script's file name without extension)."},
-    )
-    run_name: str = field(default="", metadata={"help": "Name of this run, for the tracker (default '')."})
-    seed: int = field(default=0, metadata={"help": "Random seed; every draw of the run derives from it (default 0)."})
-    log_with: Optional[str] = field(
-        default=None,
-        metadata={"help": "Tracker: 'wandb' or 'tensorboard' (default None: files only).", "choices": ["wandb", "tensorboard"]},
-    )
-    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "init_kwargs for the tracker (default {})."})
-    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
-    project_kwargs: dict = field(default_factory=dict, metadata={"help": PROJECT_KWARGS_HELP})
-    tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project name (default 'trl')."})
-    logdir: str = field(
-        default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
-    )
     num_epochs: int = field(default=100, metadata={"help": "Number of epochs (sample, score, train) (default 100)."})
-    save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
-    num_checkpoint_limit: int = field(default=5, metadata={"help": CHECKPOINT_LIMIT_HELP})
-    mixed_precision: str = field(
-        default="fp16",
-        metadata={"help": "'no', 'fp16' (CUDA only) or 'bf16': dtype of the frozen weights; LoRA stays float32 (default 'fp16')."},
-    )
-    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (default True)."})
-    resume_from: str = field(
-        default="",
-        metadata={"help": RESUME_FROM_HELP},
-    )
-    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per image (default 50)."})
     sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, > 0 (default 1.0)."})
-    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance weight (default 5.0)."})
     sample_batch_size: int = field(default=1, metadata={"help": "Images per sampling batch, per process (default 1)."})
     sample_num_batches_per_epoch: int = field(
         default=2, metadata={"help": "Sampling batches per epoch, per process (default 2)."}
     )
-    train_batch_size: int = field(
-        default=1, metadata={"help": "Samples (trajectories) per training minibatch, per process (default 1)."}
-    )
-    train_use_8bit_adam: bool = field(
-        default=False, metadata={"help": "8-bit AdamW from bitsandbytes (must be installed) (default False)."}
-    )
-    train_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate (default 3e-4)."})
-    train_adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (default 0.9)."})
-    train_adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (default 0.999)."})
-    train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay (default 1e-4)."})
-    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon (default 1e-8)."})
-    train_gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Minibatches accumulated per optimizer step (default 1)."}
-    )
-    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (default 1.0)."})
     train_num_inner_epochs: int = field(
         default=1, metadata={"help": "PPO passes over each epoch's samples (default 1)."}
     )
@@ -168,31 +101,8 @@ class DDPOConfig:
     max_workers: int = field(default=2, metadata={"help": "Kept for TRL compatibility: asynchronous rewards are "
                                                           "scored one batch at a time, in sampling order, so a "
                                                           "stateful reward stays deterministic."})
-    negative_prompts: str = field(
-        default="", metadata={"help": "One negative prompt used for every sample; '' = unconditional (default '')."}
-    )
-    push_to_hub: bool = field(
-        default=False,
-        metadata={"help": "Call push_to_hub() after training: saves the LoRA locally; the upload itself needs "
-                  "network (huggingface_hub) (default False)."},
-    )
     # ---- this project ----
-    output_dir: str = field(default="runs/ddpo", metadata={"help": "Run directory (default 'runs/ddpo'); " + OUTPUT_DIR_NOTE})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "
-                  "resume_from, a directory holding a run is refused (default False)."},
-    )
-    prompts: list[str] = field(
-        default_factory=list, metadata={"help": "CLI: training prompts, drawn uniformly (default: toy prompts)."}
-    )
-    prompts_file: str = field(
-        default="", metadata={"help": "CLI: a text file of training prompts, one per line (default '')."}
-    )
-    reward: dict = field(
-        default_factory=lambda: {"builtin": "toy_colour"},
-        metadata={"help": "CLI: the reward block for rlhf.reward_fn.build_reward (default {builtin: toy_colour})."},
-    )
+    output_dir: str = redeclare("output_dir", "runs/ddpo", "'runs/ddpo'")
     group_size: int = field(
         default=1,
         metadata={"help": "K images per drawn prompt, advantages normalised within each group (GRPO-style) (default 1: off)."},
@@ -201,77 +111,33 @@ class DDPOConfig:
         default=0.0,
         metadata={"help": "Weight of the per-step KL to the reference policy (the UNet with LoRA disabled) (default 0)."},
     )
-    sample_height: int = field(default=0, metadata={"help": "Image height; 0 = the model's size (default 0)."})
-    sample_width: int = field(default=0, metadata={"help": "Image width; 0 = the model's size (default 0)."})
     train_timesteps_per_forward: int = field(
         default=0,
         metadata={"help": "Timesteps per sample batched into one UNet call; 0 = all trained ones (default 0). "
                   "Lower it to bound memory on large models."},
     )
-    train_lr_scheduler: str = field(
-        default="constant", metadata={"help": "diffusers LR schedule name, e.g. constant, cosine (default constant)."}
-    )
-    train_lr_warmup_steps: int = field(
-        default=0, metadata={"help": "LR warmup optimizer steps; not with the 'constant' schedule, which ignores them (default 0)."}
-    )
-    eval_prompts: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Evaluation prompts, sampled with every eval seed before and after training (default: none, "
-                  "no evaluation; the CLI uses the first 8 training prompts when given prompts that are not toy "
-                  "prompts)."},
-    )
-    eval_seeds: list[int] = field(
-        default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."}
-    )
-    num_grid_images: int = field(default=16, metadata={"help": "Images per epoch sample grid (default 16)."})
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat `{name: scalar}` for trackers (TRL's shape): nested keys joined with '/', lists as strings."""
-        flat: dict[str, Any] = {}
-
-        def add(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
-                for key, item in value.items():
-                    add(f"{prefix}/{key}", item)
-            else:
-                flat[prefix] = str(value) if isinstance(value, (list, tuple)) else value
-
-        for name, value in asdict(self).items():
-            add(name, value)
-        return flat
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that does not fit."""
+        super().validate()
         per_process = self.sample_batch_size * self.sample_num_batches_per_epoch
-        checks = [
-            (self.num_epochs >= 0, "num_epochs", "a value >= 0"),
+        minibatches = per_process // self.train_batch_size
+        require([
             (self.sample_eta > 0, "sample_eta", "a value > 0 (DDPO needs a stochastic sampler)"),
             (0 < self.train_timestep_fraction <= 1, "train_timestep_fraction", "a value in (0, 1]"),
             (self.sample_batch_size >= 1 and self.sample_num_batches_per_epoch >= 1, "sample_batch_size", "positive batch sizes"),
-            (self.train_batch_size >= 1 and per_process % self.train_batch_size == 0, "train_batch_size",
+            (per_process % self.train_batch_size == 0, "train_batch_size",
              f"a divisor of sample_batch_size * sample_num_batches_per_epoch = {per_process}"),
-            (self.train_gradient_accumulation_steps >= 1
-             and (per_process // max(self.train_batch_size, 1)) % self.train_gradient_accumulation_steps == 0,
-             "train_gradient_accumulation_steps", f"a divisor of the {per_process // max(self.train_batch_size, 1)} minibatches per inner epoch"),
+            (minibatches % self.train_gradient_accumulation_steps == 0,
+             "train_gradient_accumulation_steps", f"a divisor of the {minibatches} minibatches per inner epoch"),
+            (self.train_num_inner_epochs >= 1, "train_num_inner_epochs", "a value >= 1"),
             (self.group_size >= 1 and per_process % self.group_size == 0, "group_size",
              f"a divisor of the {per_process} samples per process per epoch"),
             (not (self.group_size > 1 and self.per_prompt_stat_tracking), "group_size",
              "group_size 1 when per_prompt_stat_tracking is on (choose one advantage normalisation)"),
             (self.kl_coef >= 0, "kl_coef", "a value >= 0"),
             (self.train_timesteps_per_forward >= 0, "train_timesteps_per_forward", "a value >= 0"),
-            (self.save_freq >= 1, "save_freq", "a value >= 1"),
-            (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
-            warmup_check(self),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}: expected {expected}")
-        inference_dtype(self.mixed_precision)
-        if self.train_use_8bit_adam:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as error:
-                raise ValueError("train_use_8bit_adam: needs bitsandbytes installed (pip install bitsandbytes)") from error
+        ])
 
 
 class DDPOTrainer(PolicyExport):

@@ -8,12 +8,11 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,10 +23,6 @@ from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from trainers.common import (
-    CHECKPOINT_LIMIT_HELP,
-    OUTPUT_DIR_NOTE,
-    PROJECT_KWARGS_HELP,
-    RESUME_FROM_HELP,
     PhaseTimer,
     PolicyExport,
     are_toy_prompts,
@@ -39,7 +34,6 @@ from trainers.common import (
     eval_reward_change,
     evaluate,
     finish_run,
-    inference_dtype,
     load_weighting_state,
     peak_memory_mb,
     perspective_values,
@@ -52,9 +46,9 @@ from trainers.common import (
     seeded_generator,
     start_run,
     training_command,
-    warmup_check,
     weighting_state,
 )
+from trainers.base import DiffusionTrainerConfig, redeclare, require
 from trainers.ddpo import load_policy, load_run_prompts, uniform_prompt_function
 
 MODES = ("offline", "online")
@@ -73,7 +67,7 @@ STAT_NAMES = (
 
 
 @dataclass
-class DiffusionDPOConfig:
+class DiffusionDPOConfig(DiffusionTrainerConfig):
     r"""Configuration of `DiffusionDPOTrainer`. Field names shared with `DDPOConfig` mean the same; each field's
     `help` says its default and meaning.
 
@@ -96,45 +90,12 @@ class DiffusionDPOConfig:
     """
 
     # ---- run ----
-    exp_name: str = field(
-        default=os.path.basename(sys.argv[0]).removesuffix(".py"),  # TRL cut 3 characters: "rlhf" gave "r"
-        metadata={"help": "Name of this experiment (default: the script's file name without extension)."},
-    )
-    run_name: str = field(default="", metadata={"help": "Name of this run, for the tracker (default '')."})
-    seed: int = field(default=0, metadata={"help": "Random seed; every draw of the run derives from it (default 0)."})
-    log_with: Optional[str] = field(
-        default=None,
-        metadata={"help": "Tracker: 'wandb' or 'tensorboard' (default None: files only).", "choices": ["wandb", "tensorboard"]},
-    )
-    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "init_kwargs for the tracker (default {})."})
-    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
-    project_kwargs: dict = field(default_factory=dict, metadata={"help": PROJECT_KWARGS_HELP})
-    tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project name (default 'trl')."})
-    logdir: str = field(
-        default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
-    )
-    output_dir: str = field(default="runs/dpo", metadata={"help": "Run directory (default 'runs/dpo'); " + OUTPUT_DIR_NOTE})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "
-                  "resume_from, a directory holding a run is refused (default False)."},
-    )
+    output_dir: str = redeclare("output_dir", "runs/dpo", "'runs/dpo'")
     mode: str = field(
         default="online", metadata={"help": "'offline' (preference dataset) or 'online' (reward-ranked samples) (default 'online')."}
     )
     num_epochs: int = field(
         default=100, metadata={"help": "Epochs: online rounds, or offline blocks of train_steps_per_epoch steps (default 100)."}
-    )
-    save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
-    num_checkpoint_limit: int = field(default=5, metadata={"help": CHECKPOINT_LIMIT_HELP})
-    mixed_precision: str = field(
-        default="fp16",
-        metadata={"help": "'no', 'fp16' (CUDA only) or 'bf16': dtype of the frozen weights; LoRA stays float32 (default 'fp16')."},
-    )
-    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (default True)."})
-    resume_from: str = field(
-        default="",
-        metadata={"help": RESUME_FROM_HELP},
     )
     # ---- model ----
     pretrained_model: str = field(
@@ -188,10 +149,6 @@ class DiffusionDPOConfig:
     toy_num_train: int = field(default=512, metadata={"help": "'toy:' datasets: training pairs written (default 512)."})
     toy_num_test: int = field(default=128, metadata={"help": "'toy:' datasets: held-out pairs written (default 128)."})
     # ---- online sampling and pairing ----
-    prompts: list[str] = field(
-        default_factory=list, metadata={"help": "Online: training prompts, drawn uniformly (default: toy prompts)."}
-    )
-    prompts_file: str = field(default="", metadata={"help": "Online: a text file of prompts, one per line (default '')."})
     reward: dict = field(
         default_factory=lambda: {"builtin": "toy_colour_soft"},
         metadata={"help": "The reward block for rlhf.reward_fn.build_reward (with its weighting): online it ranks the "
@@ -208,72 +165,33 @@ class DiffusionDPOConfig:
     save_pair_images: bool = field(
         default=True, metadata={"help": "Online: write each round's paired images as PNG next to its JSONL (default True)."}
     )
-    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per sampled image (default 50)."})
-    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (default 1.0)."})
-    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance when sampling (default 5.0)."})
     sample_batch_size: int = field(default=4, metadata={"help": "Images per sampling batch, per process (default 4)."})
     sample_num_batches_per_epoch: int = field(
         default=2, metadata={"help": "Online: sampling batches per round, per process (default 2)."}
     )
-    sample_height: int = field(default=0, metadata={"help": "Image height; 0 = the model's size (default 0)."})
-    sample_width: int = field(default=0, metadata={"help": "Image width; 0 = the model's size (default 0)."})
-    negative_prompts: str = field(
-        default="", metadata={"help": "One negative prompt used for every sample; '' = unconditional (default '')."}
-    )
     # ---- optimisation ----
     train_batch_size: int = field(default=4, metadata={"help": "Pairs per minibatch, per process (default 4)."})
-    train_gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Minibatches per optimizer step (default 1)."}
-    )
     train_num_inner_epochs: int = field(default=1, metadata={"help": "Online: passes over each round's pairs (default 1)."})
-    train_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate (default 1e-5)."})
-    train_adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (default 0.9)."})
-    train_adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (default 0.999)."})
-    train_adam_weight_decay: float = field(default=1e-2, metadata={"help": "Adam weight decay (default 1e-2)."})
-    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon (default 1e-8)."})
-    train_use_8bit_adam: bool = field(default=False, metadata={"help": "8-bit AdamW from bitsandbytes (default False)."})
-    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (default 1.0)."})
-    train_lr_scheduler: str = field(
-        default="constant", metadata={"help": "diffusers LR schedule name, e.g. constant, cosine (default constant)."}
-    )
-    train_lr_warmup_steps: int = field(
-        default=0, metadata={"help": "LR warmup optimizer steps; not with the 'constant' schedule, which ignores them (default 0)."}
-    )
-    # ---- evaluation ----
-    eval_prompts: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Evaluation prompts, sampled with every eval seed before and after training (default: none, "
-                  "no evaluation; the CLI uses the first 8 training prompts when they are not toy prompts)."},
-    )
-    eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."})
-    num_grid_images: int = field(default=16, metadata={"help": "Images per online round's sample grid (default 16)."})
+    train_learning_rate: float = redeclare("train_learning_rate", 1e-5, "1e-5")
+    train_adam_weight_decay: float = redeclare("train_adam_weight_decay", 1e-2, "1e-2")
 
     @property
     def use_lora(self) -> bool:
         """Always: the reference policy is the UNet with its LoRA disabled (read by `trainers.ddpo.load_policy`)."""
         return True
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def validate(self) -> None:
         """Raise ValueError naming the first field that does not fit."""
+        super().validate()
         per_process = self.sample_batch_size * self.sample_num_batches_per_epoch
         online = self.mode == "online"
-        checks = [
+        require([
             (self.mode in MODES, "mode", f"one of {MODES}"),
             (self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}"),
             (self.beta > 0, "beta", "a value > 0"),
             (self.sft_weight >= 0, "sft_weight", "a value >= 0"),
-            (self.num_epochs >= 0, "num_epochs", "a value >= 0"),
-            (self.save_freq >= 1, "save_freq", "a value >= 1"),
-            (self.train_batch_size >= 1, "train_batch_size", "a value >= 1"),
-            (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps", "a value >= 1"),
             (self.train_num_inner_epochs >= 1, "train_num_inner_epochs", "a value >= 1"),
             (self.sample_batch_size >= 1 and self.sample_num_batches_per_epoch >= 1, "sample_batch_size", "positive batch sizes"),
-            (self.sample_num_steps >= 1, "sample_num_steps", "a value >= 1"),
-            (self.sample_eta >= 0, "sample_eta", "a value >= 0"),
-            (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
             (not online or self.group_size >= 2, "group_size", "at least 2 images per prompt to rank (online)"),
             (not online or per_process % self.group_size == 0, "group_size",
              f"a divisor of sample_batch_size * sample_num_batches_per_epoch = {per_process}"),
@@ -286,17 +204,7 @@ class DiffusionDPOConfig:
             (self.heldout_noise_draws >= 1, "heldout_noise_draws", "a value >= 1"),
             (self.max_train_pairs >= 0 and self.max_eval_pairs >= 0, "max_train_pairs/max_eval_pairs", "values >= 0"),
             (self.toy_num_train >= 1 and self.toy_num_test >= 1, "toy_num_train/toy_num_test", "values >= 1"),
-            warmup_check(self),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}: expected {expected}")
-        inference_dtype(self.mixed_precision)
-        if self.train_use_8bit_adam:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as error:
-                raise ValueError("train_use_8bit_adam: needs bitsandbytes installed (pip install bitsandbytes)") from error
+        ])
 
 
 # ------------------------------------------------------------------------------------------- the loss
@@ -1062,6 +970,8 @@ def main(argv: list[str]) -> int:
             prompts = trainer.train_data.prompts(64)
             config.eval_prompts = [] if are_toy_prompts(prompts) else list(dict.fromkeys(prompts))[:8]
         metrics = trainer.train()
+    if config.push_to_hub:
+        trainer.push_to_hub()
     if trainer.accelerator.is_main_process:
         for key in ("eval", "heldout"):
             before, after = metrics[f"{key}_before"], metrics[f"{key}_after"]

@@ -1,0 +1,209 @@
+"""What every diffusion trainer shares, written once: the config fields (`DiffusionTrainerConfig`), the generator a
+command loads (`GeneratorArguments`) and the trainer lifecycle (`DiffusionTrainer`); each algorithm adds its own."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+from trainers.common import inference_dtype, warmup_check
+
+DEFAULT_IN_HELP = re.compile(r"\(default [^()]*(\([^()]*\))?[^()]*\)")
+
+
+def redeclare(name: str, default: Any, shown: str) -> Any:
+    """`DiffusionTrainerConfig`'s field `name` with another default, for a subclass whose default differs: the same
+    metadata, its help's "(default ...)" now showing `shown`. A list or dict default is copied for each instance."""
+    base = DiffusionTrainerConfig.__dataclass_fields__[name]
+    help_text, count = DEFAULT_IN_HELP.subn(f"(default {shown})", base.metadata["help"])
+    if count != 1:
+        raise ValueError(f"{name}: its help must show its default once, as '(default ...)'")
+    metadata = {**base.metadata, "help": help_text}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def require(checks: Sequence[tuple[bool, str, str]]) -> None:
+    """Raise ValueError "<field>: expected <what>" for the first `(ok, field, what)` check that fails."""
+    for ok, name, expected in checks:
+        if not ok:
+            raise ValueError(f"{name}: expected {expected}")
+
+
+@dataclass
+class GeneratorArguments:
+    """The generator a trainer's command loads. Kept out of the TRL-named configs because TRL 0.23's example
+    scripts declare these names in their own `ScriptArguments`, parsed together with the config by one parser."""
+
+    pretrained_model: str = field(
+        default="",
+        metadata={"help": "diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random "
+                  "tiny pipeline (plumbing only) (default '')."},
+    )
+    pretrained_revision: str = field(default="main", metadata={"help": "Hub revision (default 'main')."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA (True) or the whole UNet (default True)."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank (default 4)."})
+    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (default 4)."})
+    sde_type: str = field(
+        default="",
+        metadata={"help": "The flow families' stochastic step, passed to the generator adapter; '' = the family's "
+                  "default (default '')."},
+    )
+
+
+@dataclass
+class DiffusionTrainerConfig:
+    """The fields every diffusion trainer's config shares, with TRL 0.23.1's names and DDPO's defaults (a trainer
+    whose TRL default differs re-declares the field with `redeclare`). Each field's `help` says its default."""
+
+    # ---- run, trackers, checkpoints (TRL 0.23) ----
+    exp_name: str = field(
+        default=os.path.basename(sys.argv[0]).removesuffix(".py"),  # TRL cut 3 characters: "rlhf" gave "r"
+        metadata={"help": "Name of this experiment (default: the script's file name without extension)."},
+    )
+    run_name: str = field(default="", metadata={"help": "Name of this run, for the tracker (default '')."})
+    seed: int = field(default=0, metadata={"help": "Random seed; every draw of the run derives from it (default 0)."})
+    log_with: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tracker: 'wandb' or 'tensorboard' (default None: files only).", "choices": ["wandb", "tensorboard"]},
+    )
+    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "init_kwargs for the tracker (default {})."})
+    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra Accelerator kwargs (default {})."})
+    project_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "accelerate ProjectConfiguration kwargs, as TRL 0.23 passes them (default {}). TRL's "
+                  "documented {project_dir: D, automatic_checkpoint_naming: true, total_limit: N}: checkpoints are "
+                  "D/checkpoints/checkpoint_<n> (the n-th save), accelerate keeps the last N, and the run writes only "
+                  "under D (output_dir is then unused)."},
+    )
+    tracker_project_name: str = field(default="trl", metadata={"help": "Tracker project name (default 'trl')."})
+    logdir: str = field(
+        default="logs", metadata={"help": "Tracker logging directory, relative to output_dir (default 'logs')."}
+    )
+    num_epochs: int = field(default=100, metadata={"help": "Number of epochs (default 100)."})
+    save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (default 1)."})
+    num_checkpoint_limit: int = field(
+        default=5,
+        metadata={"help": "Checkpoints kept (accelerate deletes older ones; 0 keeps all) when checkpoints are named by "
+                  "epoch; with project_kwargs' automatic_checkpoint_naming, its total_limit decides, as under TRL "
+                  "(default 5)."},
+    )
+    mixed_precision: str = field(
+        default="fp16",
+        metadata={"help": "'no', 'fp16' (CUDA only) or 'bf16': dtype of the frozen weights; LoRA stays float32 (default 'fp16')."},
+    )
+    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (default True)."})
+    resume_from: str = field(
+        default="",
+        metadata={"help": "Resume from a checkpoint_<n> directory, or the latest one in a checkpoints, run or project "
+                  "directory (default '')."},
+    )
+    # ---- sampling ----
+    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per image (default 50)."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, >= 0; 0 = deterministic DDIM (default 1.0)."})
+    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance weight (default 5.0)."})
+    sample_height: int = field(default=0, metadata={"help": "Image height; 0 = the model's size (default 0)."})
+    sample_width: int = field(default=0, metadata={"help": "Image width; 0 = the model's size (default 0)."})
+    negative_prompts: str = field(
+        default="", metadata={"help": "One negative prompt used for every sample; '' = unconditional (default '')."}
+    )
+    # ---- optimisation ----
+    train_batch_size: int = field(default=1, metadata={"help": "Samples per training minibatch, per process (default 1)."})
+    train_use_8bit_adam: bool = field(
+        default=False, metadata={"help": "8-bit AdamW from bitsandbytes (must be installed) (default False)."}
+    )
+    train_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate (default 3e-4)."})
+    train_adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (default 0.9)."})
+    train_adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (default 0.999)."})
+    train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay (default 1e-4)."})
+    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon (default 1e-8)."})
+    train_gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Minibatches accumulated per optimizer step (default 1)."}
+    )
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (default 1.0)."})
+    train_lr_scheduler: str = field(
+        default="constant", metadata={"help": "diffusers LR schedule name, e.g. constant, cosine (default constant)."}
+    )
+    train_lr_warmup_steps: int = field(
+        default=0, metadata={"help": "LR warmup optimizer steps; not with the 'constant' schedule, which ignores them (default 0)."}
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Call push_to_hub() after training: saves the LoRA locally; the upload itself needs "
+                  "network (huggingface_hub) (default False)."},
+    )
+    # ---- this project: outputs, prompts, reward, evaluation ----
+    output_dir: str = field(
+        default="runs",
+        metadata={"help": "Run directory (default 'runs'); with project_kwargs' automatic_checkpoint_naming the run is "
+                  "written under its project_dir instead."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "CLI: replace an earlier run in output_dir (its outputs are deleted); without it, or "
+                  "resume_from, a directory holding a run is refused (default False)."},
+    )
+    prompts: list[str] = field(
+        default_factory=list, metadata={"help": "CLI: training prompts, drawn uniformly (default: toy prompts)."}
+    )
+    prompts_file: str = field(
+        default="", metadata={"help": "CLI: a text file of training prompts, one per line (default '')."}
+    )
+    reward: dict = field(
+        default_factory=lambda: {"builtin": "toy_colour"},
+        metadata={"help": "CLI: the reward block for rlhf.reward_fn.build_reward (default {builtin: toy_colour})."},
+    )
+    eval_prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Evaluation prompts, sampled with every eval seed before and after training (default: none, "
+                  "no evaluation; the CLI uses the first 8 training prompts when given prompts that are not toy "
+                  "prompts)."},
+    )
+    eval_seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."}
+    )
+    num_grid_images: int = field(default=16, metadata={"help": "Images per epoch sample grid (default 16)."})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat `{name: scalar}` for trackers (TRL's shape): nested keys joined with '/', lists as strings."""
+        flat: dict[str, Any] = {}
+
+        def add(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    add(f"{prefix}/{key}", item)
+            else:
+                flat[prefix] = str(value) if isinstance(value, (list, tuple)) else value
+
+        for name, value in asdict(self).items():
+            add(name, value)
+        return flat
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first shared field that does not fit; a subclass checks its own fields after
+        calling this."""
+        require([
+            (self.num_epochs >= 0, "num_epochs", "a value >= 0"),
+            (self.save_freq >= 1, "save_freq", "a value >= 1"),
+            (self.num_checkpoint_limit >= 0, "num_checkpoint_limit", "a value >= 0 (0 keeps all)"),
+            (isinstance(self.project_kwargs, dict), "project_kwargs", "a mapping of accelerate ProjectConfiguration fields"),
+            (self.sample_num_steps >= 1, "sample_num_steps", "a value >= 1"),
+            (self.sample_eta >= 0, "sample_eta", "a value >= 0"),
+            (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
+            (self.train_batch_size >= 1, "train_batch_size", "a value >= 1"),
+            (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps", "a value >= 1"),
+            (self.num_grid_images >= 0, "num_grid_images", "a value >= 0"),
+            (not self.eval_prompts or len(self.eval_seeds) >= 1, "eval_seeds", "at least one seed with eval_prompts"),
+            warmup_check(self),
+        ])
+        inference_dtype(self.mixed_precision)
+        if self.train_use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as error:
+                raise ValueError("train_use_8bit_adam: needs bitsandbytes installed (pip install bitsandbytes)") from error
