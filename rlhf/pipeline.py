@@ -12,6 +12,7 @@ from PIL import Image
 
 from rlhf.generators.backprop import RGBWithGradOutput, backprop_steps, sample_with_grad
 from rlhf.generators.base import BASE_MODEL_FILE, LORA_WEIGHT_NAME
+from rlhf.generators.sampling import sample_trajectories
 from rlhf.generators.stable_diffusion import DEFAULT_LORA_TARGETS, StableDiffusionAdapter
 from rlhf.scheduling import ddim_step_with_logprob
 
@@ -101,7 +102,8 @@ class DDPOStableDiffusionPipeline(StableDiffusionAdapter):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pt",
     ) -> DDPOPipelineOutput:
-        """Sample images with stochastic DDIM (`eta` > 0), recording every latent and step log-prob.
+        """Sample images with DDIM at `eta` (0: deterministic, log-probs 0) through the one sampling loop
+        (`rlhf.generators.sampling.sample_trajectories`), recording every latent and step log-prob.
 
         Every random draw (initial noise, per-step noise) comes from `generator`, so a call reproduces from
         its seed; without one the global torch RNG is used, as in diffusers. `height`/`width` default to the
@@ -113,23 +115,20 @@ class DDPOStableDiffusionPipeline(StableDiffusionAdapter):
             generator=generator, latents=latents, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
         )
-        all_latents, all_log_probs = [latents], []
-        with self.sd_pipeline.progress_bar(total=num_inference_steps) as progress:
-            for timestep in timesteps:
-                noise_pred = self.predict(latents, timestep, conditioning, guidance_scale)
-                latents, log_prob = ddim_step_with_logprob(
-                    self.scheduler, noise_pred, timestep, latents, eta=eta, generator=generator
-                )
-                all_latents.append(latents)
-                all_log_probs.append(log_prob)
-                progress.update()
-        images = self.decode(latents)
+        sampled = sample_trajectories(
+            self, None, num_steps=num_inference_steps, guidance_scale=guidance_scale, noise_level=eta,
+            height=height or self.default_size, width=width or self.default_size, generator=generator,
+            conditioning=conditioning, initial_latents=latents,
+        )
+        images = sampled.images
         if output_type in ("pil", "np"):
             arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
             images = [Image.fromarray(a) for a in arrays] if output_type == "pil" else arrays
         elif output_type != "pt":
             raise ValueError(f"output_type: expected 'pt', 'pil' or 'np', got {output_type!r}")
-        return DDPOPipelineOutput(images, all_latents, all_log_probs, timesteps.clone(), conditioning)
+        return DDPOPipelineOutput(
+            images, list(sampled.latents.unbind(1)), list(sampled.log_probs.unbind(1)), timesteps.clone(), conditioning
+        )
 
     def rgb_with_grad(
         self,

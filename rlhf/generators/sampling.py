@@ -62,7 +62,7 @@ def sde_window(num_steps: int, size: int, start_range: Sequence[int] | None, gen
 @torch.no_grad()
 def sample_trajectories(
     adapter: GeneratorAdapter,
-    prompts: list[str],
+    prompts: list[str] | None,
     *,
     num_steps: int,
     guidance_scale: float,
@@ -79,8 +79,10 @@ def sample_trajectories(
     `noise_level` and the others with the deterministic step (noise_level 0). Guidance applies when
     `guidance_scale > 1` (classifier-free); a guidance-distilled family reads the scale itself. Every draw comes
     from `generator` (one, or one per image). A precomputed `conditioning` skips the text encoders; given
-    `initial_latents` (float32, scaled) replace the first draw."""
+    `initial_latents` (float32, scaled) replace the first draw. `prompts` may be None when both are given."""
     guided = guidance_scale > 1.0
+    if prompts is None and (conditioning is None or initial_latents is None):
+        raise ValueError("prompts: needed unless both conditioning and initial_latents are given")
     if conditioning is None:
         conditioning = adapter.encode_prompt(prompts, negative_prompts, guidance=guided, height=height, width=width)
     timesteps = adapter.set_timesteps(num_steps, height, width)
