@@ -16,6 +16,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from rlhf.generators.base import GeneratorAdapter
+from rlhf.generators.sampling import sample_trajectories
 
 RewardFn = Callable[..., tuple[torch.Tensor, dict]]
 POTENTIALS = ("max", "difference", "sum")
@@ -79,12 +80,12 @@ class _Sampler:
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Denoise a batch of initial noises to images [B, 3, H, W]."""
-        conditioning = self.conditioning(len(noise))
-        latents = noise * self.pipeline.init_noise_sigma
-        for timestep in self.pipeline.set_timesteps(self.num_inference_steps, self.height, self.width):
-            latents, _ = self.step(latents, timestep, conditioning, generator)
-        return self.pipeline.decode(latents)
+        """Denoise a batch of initial noises to images [B, 3, H, W] (the trainers' sampling loop)."""
+        return sample_trajectories(
+            self.pipeline, None, num_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+            noise_level=self.eta, height=self.height, width=self.width, generator=generator,
+            conditioning=self.conditioning(len(noise)), initial_latents=noise * self.pipeline.init_noise_sigma,
+        ).images
 
 
 def _rewards(reward_fn: RewardFn, images: torch.Tensor, prompt: str) -> torch.Tensor:
