@@ -359,9 +359,9 @@ def test_evaluation_samples_only_when_asked_and_is_timed_apart(tiny_sd: Path, tm
     cases = {"plain": {"eval_prompts": []}, "evaluated": {"eval_prompts": PROMPTS, "eval_seeds": [0, 1, 2]}}
     for name, extra in cases.items():
         trainer = make_trainer(tiny_sd, small_config(tmp_path / name, num_epochs=1, num_grid_images=0, **extra))
-        sample = trainer._sample
+        sample = trainer.sample
         drawn[name] = []
-        trainer._sample = lambda prompts, generator, sample=sample, log=drawn[name]: log.append(len(prompts)) or \
+        trainer.sample = lambda prompts, generator, sample=sample, log=drawn[name]: log.append(len(prompts)) or \
             sample(prompts, generator)
         metrics = trainer.train()
         AcceleratorState._reset_state(reset_partial_state=True)

@@ -9,26 +9,9 @@ from typing import Any, Callable
 
 import torch
 
-from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
-from trainers.common import (
-    PolicyExport,
-    build_lr_scheduler,
-    build_optimizer,
-    draw_prompts,
-    evaluate,
-    evaluate_and_train,
-    finish_run,
-    load_weighting_state,
-    peak_memory_mb,
-    perspective_values,
-    policy_checkpointer,
-    reseed_global_rngs,
-    reward_evaluations,
-    seeded_generator,
-    start_run,
-    weighting_state,
-)
-from trainers.base import DiffusionTrainerConfig, redeclare, require
+from rlhf.pipeline import RGBWithGradOutput
+from trainers.base import DiffusionTrainer, DiffusionTrainerConfig, redeclare, require
+from trainers.common import draw_prompts, peak_memory_mb, perspective_values, reseed_global_rngs, seeded_generator
 from trainers.ddpo import run_trainer_command
 
 METHODS = ("alignprop", "draft_k", "draft_lv")
@@ -152,7 +135,7 @@ def check_differentiable_reward(
         )
 
 
-class AlignPropTrainer(PolicyExport):
+class AlignPropTrainer(DiffusionTrainer):
     """AlignProp / DRaFT on accelerate, with TRL 0.23's constructor and `train()`.
 
     Args:
@@ -168,42 +151,35 @@ class AlignPropTrainer(PolicyExport):
             last minibatch.
     """
 
-    def __init__(
-        self,
-        config: AlignPropConfig,
-        reward_function: Callable[..., Any],
-        prompt_function: Callable[[], Any],
-        sd_pipeline: DDPOStableDiffusionPipeline,
-        image_samples_hook: Callable[[Any, int, Any], Any] | None = None,
-    ) -> None:
-        config.validate()
-        self.height = config.sample_height or sd_pipeline.default_size
-        self.width = config.sample_width or sd_pipeline.default_size
-        check_differentiable_reward(reward_function, prompt_function, self.height, self.width)
-        self.config = config
-        self.reward_fn = reward_function
-        self.prompt_fn = prompt_function
-        self.sd_pipeline = sd_pipeline
-        self.image_samples_hook = image_samples_hook
-        self.accelerator, self.outputs = start_run(config, sd_pipeline, config.train_gradient_accumulation_steps)
-        parameters = sd_pipeline.trainable_parameters()
-        optimizer = build_optimizer(config, parameters)
-        lr_scheduler = build_lr_scheduler(config, optimizer, config.num_epochs, self.accelerator.num_processes)
-        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(sd_pipeline.unet, optimizer, lr_scheduler)
-        self.trainable = parameters
-        self.checkpointer = policy_checkpointer(self.accelerator, config, sd_pipeline)
-        self.first_epoch, self.global_step = 0, 0
-        self.eval_before: dict[str, Any] | None = None
-        self.last_row: dict[str, Any] = {}
-        if config.resume_from:
-            state = self.checkpointer.load(config.resume_from)
-            self.first_epoch = state["epoch"] + 1
-            self.global_step = state["global_step"]
-            self.eval_before = state["eval_before"]
-            load_weighting_state(self.reward_fn, state.get("weighting"))
-            self.outputs.keep_history_until(state["epoch"])
+    curves = ("reward_mean", "loss", "grad_norm", "backprop_steps_mean")
 
-    # ---- setup helpers ---------------------------------------------------------------------------------------
+    config: AlignPropConfig
+
+    def check_inputs(
+        self, config: Any, reward_function: Callable[..., Any], prompt_function: Callable[[], Any], sd_pipeline: Any
+    ) -> None:
+        check_differentiable_reward(
+            reward_function, prompt_function, config.sample_height or sd_pipeline.default_size,
+            config.sample_width or sd_pipeline.default_size,
+        )
+
+    def backward_calls_per_step(self) -> int:
+        return self.config.train_gradient_accumulation_steps
+
+    def optimizer_steps(self) -> int:
+        return self.config.num_epochs  # one optimizer step per epoch
+
+    @property
+    def progress_name(self) -> str:  # type: ignore[override]
+        return f"{self.config.method} epochs"
+
+    def evaluation_batch_size(self) -> int:
+        return self.config.eval_batch_size
+
+    def sample_images(self, prompts: list[str], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+        """Evaluation images: the full chain without a graph."""
+        with torch.no_grad():
+            return self._rgb_with_grad(prompts, generator, backprop_steps=self.config.sample_num_steps).images
 
     # ---- sampling with gradients ----------------------------------------------------------------------------
 
@@ -333,56 +309,8 @@ class AlignPropTrainer(PolicyExport):
             "time_epoch": time.perf_counter() - began,
             "peak_memory_mb": peak_memory_mb(self.accelerator.device),
         }
-        self.outputs.append_history(row)
-        if self.config.log_with:
-            self.accelerator.log(row, step=epoch)
-        if (epoch + 1) % self.config.save_freq == 0 or epoch == self.config.num_epochs - 1:
-            self.checkpointer.save(
-                epoch,
-                {"global_step": self.global_step, "eval_before": self.eval_before, "weighting": weighting_state(self.reward_fn)},
-            )
-        self.last_row = row
+        self.end_epoch(epoch, row)
         return self.global_step
-
-    def _sample(self, prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
-        with torch.no_grad():
-            return self._rgb_with_grad(prompts, generators, backprop_steps=self.config.sample_num_steps).images
-
-    def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
-        """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`); None when the
-        config names no `eval_prompts` (TRL never evaluated: a run samples only what the user asked for)."""
-        prompts = self.eval_prompts()
-        if not prompts:
-            return None
-        self.sd_pipeline.unet.eval()
-        metrics, samples = evaluate(
-            self._sample,
-            self.reward_fn,
-            prompts,
-            self.config.eval_seeds,
-            batch_size=self.config.eval_batch_size,
-            accelerator=self.accelerator,
-            description=f"evaluating ({stage or 'policy'})",
-        )
-        if stage:
-            self.outputs.save_evaluation(stage, samples)
-        return metrics
-
-    def eval_prompts(self) -> list[str]:
-        """The config's evaluation prompts (empty: no evaluation)."""
-        return list(self.config.eval_prompts)
-
-    def train(self, epochs: int | None = None) -> dict[str, Any]:
-        """Evaluate (when `eval_prompts` are set), train from `first_epoch` to `epochs` (default `num_epochs`),
-        evaluate again; write `metrics.json` (with `eval_seconds` apart from `train_seconds`), the curves and the
-        final policy (`lora` in the run directory). Returns the metrics."""
-        end = self.config.num_epochs if epochs is None else epochs
-        eval_after, seconds = evaluate_and_train(self, end, f"{self.config.method} epochs")
-        metrics = {"eval_before": self.eval_before, "eval_after": eval_after, "epochs": end, "global_step": self.global_step,
-                   **seconds}
-        curves = ["reward_mean", "loss", "grad_norm", "backprop_steps_mean"]
-        finish_run(self, metrics, curves, reward_evaluations(metrics), plot=self.write_curves)
-        return metrics
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -8,9 +8,26 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from trainers.common import inference_dtype, warmup_check
+import torch
+
+from trainers.common import (
+    PhaseTimer,
+    PolicyExport,
+    build_lr_scheduler,
+    build_optimizer,
+    epoch_progress,
+    evaluate,
+    finish_run,
+    inference_dtype,
+    load_weighting_state,
+    policy_checkpointer,
+    reward_evaluations,
+    start_run,
+    warmup_check,
+    weighting_state,
+)
 
 DEFAULT_IN_HELP = re.compile(r"\(default [^()]*(\([^()]*\))?[^()]*\)")
 
@@ -207,3 +224,208 @@ class DiffusionTrainerConfig:
                 import bitsandbytes  # noqa: F401
             except ImportError as error:
                 raise ValueError("train_use_8bit_adam: needs bitsandbytes installed (pip install bitsandbytes)") from error
+
+
+class DiffusionTrainer(PolicyExport):
+    """The lifecycle every diffusion trainer shares, written once; a subclass supplies its algorithm.
+
+    Set-up (TRL 0.23's constructor): `start` (config, pipeline, reward and prompt functions, accelerator and run
+    outputs, image size), then the subclass's `setup`, then `prepare` (optimizer, LR schedule, the accelerator-prepared
+    UNet, checkpointer, resume); a trainer with another constructor (Diffusion-DPO) calls these three itself.
+    `train()` evaluates (`evaluations("before")`, unless a resumed checkpoint holds it), runs `step(epoch,
+    global_step)` over the epochs, evaluates again and finishes the run (metrics.json, curves, the policy).
+
+    A subclass implements `step` (ending with `end_epoch`) and `optimizer_steps`, and may extend `check_inputs`,
+    `backward_calls_per_step`, `setup`, `checkpoint_state` / `load_checkpoint_state`
+    (what its checkpoint holds beyond the shared state), `extra_metrics`, `evaluations`, `sample_images` and the class
+    attributes `progress_name`, `progress_columns` and `curves`.
+    """
+
+    progress_name = "epochs"  # the epoch bar's description
+    progress_columns: tuple[str, ...] = ("reward_mean",)  # history columns the epoch bar shows
+    curves: tuple[str, ...] = ("reward_mean", "loss")  # history columns drawn in training_curves.png
+
+    def __init__(
+        self,
+        config: DiffusionTrainerConfig,
+        reward_function: Callable[..., Any],
+        prompt_function: Callable[[], Any],
+        sd_pipeline: Any,
+        image_samples_hook: Callable[[Any, int, Any], Any] | None = None,
+    ) -> None:
+        """TRL 0.23's constructor: `config.validate()`, `check_inputs`, `start`, `setup`, `prepare`."""
+        config.validate()
+        self.check_inputs(config, reward_function, prompt_function, sd_pipeline)
+        self.image_samples_hook = image_samples_hook
+        self.start(config, sd_pipeline, reward_function, prompt_function)
+        self.setup()
+        self.prepare(self.optimizer_steps())
+
+    def start(
+        self,
+        config: DiffusionTrainerConfig,
+        sd_pipeline: Any,
+        reward_function: Callable[..., Any] | None,
+        prompt_function: Callable[[], Any] | None,
+    ) -> None:
+        """Keep the run's inputs; build the accelerator (counting `backward_calls_per_step()`) and the run outputs;
+        move the pipeline to the device; set the image size."""
+        self.config, self.sd_pipeline = config, sd_pipeline
+        self.reward_fn, self.prompt_fn = reward_function, prompt_function
+        self.accelerator, self.outputs = start_run(config, sd_pipeline, self.backward_calls_per_step())
+        self.height = config.sample_height or sd_pipeline.default_size
+        self.width = config.sample_width or sd_pipeline.default_size
+        self.first_epoch, self.global_step, self.num_nonfinite = 0, 0, 0
+        self.before: dict[str, Any] | None = None  # evaluations("before"), once taken (kept in checkpoints)
+        self.last_row: dict[str, Any] = {}
+
+    def prepare(self, optimizer_steps: int) -> None:
+        """AdamW and the LR schedule over `optimizer_steps` for the pipeline's trainable parameters, prepared with the
+        UNet by accelerate; the checkpointer; then the state of `config.resume_from`, if given."""
+        self.trainable = self.sd_pipeline.trainable_parameters()
+        optimizer = build_optimizer(self.config, self.trainable)
+        lr_scheduler = build_lr_scheduler(self.config, optimizer, optimizer_steps, self.accelerator.num_processes)
+        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.sd_pipeline.unet, optimizer, lr_scheduler)
+        self.checkpointer = policy_checkpointer(self.accelerator, self.config, self.sd_pipeline)
+        # a resumed run rewrites what followed its checkpoint; a new one starts its own history
+        resumed_epoch = -1
+        if self.config.resume_from:
+            state = self.checkpointer.load(self.config.resume_from)
+            resumed_epoch = state["epoch"]
+            self.first_epoch, self.global_step = resumed_epoch + 1, state["global_step"]
+            self.num_nonfinite, self.before = state["num_nonfinite_rewards"], state["before"]
+            load_weighting_state(self.reward_fn, state.get("weighting"))
+            self.load_checkpoint_state(state)
+        self.outputs.keep_history_until(resumed_epoch)
+
+    # ---- what a subclass may extend ----------------------------------------------------------------------------
+
+    def check_inputs(
+        self, config: Any, reward_function: Callable[..., Any], prompt_function: Callable[[], Any], sd_pipeline: Any
+    ) -> None:
+        """Refuse inputs the algorithm cannot train with, before anything is written (ValueError naming the field)."""
+
+    def backward_calls_per_step(self) -> int:
+        """Backward calls per optimizer step, as accelerate's gradient accumulation counts them (1: the trainer
+        accumulates by itself)."""
+        return 1
+
+    def setup(self) -> None:
+        """The algorithm's own set-up, between `start` and `prepare`."""
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, for the LR schedule."""
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The trainer state a checkpoint holds besides the policy, optimizer and RNGs (JSON-serialisable)."""
+        return {
+            "global_step": self.global_step,
+            "num_nonfinite_rewards": self.num_nonfinite,
+            "before": self.before,
+            "weighting": weighting_state(self.reward_fn),
+        }
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore the algorithm's own part of `checkpoint_state` (the shared part is restored by `prepare`)."""
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """The algorithm's entries in metrics.json besides the evaluations, epochs and global step."""
+        return {}
+
+    def evaluations(self, stage: str) -> dict[str, Any]:
+        """The evaluations taken before and after training, by name; metrics.json holds each as `<name>_<stage>`."""
+        return {"eval": self.evaluate(stage)}
+
+    def evaluation_points(self, metrics: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+        """The evaluations drawn on the training curves, by history column."""
+        return reward_evaluations(metrics)
+
+    def sample_images(self, prompts: list[str], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+        """Evaluation images of `prompts`, float BCHW in [0, 1], from the current policy."""
+        return self.sample(prompts, generator).images
+
+    def evaluation_batch_size(self) -> int:
+        """Images per evaluation sampling call."""
+        return self.config.sample_batch_size
+
+    def release(self) -> None:
+        """Free what the run holds besides the accelerator (called once training and evaluation are done)."""
+
+    # ---- the lifecycle -----------------------------------------------------------------------------------------
+
+    def sample(self, prompts: list[str], generator: torch.Generator | list[torch.Generator]) -> Any:
+        """The pipeline's sampling of `prompts` with the configured size, steps, guidance, negative prompt and eta."""
+        negative = [self.config.negative_prompts] * len(prompts) if self.config.negative_prompts else None
+        return self.sd_pipeline(
+            prompts,
+            height=self.height,
+            width=self.width,
+            num_inference_steps=self.config.sample_num_steps,
+            guidance_scale=self.config.sample_guidance_scale,
+            negative_prompt=negative,
+            eta=self.config.sample_eta,
+            generator=generator,
+        )
+
+    def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        """Record an epoch's `row` (history, tracker) and checkpoint every `save_freq` epochs and after the last."""
+        self.outputs.append_history(row)
+        if self.config.log_with:
+            self.accelerator.log(row, step=epoch)
+        if (epoch + 1) % self.config.save_freq == 0 or epoch == self.config.num_epochs - 1:
+            self.checkpointer.save(epoch, self.checkpoint_state())
+        self.last_row = row
+
+    def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
+        """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`); None without a
+        reward function or `eval_prompts` (TRL never evaluated: a run samples only what the user asked for)."""
+        prompts = self.eval_prompts()
+        if self.reward_fn is None or not prompts:
+            return None
+        self.sd_pipeline.unet.eval()
+        metrics, samples = evaluate(
+            self.sample_images,
+            self.reward_fn,
+            prompts,
+            self.config.eval_seeds,
+            batch_size=self.evaluation_batch_size(),
+            accelerator=self.accelerator,
+            description=f"evaluating ({stage or 'policy'})",
+        )
+        if stage:
+            self.outputs.save_evaluation(stage, samples)
+        return metrics
+
+    def eval_prompts(self) -> list[str]:
+        """The config's evaluation prompts (empty: no evaluation)."""
+        return list(self.config.eval_prompts)
+
+    def train(self, epochs: int | None = None) -> dict[str, Any]:
+        """Evaluate (when asked: `eval_prompts`, or the algorithm's own evaluations), train from `first_epoch` to
+        `epochs` (default `num_epochs`), evaluate again; write `metrics.json` (the evaluations as `<name>_before` /
+        `<name>_after`; `eval_seconds` apart from `train_seconds` in timings.json), the curves and the final policy
+        (`lora` in the run directory). Returns the metrics."""
+        end = self.config.num_epochs if epochs is None else epochs
+        timer = PhaseTimer()
+        with timer("eval"):
+            if self.before is None:
+                self.before = self.evaluations("before")
+        progress = epoch_progress(self.first_epoch, end, self.progress_name, self.accelerator.is_local_main_process)
+        with timer("train"):
+            for epoch in progress:
+                self.step(epoch, self.global_step)
+                progress.set_postfix({key: f"{self.last_row.get(key, float('nan')):.4f}" for key in self.progress_columns})
+        with timer("eval"):
+            after = self.evaluations("after")
+        metrics: dict[str, Any] = {}
+        for name in self.before:
+            metrics[f"{name}_before"], metrics[f"{name}_after"] = self.before[name], after[name]
+        metrics.update({"epochs": end, "global_step": self.global_step, **self.extra_metrics(), **timer.metrics()})
+        self.release()
+        finish_run(self, metrics, self.curves, self.evaluation_points(metrics), plot=self.write_curves)
+        return metrics
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch of the algorithm, ending with `end_epoch`. Returns the global step (TRL 0.23's signature)."""
+        raise NotImplementedError

@@ -36,22 +36,6 @@ TIMINGS_FILE = "timings.json"
 POLICY_WEIGHTS_FILE = "policy.safetensors"
 LORA_SUBDIR = "lora"
 
-# The help of the checkpoint fields every diffusion config shares (TRL 0.23's names and defaults)
-PROJECT_KWARGS_HELP = (
-    "accelerate ProjectConfiguration kwargs, as TRL 0.23 passes them (default {}). TRL's documented "
-    "{project_dir: D, automatic_checkpoint_naming: true, total_limit: N}: checkpoints are D/checkpoints/checkpoint_<n> "
-    "(the n-th save), accelerate keeps the last N, and the run writes only under D (output_dir is then unused)."
-)
-RESUME_FROM_HELP = (
-    "Resume from a checkpoint_<n> directory, or the latest one in a checkpoints, run or project directory "
-    "(default '')."
-)
-OUTPUT_DIR_NOTE = "with project_kwargs' automatic_checkpoint_naming the run is written under its project_dir instead."
-CHECKPOINT_LIMIT_HELP = (
-    "Checkpoints kept (accelerate deletes older ones; 0 keeps all) when checkpoints are named by epoch; with "
-    "project_kwargs' automatic_checkpoint_naming, its total_limit decides, as under TRL (default 5)."
-)
-
 # ------------------------------------------------------------------------------------------- seeds
 
 
@@ -452,7 +436,8 @@ class PhaseTimer:
 
 
 def evaluate_and_train(trainer: Any, end: int, description: str) -> tuple[dict[str, Any] | None, dict[str, float]]:
-    """The body of the TRL-shaped trainers' `train()` (DDPO, AlignProp): `trainer.evaluate("before")` unless a
+    """The body of GRPO's `train()` (the other trainers' is `trainers.base.DiffusionTrainer.train`, which GRPO is
+    to adopt): `trainer.evaluate("before")` unless a
     resumed run's checkpoint holds it (`trainer.eval_before`), `trainer.step(epoch, global_step)` for epochs
     `first_epoch..end-1` under a bar showing each epoch's mean reward, then `trainer.evaluate("after")`.
     Returns the evaluation after and the `PhaseTimer` seconds (evaluation apart from training)."""

@@ -18,31 +18,20 @@ from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.reward_fn import AsyncReward
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
+from trainers.base import DiffusionTrainer, DiffusionTrainerConfig, GeneratorArguments, redeclare, require
 from trainers.common import (
-    PolicyExport,
     are_toy_prompts,
-    build_lr_scheduler,
-    build_optimizer,
     build_process_reward,
     draw_prompts,
     eval_reward_change,
-    evaluate,
-    evaluate_and_train,
-    finish_run,
-    load_weighting_state,
     peak_memory_mb,
     perspective_values,
-    policy_checkpointer,
     reseed_global_rngs,
     reward_result,
-    reward_evaluations,
     run_directory,
     seeded_generator,
-    start_run,
     training_command,
-    weighting_state,
 )
-from trainers.base import DiffusionTrainerConfig, GeneratorArguments, redeclare, require
 
 TINY_MODEL = "tiny"
 
@@ -140,7 +129,7 @@ class DDPOConfig(DiffusionTrainerConfig):
         ])
 
 
-class DDPOTrainer(PolicyExport):
+class DDPOTrainer(DiffusionTrainer):
     """DDPO (Black et al. 2023) on accelerate, with TRL 0.23's constructor and `train()`.
 
     Args:
@@ -156,36 +145,35 @@ class DDPOTrainer(PolicyExport):
             `([[images, prompts, metadata, rewards, reward_info], ...], global_step, tracker or None)`.
     """
 
-    def __init__(
-        self,
-        config: DDPOConfig,
-        reward_function: Callable[..., Any],
-        prompt_function: Callable[[], Any],
-        sd_pipeline: DDPOStableDiffusionPipeline,
-        image_samples_hook: Callable[[Any, int, Any], Any] | None = None,
+    progress_name = "DDPO epochs"
+    curves = ("reward_mean", "approx_kl", "clipfrac", "loss")
+
+    config: DDPOConfig
+
+    def check_inputs(
+        self, config: Any, reward_function: Callable[..., Any], prompt_function: Callable[[], Any], sd_pipeline: Any
     ) -> None:
-        config.validate()
         if config.kl_coef > 0 and not sd_pipeline.use_lora:
             raise ValueError("kl_coef: expected 0 without LoRA (the reference policy is the LoRA-free UNet)")
-        self.config = config
-        self.reward_fn = reward_function
-        self.prompt_fn = prompt_function
-        self.sd_pipeline = sd_pipeline
-        self.image_samples_hook = image_samples_hook
-        self.num_train_timesteps = max(1, int(config.sample_num_steps * config.train_timestep_fraction))
-        self.timesteps_per_forward = config.train_timesteps_per_forward or self.num_train_timesteps
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Timesteps of each trajectory trained on."""
+        return max(1, int(self.config.sample_num_steps * self.config.train_timestep_fraction))
+
+    @property
+    def timesteps_per_forward(self) -> int:
+        """Timesteps per sample batched into one UNet call."""
+        return self.config.train_timesteps_per_forward or self.num_train_timesteps
+
+    def backward_calls_per_step(self) -> int:
+        # one per timestep chunk, over every accumulated minibatch
         forwards_per_minibatch = -(-self.num_train_timesteps // self.timesteps_per_forward)
-        # accelerate counts backward calls: one per timestep chunk, over every accumulated minibatch
-        self.accelerator, self.outputs = start_run(
-            config, sd_pipeline, config.train_gradient_accumulation_steps * forwards_per_minibatch
-        )
-        self.height = config.sample_height or sd_pipeline.default_size
-        self.width = config.sample_width or sd_pipeline.default_size
-        parameters = sd_pipeline.trainable_parameters()
-        optimizer = build_optimizer(config, parameters)
-        minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
-        optimizer_steps = config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
-        lr_scheduler = build_lr_scheduler(config, optimizer, optimizer_steps, self.accelerator.num_processes)
+        return self.config.train_gradient_accumulation_steps * forwards_per_minibatch
+
+    def setup(self) -> None:
+        """DeepSpeed's batch settings, the per-prompt reward statistics and the asynchronous reward path."""
+        config = self.config
         deepspeed = self.accelerator.state.deepspeed_plugin
         if deepspeed is not None:
             # without a dataloader DeepSpeed cannot infer these: one minibatch of trajectories per micro-step
@@ -196,50 +184,41 @@ class DDPOTrainer(PolicyExport):
                     "gradient_clipping": config.train_max_grad_norm,
                 }
             )
-        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(sd_pipeline.unet, optimizer, lr_scheduler)
-        self.trainable = parameters
         self.stat_tracker = (
             PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count)
             if config.per_prompt_stat_tracking
             else None
         )
-        self.checkpointer = policy_checkpointer(self.accelerator, config, sd_pipeline)
         # one ordered path for asynchronous rewards: the reward's own `submit` (ours score in call order on one
         # worker) or one worker around a plain function, so a stateful reward (running or per-prompt normalisation)
         # folds its batches in sampling order, as without async, and a resumed run equals an uninterrupted one
         self.async_reward = None
         if config.async_reward_computation:
-            self.async_reward = reward_function if hasattr(reward_function, "submit") else AsyncReward(reward_function)
-        self.first_epoch, self.global_step, self.num_nonfinite = 0, 0, 0
-        self.eval_before: dict[str, Any] | None = None
-        self.last_row: dict[str, Any] = {}
-        if config.resume_from:
-            state = self.checkpointer.load(config.resume_from)
-            self.first_epoch = state["epoch"] + 1
-            self.global_step = state["global_step"]
-            self.num_nonfinite = state["num_nonfinite_rewards"]
-            self.eval_before = state["eval_before"]
-            if self.stat_tracker is not None:
-                self.stat_tracker.load_state_dict(state["stat_tracker"])
-            load_weighting_state(self.reward_fn, state.get("weighting"))
-            self.outputs.keep_history_until(state["epoch"])
+            reward = self.reward_fn
+            self.async_reward = reward if hasattr(reward, "submit") else AsyncReward(reward)
 
-    # ---- setup helpers ---------------------------------------------------------------------------------------
+    def optimizer_steps(self) -> int:
+        config = self.config
+        minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
+        return config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The shared state and the per-prompt reward statistics."""
+        state = self.stat_tracker.state_dict() if self.stat_tracker is not None else None
+        return {**super().checkpoint_state(), "stat_tracker": state}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if self.stat_tracker is not None:
+            self.stat_tracker.load_state_dict(state["stat_tracker"])
+
+    def extra_metrics(self) -> dict[str, Any]:
+        return {"num_nonfinite_rewards": self.num_nonfinite}
+
+    def release(self) -> None:
+        if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
+            self.async_reward.close()  # the worker we made around a plain function; a reward's own stays its own
 
     # ---- sampling --------------------------------------------------------------------------------------------
-
-    def _sample(self, prompts: list[str], generator: torch.Generator | list[torch.Generator]) -> Any:
-        negative = [self.config.negative_prompts] * len(prompts) if self.config.negative_prompts else None
-        return self.sd_pipeline(
-            prompts,
-            height=self.height,
-            width=self.width,
-            num_inference_steps=self.config.sample_num_steps,
-            guidance_scale=self.config.sample_guidance_scale,
-            negative_prompt=negative,
-            eta=self.config.sample_eta,
-            generator=generator,
-        )
 
     def sample_epoch(self, epoch: int) -> tuple["Rollout", dict[str, float]]:
         """Sample and score this process's trajectories for `epoch`; with async rewards each batch is scored
@@ -257,7 +236,7 @@ class DDPOTrainer(PolicyExport):
         for start in range(0, len(prompts), size):
             batch_prompts, batch_meta = prompts[start : start + size], metadata[start : start + size]
             began = time.perf_counter()
-            output = self._sample(batch_prompts, generator)
+            output = self.sample(batch_prompts, generator)
             latents = torch.stack(output.latents, dim=1)
             batches.append(
                 {
@@ -476,67 +455,8 @@ class DDPOTrainer(PolicyExport):
             "samples_per_s": samples / max(timings["time_sampling"] + timings["time_reward"], 1e-9),
             "peak_memory_mb": peak_memory_mb(self.accelerator.device),
         }
-        self.outputs.append_history(row)
-        if self.config.log_with:
-            self.accelerator.log(row, step=epoch)
-        last = epoch == self.config.num_epochs - 1
-        if (epoch + 1) % self.config.save_freq == 0 or last:
-            self.checkpointer.save(
-                epoch,
-                {
-                    "global_step": self.global_step,
-                    "num_nonfinite_rewards": self.num_nonfinite,
-                    "eval_before": self.eval_before,
-                    "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker is not None else None,
-                    "weighting": weighting_state(self.reward_fn),
-                },
-            )
-        self.last_row = row
+        self.end_epoch(epoch, row)
         return self.global_step
-
-    def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
-        """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`); None when the
-        config names no `eval_prompts` (TRL never evaluated: a run samples only what the user asked for)."""
-        prompts = self.eval_prompts()
-        if not prompts:
-            return None
-        self.sd_pipeline.unet.eval()
-        metrics, samples = evaluate(
-            lambda chunk, generator: self._sample(chunk, generator).images,
-            self.reward_fn,
-            prompts,
-            self.config.eval_seeds,
-            batch_size=max(self.config.sample_batch_size, 1),
-            accelerator=self.accelerator,
-            description=f"evaluating ({stage or 'policy'})",
-        )
-        if stage:
-            self.outputs.save_evaluation(stage, samples)
-        return metrics
-
-    def eval_prompts(self) -> list[str]:
-        """The config's evaluation prompts (empty: no evaluation)."""
-        return list(self.config.eval_prompts)
-
-    def train(self, epochs: int | None = None) -> dict[str, Any]:
-        """Evaluate (when `eval_prompts` are set), train from `first_epoch` to `epochs` (default `num_epochs`),
-        evaluate again; write `metrics.json` (with `eval_seconds` apart from `train_seconds`), the curves and the
-        final policy (`lora` in the run directory). Returns the metrics."""
-        end = self.config.num_epochs if epochs is None else epochs
-        eval_after, seconds = evaluate_and_train(self, end, "DDPO epochs")
-        metrics = {
-            "eval_before": self.eval_before,
-            "eval_after": eval_after,
-            "epochs": end,
-            "global_step": self.global_step,
-            "num_nonfinite_rewards": self.num_nonfinite,
-            **seconds,
-        }
-        if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
-            self.async_reward.close()  # the worker we made around a plain function; a reward's own stays its own
-        finish_run(self, metrics, ["reward_mean", "approx_kl", "clipfrac", "loss"], reward_evaluations(metrics),
-                   plot=self.write_curves)
-        return metrics
 
 
 @dataclass

@@ -22,33 +22,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
+from trainers.base import DiffusionTrainer, DiffusionTrainerConfig, redeclare, require
 from trainers.common import (
-    PhaseTimer,
-    PolicyExport,
-    are_toy_prompts,
-    build_lr_scheduler,
-    build_optimizer,
-    build_process_reward,
-    draw_prompts,
-    epoch_progress,
-    eval_reward_change,
-    evaluate,
-    finish_run,
-    load_weighting_state,
-    peak_memory_mb,
-    perspective_values,
-    policy_checkpointer,
-    reseed_global_rngs,
-    reward_call,
-    reward_evaluations,
-    run_directory,
-    save_image_grid,
-    seeded_generator,
-    start_run,
+    are_toy_prompts, build_process_reward, draw_prompts, eval_reward_change, peak_memory_mb, perspective_values,
+    reseed_global_rngs, reward_call, reward_evaluations, run_directory, save_image_grid, seeded_generator,
     training_command,
-    weighting_state,
 )
-from trainers.base import DiffusionTrainerConfig, redeclare, require
 from trainers.ddpo import load_policy, load_run_prompts, uniform_prompt_function
 
 MODES = ("offline", "online")
@@ -526,7 +505,7 @@ class OnlineRound:
         return PairBatch(self.latents[chosen], self.latents[rejected], conditioning)
 
 
-class DiffusionDPOTrainer(PolicyExport):
+class DiffusionDPOTrainer(DiffusionTrainer):
     """Diffusion-DPO with a LoRA policy; the reference is the same UNet with the LoRA disabled (no second copy).
 
     Args:
@@ -539,6 +518,10 @@ class DiffusionDPOTrainer(PolicyExport):
         train_pairs, eval_pairs: offline: `reward.data.PairExample` lists; default: read from `config.dataset` /
             `config.eval_dataset`.
     """
+
+    progress_name = "DPO epochs"
+    progress_columns = ("loss", "implicit_accuracy")
+    curves = ("loss", "implicit_accuracy", "implicit_reward_margin", "reward_mean")
 
     def __init__(
         self,
@@ -554,33 +537,13 @@ class DiffusionDPOTrainer(PolicyExport):
             raise ValueError("sd_pipeline: expected use_lora=True (the reference policy is the UNet without its LoRA)")
         if config.mode == "online" and (reward_function is None or prompt_function is None):
             raise ValueError("mode: 'online' needs a reward_function and a prompt_function")
-        self.config, self.sd_pipeline = config, sd_pipeline
-        self.reward_fn, self.prompt_fn = reward_function, prompt_function
-        self.accelerator, self.outputs = start_run(config, sd_pipeline)
-        self.height = config.sample_height or sd_pipeline.default_size
-        self.width = config.sample_width or sd_pipeline.default_size
+        self.start(config, sd_pipeline, reward_function, prompt_function)
         self.train_data, self.heldout = self._offline_data(train_pairs, eval_pairs)
         self._data_order: tuple[int, torch.Tensor] = (-1, torch.empty(0))  # (data pass, its permutation)
+        self.prepare(self.optimizer_steps())
 
-        self.trainable = sd_pipeline.trainable_parameters()
-        optimizer = build_optimizer(config, self.trainable)
-        lr_scheduler = build_lr_scheduler(
-            config, optimizer, config.num_epochs * self.steps_per_epoch(), self.accelerator.num_processes
-        )
-        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(sd_pipeline.unet, optimizer, lr_scheduler)
-        self.checkpointer = policy_checkpointer(self.accelerator, config, sd_pipeline)
-        self.first_epoch, self.global_step, self.num_nonfinite = 0, 0, 0
-        self.before: dict[str, Any] | None = None
-        self.last_row: dict[str, Any] = {}
-        # a resumed run rewrites what followed its checkpoint; a new one starts its own history
-        resumed_epoch = -1
-        if config.resume_from:
-            state = self.checkpointer.load(config.resume_from)
-            self.first_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
-            self.num_nonfinite, self.before = state["num_nonfinite_rewards"], state["before"]
-            resumed_epoch = state["epoch"]
-            load_weighting_state(self.reward_fn, state.get("weighting"))
-        self.outputs.keep_history_until(resumed_epoch)
+    def optimizer_steps(self) -> int:
+        return self.config.num_epochs * self.steps_per_epoch()
 
     # ---- setup -----------------------------------------------------------------------------------------------
 
@@ -761,14 +724,6 @@ class DiffusionDPOTrainer(PolicyExport):
 
     # ---- online ----------------------------------------------------------------------------------------------
 
-    def _sample(self, prompts: list[str], generator: torch.Generator) -> Any:
-        negative = [self.config.negative_prompts] * len(prompts) if self.config.negative_prompts else None
-        return self.sd_pipeline(
-            prompts, height=self.height, width=self.width, num_inference_steps=self.config.sample_num_steps,
-            guidance_scale=self.config.sample_guidance_scale, negative_prompt=negative, eta=self.config.sample_eta,
-            generator=generator,
-        )
-
     def sample_round(self, epoch: int) -> tuple[OnlineRound, dict[str, float]]:
         """Sample K images for each drawn prompt with the current policy, score them and pair them."""
         config, rank = self.config, self.accelerator.process_index
@@ -782,7 +737,7 @@ class DiffusionDPOTrainer(PolicyExport):
         for start in range(0, len(prompts), config.sample_batch_size):
             chunk = prompts[start : start + config.sample_batch_size]
             began = time.perf_counter()
-            output = self._sample(chunk, generator)
+            output = self.sample(chunk, generator)
             timings["time_sampling"] += time.perf_counter() - began
             began = time.perf_counter()
             batch_rewards, info = reward_call(self.reward_fn, output.images, chunk, metadata[start : start + len(chunk)])
@@ -875,8 +830,10 @@ class DiffusionDPOTrainer(PolicyExport):
 
     # ---- the loop --------------------------------------------------------------------------------------------
 
-    def step(self, epoch: int) -> dict[str, Any]:
-        """One epoch (offline: `steps_per_epoch()` optimizer steps; online: one round): train, log, checkpoint."""
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch (offline: `steps_per_epoch()` optimizer steps; online: one round): train, log, checkpoint.
+        Returns the global step."""
+        self.global_step = global_step
         began = time.perf_counter()
         if self.config.mode == "offline":
             row = self.train_offline_epoch(epoch)
@@ -884,70 +841,20 @@ class DiffusionDPOTrainer(PolicyExport):
             row = self.online_epoch(epoch)
         row = {"epoch": epoch, "global_step": self.global_step, **row, "lr": self.lr_scheduler.get_last_lr()[0],
                "time_epoch": time.perf_counter() - began, "peak_memory_mb": peak_memory_mb(self.accelerator.device)}
-        self.outputs.append_history(row)
-        if self.config.log_with:
-            self.accelerator.log(row, step=epoch)
-        if (epoch + 1) % self.config.save_freq == 0 or epoch == self.config.num_epochs - 1:
-            state = {"global_step": self.global_step, "num_nonfinite_rewards": self.num_nonfinite, "before": self.before,
-                     "weighting": weighting_state(self.reward_fn)}
-            self.checkpointer.save(epoch, state)
-        self.last_row = row
-        return row
+        self.end_epoch(epoch, row)
+        return self.global_step
 
-    def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
-        """Mean reward of the policy's samples on the evaluation prompts and seeds (see `trainers.common.evaluate`);
-        None without a reward function or `eval_prompts` (a run samples only what the user asked for)."""
-        prompts = self.eval_prompts()
-        if self.reward_fn is None or not prompts:
-            return None
-        self.unet.eval()
-        metrics, samples = evaluate(
-            lambda chunk, generator: self._sample(chunk, generator).images, self.reward_fn, prompts,
-            self.config.eval_seeds, batch_size=self.config.sample_batch_size, accelerator=self.accelerator,
-            description=f"evaluating ({stage or 'policy'})",
-        )
-        if stage:
-            self.outputs.save_evaluation(stage, samples)
-        return metrics
+    def evaluations(self, stage: str) -> dict[str, Any]:
+        """The reward evaluation (`evaluate`) and the held-out pairs' implicit accuracy (`evaluate_heldout`)."""
+        return {"eval": self.evaluate(stage), "heldout": self.evaluate_heldout()}
 
-    def eval_prompts(self) -> list[str]:
-        """The config's evaluation prompts (empty: no evaluation)."""
-        return list(self.config.eval_prompts)
-
-    def train(self, epochs: int | None = None) -> dict[str, Any]:
-        """Evaluate, train from `first_epoch` to `epochs` (default `num_epochs`), evaluate again; write
-        `metrics.json` (eval_before/eval_after, heldout_before/heldout_after, `eval_seconds` apart from
-        `train_seconds`), the curves and `lora` in the run directory."""
-        end = self.config.num_epochs if epochs is None else epochs
-        timer = PhaseTimer()
-        with timer("eval"):
-            if self.before is None:
-                self.before = {"eval": self.evaluate("before"), "heldout": self.evaluate_heldout()}
-        progress = epoch_progress(self.first_epoch, end, "DPO epochs", self.accelerator.is_local_main_process)
-        with timer("train"):
-            for epoch in progress:
-                row = self.step(epoch)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_accuracy']:.3f}")
-        with timer("eval"):
-            eval_after, heldout_after = self.evaluate("after"), self.evaluate_heldout()
-        metrics = {
-            "mode": self.config.mode,
-            "eval_before": self.before["eval"],
-            "eval_after": eval_after,
-            "heldout_before": self.before["heldout"],
-            "heldout_after": heldout_after,
-            "epochs": end,
-            "global_step": self.global_step,
-            "num_nonfinite_rewards": self.num_nonfinite,
-            **timer.metrics(),
-        }
+    def evaluation_points(self, metrics: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
         heldout = [(epoch, metrics[f"heldout_{stage}"]["implicit_accuracy"])
-                   for epoch, stage in ((-1, "before"), (end - 1, "after")) if metrics[f"heldout_{stage}"]]
-        finish_run(self, metrics, ["loss", "implicit_accuracy", "implicit_reward_margin", "reward_mean"],
-                   {**reward_evaluations(metrics), **({"implicit_accuracy": heldout} if heldout else {})},
-                   plot=self.write_curves)
-        return metrics
+                   for epoch, stage in ((-1, "before"), (metrics["epochs"] - 1, "after")) if metrics[f"heldout_{stage}"]]
+        return {**reward_evaluations(metrics), **({"implicit_accuracy": heldout} if heldout else {})}
 
+    def extra_metrics(self) -> dict[str, Any]:
+        return {"mode": self.config.mode, "num_nonfinite_rewards": self.num_nonfinite}
 
 
 # ------------------------------------------------------------------------------------------- CLI
