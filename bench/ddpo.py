@@ -40,9 +40,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, dict]:
     """One variant in this process: a warm-up epoch, then `--repeats` epochs per mode ("sync", and for the
     reward variants "async", alternating with it on the same trainer); each mode's fastest phases."""
     torch.set_num_threads(args.threads)
-    from concurrent.futures import ThreadPoolExecutor
-
     from rlhf.pipeline import DDPOStableDiffusionPipeline
+    from rlhf.reward_fn import AsyncReward
     from rlhf.testing import build_tiny_sd
     from rlhf.toy import colour_score, toy_prompts
     from trainers import DDPOConfig, DDPOTrainer
@@ -91,11 +90,12 @@ def run_variant(args: argparse.Namespace) -> dict[str, dict]:
     trainer = DDPOTrainer(
         config, reward, uniform_prompt_function(toy_prompts(64)), DDPOStableDiffusionPipeline.from_pretrained(pipeline_dir)
     )
-    executors = {"sync": None, "async": ThreadPoolExecutor(config.max_workers)}
+    # the trainer's own asynchronous path (as `async_reward_computation` builds it), switched per epoch
+    reward_paths = {"sync": None, "async": reward if hasattr(reward, "submit") else AsyncReward(reward)}
     rows: dict[str, list[dict]] = {mode: [] for mode in modes}
     schedule = ["sync"] + [mode for _ in range(args.repeats) for mode in modes]
     for epoch, mode in enumerate(schedule):
-        trainer.executor = executors[mode]
+        trainer.async_reward = reward_paths[mode]
         trainer.step(epoch, trainer.global_step)
         if epoch > 0:  # epoch 0 warms up
             rows[mode].append(trainer.last_row)

@@ -26,7 +26,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import TEXT_MAX_LENGTH, assemble_pipeline, tiny_sd_components
 from trainers.common import peak_memory_mb, seeded_generator
-from trainers.dpo import DiffusionDPOConfig, DiffusionDPOTrainer, PairBatch
+from trainers.dpo import DiffusionDPOConfig, DiffusionDPOTrainer
+from trainers.dpo_pairs import PairBatch
 
 VARIANTS = {"lora_disabled": "reference = the policy UNet with its LoRA disabled", "second_copy": "reference = a second UNet"}
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
@@ -69,7 +70,7 @@ class SecondCopyReferenceTrainer(DiffusionDPOTrainer):
 
     def reference_prediction(self, noisy, timesteps, conditioning):
         with torch.no_grad(), self.accelerator.autocast():
-            return self.sd_pipeline.predict(noisy, timesteps, conditioning, 1.0, unet=self.reference_unet)
+            return self.sd_pipeline.predict(noisy, timesteps, conditioning, 1.0, denoiser=self.reference_unet)
 
 
 def run_variant(variant: str, model: Path, args: argparse.Namespace) -> dict:

@@ -17,20 +17,12 @@ from accelerate.state import AcceleratorState
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from reward.pairs import load_pairs
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.toy import EVAL_PROMPTS, colour_score, write_toy_datasets
 from tests.conftest import assert_resumed_run_matches
-from trainers.dpo import (
-    DiffusionDPOConfig,
-    DiffusionDPOTrainer,
-    PairBatch,
-    STAT_NAMES,
-    PairLatents,
-    build_preference_pairs,
-    diffusion_dpo_loss,
-    load_pairs,
-    main,
-)
+from trainers.dpo import STAT_NAMES, DiffusionDPOConfig, DiffusionDPOTrainer, diffusion_dpo_loss, main
+from trainers.dpo_pairs import PairBatch, PairLatents, build_preference_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]

@@ -259,7 +259,7 @@ class DiffusionTrainer(PolicyExport):
         self.image_samples_hook = image_samples_hook
         self.start(config, sd_pipeline, reward_function, prompt_function)
         self.setup()
-        self.prepare(self.optimizer_steps())
+        self.prepare()
 
     def start(
         self,
@@ -279,12 +279,12 @@ class DiffusionTrainer(PolicyExport):
         self.before: dict[str, Any] | None = None  # evaluations("before"), once taken (kept in checkpoints)
         self.last_row: dict[str, Any] = {}
 
-    def prepare(self, optimizer_steps: int) -> None:
-        """AdamW and the LR schedule over `optimizer_steps` for the pipeline's trainable parameters, prepared with the
-        UNet by accelerate; the checkpointer; then the state of `config.resume_from`, if given."""
+    def prepare(self) -> None:
+        """AdamW and the LR schedule over `optimizer_steps()` for the pipeline's trainable parameters, prepared with
+        the UNet by accelerate; the checkpointer; then the state of `config.resume_from`, if given."""
         self.trainable = self.sd_pipeline.trainable_parameters()
         optimizer = build_optimizer(self.config, self.trainable)
-        lr_scheduler = build_lr_scheduler(self.config, optimizer, optimizer_steps, self.accelerator.num_processes)
+        lr_scheduler = build_lr_scheduler(self.config, optimizer, self.optimizer_steps(), self.accelerator.num_processes)
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.sd_pipeline.unet, optimizer, lr_scheduler)
         self.checkpointer = policy_checkpointer(self.accelerator, self.config, self.sd_pipeline)
         # a resumed run rewrites what followed its checkpoint; a new one starts its own history

@@ -1,26 +1,21 @@
 """Diffusion-DPO (Wallace et al. 2023) on accelerate: offline from preference pairs, or online from pairs a reward
-ranks among the policy's own samples. The reference policy is the same UNet with its LoRA disabled."""
+ranks among the policy's own samples. The reference policy is the same UNet with its LoRA disabled. Its config and
+trainer; the loss is in `trainers.dpo_loss`, the pairs in `trainers.dpo_pairs` (readers in `reward.pairs`)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from accelerate import PartialState
-from PIL import Image
 from tqdm.auto import tqdm
 
+from reward.pairs import load_pairs
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from trainers.base import DiffusionTrainer, DiffusionTrainerConfig, redeclare, require
 from trainers.common import (
@@ -29,11 +24,12 @@ from trainers.common import (
     training_command,
 )
 from trainers.ddpo import load_policy, load_run_prompts, uniform_prompt_function
+from trainers.dpo_loss import LOSS_TYPES, diffusion_dpo_loss
+from trainers.dpo_pairs import (
+    PAIR_STRATEGIES, TOY_DATASET_PREFIX, OnlineRound, PairBatch, PairLatents, build_preference_pairs, toy_pair_files,
+)
 
 MODES = ("offline", "online")
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")
-PAIR_STRATEGIES = ("best_worst", "all")
-TOY_DATASET_PREFIX = "toy:"
 # second key of the held-out evaluation's random streams; training streams are keyed (epoch, process, purpose)
 HELDOUT_STREAM = 2**31 - 1
 SAMPLING, SHUFFLING, NOISE = 0, 1, 2
@@ -186,323 +182,7 @@ class DiffusionDPOConfig(DiffusionTrainerConfig):
         ])
 
 
-# ------------------------------------------------------------------------------------------- the loss
-
-
-def diffusion_dpo_loss(
-    model_mse_chosen: torch.Tensor,
-    model_mse_rejected: torch.Tensor,
-    reference_mse_chosen: torch.Tensor,
-    reference_mse_rejected: torch.Tensor,
-    beta: float,
-    loss_type: str = "sigmoid",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair Diffusion-DPO losses [B] and implicit reward margins [B] (see `DiffusionDPOConfig` for the formulas).
-
-    The margin is `implicit_reward_chosen - implicit_reward_rejected`, each `beta / 2 * (mse_reference - mse_policy)`;
-    it is positive when the policy, relative to the reference, denoises the chosen image better than the rejected one.
-    """
-    scale = beta / 2
-    logits = (reference_mse_chosen - reference_mse_rejected) - (model_mse_chosen - model_mse_rejected)
-    margin = scale * logits
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(margin)
-    elif loss_type == "hinge":
-        losses = F.relu(1 - margin)
-    elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * scale)) ** 2
-    else:
-        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-    return losses, margin
-
-
-def build_preference_pairs(
-    rewards: torch.Tensor, group_size: int, strategy: str = "best_worst", margin: float = 0.0
-) -> list[tuple[int, int]]:
-    """(chosen, rejected) indices within consecutive groups of `group_size` samples of one prompt.
-
-    "best_worst": the highest against the lowest reward of each group (the first of equals); "all": every pair of
-    the group. A pair needs a reward gap above `margin`; non-finite rewards are never paired.
-    """
-    if strategy not in PAIR_STRATEGIES:
-        raise ValueError(f"pair_strategy: expected one of {PAIR_STRATEGIES}, got {strategy!r}")
-    values = rewards.detach().double().cpu().tolist()
-    pairs = []
-    for start in range(0, len(values), group_size):
-        members = [i for i in range(start, min(start + group_size, len(values))) if math.isfinite(values[i])]
-        if strategy == "best_worst":
-            ranked = sorted(members, key=lambda i: -values[i])  # stable: the first of equal rewards ranks first
-            candidates = [(ranked[0], ranked[-1])] if members else []
-        else:
-            candidates = [
-                (i, j) if values[i] >= values[j] else (j, i) for k, i in enumerate(members) for j in members[k + 1 :]
-            ]
-        pairs += [(c, r) for c, r in candidates if values[c] - values[r] > margin]
-    return pairs
-
-
-@dataclass
-class PairBatch:
-    """Training pairs: `chosen` and `rejected` latents [B, C, h, w] and UNet conditioning for [chosen; rejected]
-    (2B rows, chosen first), keys as `DDPOStableDiffusionPipeline.predict` reads them."""
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    conditioning: dict[str, torch.Tensor]
-
-
-# ------------------------------------------------------------------------------------------- offline data
-
-
-def load_pairs(
-    source: str, kind: str, split: str, image_root: str, check_images: bool, limit: int, field_name: str
-) -> Sequence[Any]:
-    """Preference pairs (`reward.data.PairExample`, ties dropped) from a .jsonl/.json/.parquet file (a list), or
-    from a saved `datasets` directory or a hub dataset id read from the local cache (a `DatasetPairs`, which keeps
-    the images in the dataset's memory-mapped files)."""
-    from reward.data import load_preferences
-
-    path = Path(source)
-    if path.is_file():
-        data = load_preferences(path, kind=kind, image_root=image_root or None, ties="drop", check_images=check_images)
-        return data.pairs[:limit] if limit else data.pairs
-    if not path.is_dir() and (path.suffix in (".jsonl", ".json", ".parquet") or os.sep in source):
-        raise FileNotFoundError(f"{field_name}: no such file or directory {source}")
-    import datasets
-
-    try:
-        rows = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise FileNotFoundError(
-            f"{field_name}: cannot read {source!r} as a file, dataset directory or hub id: {error}"
-        ) from error
-    if isinstance(rows, datasets.DatasetDict):
-        if split not in rows:
-            raise ValueError(f"{field_name}: split {split!r} not in {list(rows)}")
-        rows = rows[split]
-    return DatasetPairs(rows, kind, image_root, check_images, limit)
-
-
-class DatasetPairs(Sequence):
-    """The pairs of a `datasets.Dataset`, read row by row when asked, so that a dataset of encoded images (Pick-a-Pic
-    v2: ~1M pairs) is never held in memory. One scan at construction indexes (row, pair within row) of every usable
-    pair, in chunks; bad rows and ties are left out as `reward.data.load_preferences` leaves them out.
-
-    Args:
-        dataset: the rows. kind, image_root, check_images: as for `load_preferences`. limit: at most this many pairs
-            (0 = all).
-    """
-
-    SCAN_ROWS = 256
-
-    def __init__(self, dataset: Any, kind: str, image_root: str, check_images: bool, limit: int = 0) -> None:
-        from reward.data import BadRowWarning
-
-        self.dataset, self.kind, self.image_root = dataset, kind, image_root or None
-        self.index: list[tuple[int, int]] = []
-        skipped = 0
-        for start in tqdm(range(0, len(dataset), self.SCAN_ROWS), desc="indexing pairs", unit="chunk"):
-            if limit and len(self.index) >= limit:
-                break
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", BadRowWarning)
-                try:
-                    data = self._read(range(start, min(start + self.SCAN_ROWS, len(dataset))), check_images)
-                except ValueError:  # no usable row in this chunk
-                    continue
-            skipped += len(data.skipped)
-            within: dict[int, int] = {}
-            for pair in data.pairs:
-                within[pair.position] = within.get(pair.position, -1) + 1
-                self.index.append((start + pair.position, within[pair.position]))
-        self.index = self.index[:limit] if limit else self.index
-        if skipped:
-            warnings.warn(f"dataset: skipped {skipped} unusable rows", BadRowWarning, stacklevel=2)
-
-    def _read(self, rows: Sequence[int], check_images: bool) -> Any:
-        from reward.data import load_preferences
-
-        return load_preferences(
-            self.dataset.select(rows), kind=self.kind, image_root=self.image_root, ties="drop", check_images=check_images
-        )
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, position: int) -> Any:
-        row, within = self.index[position]
-        return self._read([row], check_images=False).pairs[within]
-
-
-def toy_pair_files(config: DiffusionDPOConfig, perspective: str) -> dict[str, Path]:
-    """Toy-world pair files of `perspective` ({"train", "test"}), written under the run directory once."""
-    from rlhf.toy import PERSPECTIVES, write_toy_datasets
-
-    if perspective not in PERSPECTIVES or perspective == "safety":
-        raise ValueError(f"dataset: 'toy:' expects a pair perspective, alignment or fidelity, got {perspective!r}")
-    root = run_directory(config) / "toy_data" / f"n{config.toy_num_train}_t{config.toy_num_test}_s{config.seed}"
-    with PartialState().main_process_first():
-        if not (root / perspective / "test.jsonl").is_file():
-            write_toy_datasets(root, n=config.toy_num_train, n_test=config.toy_num_test, seed=config.seed)
-    return {split: root / perspective / f"{split}.jsonl" for split in ("train", "test")}
-
-
-def preprocess_image(image: Image.Image, resolution: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """RGB image -> float CHW in [-1, 1], shorter side resized to `resolution` and centre-cropped square; and its
-    SDXL size conditioning (original height, width, crop top, crop left)."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    resized = image.resize(size, Image.Resampling.BICUBIC) if size != (width, height) else image
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
-    tensor = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-    return tensor, (height, width, top, left)
-
-
-def _image_identity(ref: Any) -> str:
-    if ref.path is not None:
-        return f"{ref.path}:{ref.path.stat().st_size}"
-    data = ref.data if ref.data is not None else ref.image.tobytes()
-    return hashlib.sha1(data).hexdigest()
-
-
-class PairLatents:
-    """Offline pairs as VAE latents (the latent distribution's mode, so the same image always gives the same
-    latents): encoded batch by batch as training asks, or all at once into `cache_dir` as float16 memory-mapped
-    arrays that later runs of the same pairs, resolution and model reuse (an interrupted encoding resumes).
-
-    Args:
-        pairs: `reward.data.PairExample`s.
-        pipeline: the policy (its VAE encodes, its text encoders condition).
-        resolution: square image side in pixels.
-        cache_dir: where to cache; None encodes on the fly.
-        encode_batch_size: pairs per VAE call while caching.
-    """
-
-    def __init__(
-        self,
-        pairs: Sequence[Any],
-        pipeline: DDPOStableDiffusionPipeline,
-        resolution: int,
-        cache_dir: str | Path | None = None,
-        encode_batch_size: int = 8,
-    ) -> None:
-        if not pairs:
-            raise ValueError("dataset: no usable preference pair")
-        self.pairs, self.pipeline, self.resolution = pairs, pipeline, resolution
-        self.latents: np.ndarray | None = None
-        self.size_ids: np.ndarray | None = None
-        if cache_dir:
-            self._fill_cache(Path(cache_dir), encode_batch_size)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def prompts(self, limit: int) -> list[str]:
-        """The prompts of the first `limit` pairs."""
-        return [self.pairs[i].prompt for i in range(min(limit, len(self.pairs)))]
-
-    @torch.no_grad()
-    def encode(self, refs: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> float32 latents [N, C, h, w] on the pipeline's device, and size ids [N, 4]."""
-        prepared = [preprocess_image(ref.load(), self.resolution) for ref in refs]
-        vae = self.pipeline.vae
-        pixels = torch.stack([pixels for pixels, _ in prepared]).to(self.pipeline.device, vae.dtype)
-        latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
-        return latents.float(), torch.tensor([ids for _, ids in prepared])
-
-    def _fill_cache(self, directory: Path, batch_size: int) -> None:
-        side = self.resolution // self.pipeline.sd_pipeline.vae_scale_factor
-        shape = (len(self.pairs), 2, self.pipeline.vae.config.latent_channels, side, side)
-        identity = hashlib.sha256()
-        if isinstance(self.pairs, DatasetPairs):
-            identity.update(f"{self.pairs.dataset._fingerprint}\0{self.pairs.index}".encode())
-        else:
-            for pair in self.pairs:
-                images = f"{_image_identity(pair.chosen)}\0{_image_identity(pair.rejected)}"
-                identity.update(f"{pair.prompt}\0{images}\n".encode())
-        fingerprint = {
-            "model": self.pipeline.base_model,
-            "resolution": self.resolution,
-            "shape": list(shape),
-            "scaling_factor": self.pipeline.vae.config.scaling_factor,
-            "pairs": identity.hexdigest(),
-        }
-        record_path = directory / "cache.json"
-        with PartialState().main_process_first():
-            record = json.loads(record_path.read_text()) if record_path.is_file() else None
-            if record is not None and record["fingerprint"] != fingerprint:
-                raise ValueError(
-                    f"latent_cache_dir: {directory} caches other pairs or another model/resolution; use another directory"
-                )
-            if PartialState().is_main_process and (record is None or record["encoded"] < len(self.pairs)):
-                directory.mkdir(parents=True, exist_ok=True)
-                mode = "r+" if record is not None else "w+"
-                open_memmap = np.lib.format.open_memmap
-                latents = open_memmap(directory / "latents.npy", mode=mode, dtype=np.float16, shape=shape)
-                sizes = open_memmap(directory / "size_ids.npy", mode=mode, dtype=np.int32, shape=(shape[0], 2, 4))
-                done = record["encoded"] if record is not None else 0
-                for start in tqdm(range(done, len(self.pairs), batch_size), desc="encoding latents", unit="batch"):
-                    chunk = [self.pairs[i] for i in range(start, min(start + batch_size, len(self.pairs)))]
-                    encoded, ids = self.encode([p.chosen for p in chunk] + [p.rejected for p in chunk])
-                    encoded, ids = encoded.cpu().view(2, len(chunk), *shape[2:]), ids.view(2, len(chunk), 4)
-                    latents[start : start + len(chunk)] = encoded.transpose(0, 1).half().numpy()
-                    sizes[start : start + len(chunk)] = ids.transpose(0, 1).numpy()
-                    latents.flush(), sizes.flush()
-                    record_path.write_text(json.dumps({"fingerprint": fingerprint, "encoded": start + len(chunk)}))
-                del latents, sizes
-        self.latents = np.load(directory / "latents.npy", mmap_mode="r")
-        self.size_ids = np.load(directory / "size_ids.npy", mmap_mode="r")
-
-    def batch(self, indices: Sequence[int]) -> PairBatch:
-        """The pairs at `indices` as a `PairBatch` (prompts encoded now, SDXL size ids per image)."""
-        indices = [int(i) for i in indices]
-        pairs = [self.pairs[i] for i in indices]
-        device = self.pipeline.device
-        if self.latents is not None:
-            order = np.argsort(indices)  # memory maps read fastest in order
-            stored = torch.from_numpy(np.ascontiguousarray(self.latents[np.array(indices)[order]]))
-            stored = stored[torch.from_numpy(np.argsort(order))].float().to(device)
-            chosen, rejected = stored[:, 0], stored[:, 1]
-            ids = torch.from_numpy(np.ascontiguousarray(self.size_ids[indices])).long()
-            size_ids = torch.cat([ids[:, 0], ids[:, 1]])
-        else:
-            latents, size_ids = self.encode([p.chosen for p in pairs] + [p.rejected for p in pairs])
-            chosen, rejected = latents.chunk(2)
-        conditioning = self.pipeline.encode_prompt(
-            [p.prompt for p in pairs], guidance=False, height=self.resolution, width=self.resolution
-        )
-        conditioning = {key: torch.cat([value, value]) for key, value in conditioning.items()}
-        if "add_time_ids" in conditioning:
-            target = torch.tensor([self.resolution, self.resolution]).expand(len(size_ids), 2)
-            time_ids = torch.cat([size_ids, target], dim=1)
-            conditioning["add_time_ids"] = time_ids.to(device, conditioning["add_time_ids"].dtype)
-        return PairBatch(chosen, rejected, conditioning)
-
-
 # ------------------------------------------------------------------------------------------- the trainer
-
-
-@dataclass
-class OnlineRound:
-    """One online round's samples on this process: final latents, conditioning rows (no negatives), images,
-    prompts, rewards and per-perspective scores; and the pairs built from them."""
-
-    prompts: list[str]
-    latents: torch.Tensor
-    conditioning: dict[str, torch.Tensor]
-    images: torch.Tensor
-    rewards: torch.Tensor
-    perspectives: dict[str, torch.Tensor]
-    pairs: list[tuple[int, int]]
-
-    def batch(self, pair_indices: torch.Tensor) -> PairBatch:
-        chosen = torch.tensor([self.pairs[i][0] for i in pair_indices.tolist()])
-        rejected = torch.tensor([self.pairs[i][1] for i in pair_indices.tolist()])
-        chosen, rejected = chosen.to(self.latents.device), rejected.to(self.latents.device)
-        conditioning = {key: value[torch.cat([chosen, rejected])] for key, value in self.conditioning.items()}
-        return PairBatch(self.latents[chosen], self.latents[rejected], conditioning)
 
 
 class DiffusionDPOTrainer(DiffusionTrainer):
@@ -540,7 +220,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         self.start(config, sd_pipeline, reward_function, prompt_function)
         self.train_data, self.heldout = self._offline_data(train_pairs, eval_pairs)
         self._data_order: tuple[int, torch.Tensor] = (-1, torch.empty(0))  # (data pass, its permutation)
-        self.prepare(self.optimizer_steps())
+        self.prepare()
 
     def optimizer_steps(self) -> int:
         return self.config.num_epochs * self.steps_per_epoch()
