@@ -31,7 +31,8 @@ PHASES = ("time_sampling", "time_reward", "time_training", "time_epoch")
 
 def make_trainer(args: argparse.Namespace, root: Path, name: str, per_forward: int):
     from rlhf.toy import colour_score, toy_prompts
-    from trainers.grpo import GRPOConfig, GRPOGeneratorArguments, GRPOTrainer, load_policy
+    from trainers.base import GeneratorArguments, load_policy
+    from trainers.grpo import GRPOConfig, GRPOTrainer
 
     config = GRPOConfig(
         output_dir=str(root / name), seed=0, num_epochs=10_000, save_freq=10_000, sample_num_steps=args.steps,
@@ -40,7 +41,7 @@ def make_trainer(args: argparse.Namespace, root: Path, name: str, per_forward: i
         train_timesteps_per_forward=per_forward, num_grid_images=0,
     )
     prompts = toy_prompts(64, seed=0)
-    policy = load_policy(GRPOGeneratorArguments(pretrained_model=args.model), 0, str(root))
+    policy = load_policy(GeneratorArguments(pretrained_model=args.model), 0, str(root))
     return GRPOTrainer(config, lambda images, p, m: (colour_score(images, p), {}),
                        lambda: (random.choice(prompts), {}), policy)
 

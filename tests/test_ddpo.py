@@ -462,3 +462,11 @@ def test_evaluation_summary_reports_std_over_seeds_of_reward_and_oracles() -> No
     assert summary["reward_mean"] == pytest.approx(3.0) and summary["reward_std"] == pytest.approx(2**0.5)
     assert summary["oracle"] == {"alignment": pytest.approx(0.75)}
     assert summary["oracle_std"] == {"alignment": pytest.approx(0.125**0.5)}
+
+
+def test_a_flow_model_is_refused_by_name_before_it_loads(tmp_path: Path) -> None:
+    """DDPO samples through TRL's SD pipeline API: an SD3 model names the field and where flow models train."""
+    from trainers.base import load_policy
+
+    with pytest.raises(ValueError, match=r"pretrained_model: tiny-sd3 is a SD3Adapter model.*rlhf train grpo"):
+        load_policy(GeneratorArguments(pretrained_model="tiny-sd3"), 0, str(tmp_path), DDPOStableDiffusionPipeline)

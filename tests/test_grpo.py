@@ -226,10 +226,10 @@ def test_cli_rejects_an_unknown_key() -> None:
 
 def test_every_shipped_config_parses_and_validates() -> None:
     from rlhf.config import parse_config
-    from trainers.grpo import GRPOGeneratorArguments
+    from trainers import GeneratorArguments
 
     for path in sorted((ROOT / "configs/grpo").glob("*.yaml")):
-        _, config = parse_config([GRPOGeneratorArguments, GRPOConfig], ["--config", str(path)])
+        _, config = parse_config([GeneratorArguments, GRPOConfig], ["--config", str(path)])
         config.validate()
 
 

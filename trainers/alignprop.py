@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 
 from rlhf.pipeline import RGBWithGradOutput
-from trainers.base import DiffusionTrainer, DiffusionTrainerConfig, redeclare, require
+from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require
 from trainers.common import draw_prompts, peak_memory_mb, perspective_values, reseed_global_rngs, seeded_generator
 from trainers.ddpo import run_trainer_command
 
@@ -18,7 +18,7 @@ METHODS = ("alignprop", "draft_k", "draft_lv")
 
 
 @dataclass
-class AlignPropConfig(DiffusionTrainerConfig):
+class AlignPropConfig(DDIMTrainerConfig):
     r"""Configuration of `AlignPropTrainer`: every field of TRL 0.23's `AlignPropConfig` (same names and
     defaults, the shared ones in `DiffusionTrainerConfig`; `truncated_rand_backprop_minmax` is a two-item list
     instead of a tuple, for the CLI), then this project's own. Each field's `help` says its default and meaning.

@@ -4,13 +4,17 @@ command loads (`GeneratorArguments`) and the trainer lifecycle (`DiffusionTraine
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import re
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from accelerate import PartialState
 
 from trainers.common import (
     PhaseTimer,
@@ -59,17 +63,21 @@ class GeneratorArguments:
 
     pretrained_model: str = field(
         default="",
-        metadata={"help": "diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random "
-                  "tiny pipeline (plumbing only) (default '')."},
+        metadata={"help": "A diffusers pipeline path or hub id, or a saved policy directory (GRPO: SD 1.x/2.x/SDXL, "
+                  "SD3/3.5, FLUX.1; DDPO, AlignProp, Diffusion-DPO: SD 1.x/2.x/SDXL); '' = the toy generator, "
+                  "'toy-flow' = the toy flow generator (SD3); 'tiny', 'tiny-sd3', 'tiny-flux' = a random tiny "
+                  "pipeline (plumbing only) (default '')."},
     )
     pretrained_revision: str = field(default="main", metadata={"help": "Hub revision (default 'main')."})
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA (True) or the whole UNet (default True)."})
+    use_lora: bool = field(
+        default=True, metadata={"help": "Train a LoRA (True) or the whole denoiser (default True)."}
+    )
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank (default 4)."})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (default 4)."})
     sde_type: str = field(
         default="",
-        metadata={"help": "The flow families' stochastic step, passed to the generator adapter; '' = the family's "
-                  "default (default '')."},
+        metadata={"help": "The flow families' stochastic step ('flow_sde', 'dance', 'cps'), passed to the adapter; "
+                  "'' = the family's default (DDIM has one) (default '')."},
     )
 
 
@@ -121,8 +129,7 @@ class DiffusionTrainerConfig:
                   "directory (default '')."},
     )
     # ---- sampling ----
-    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per image (default 50)."})
-    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, >= 0; 0 = deterministic DDIM (default 1.0)."})
+    sample_num_steps: int = field(default=50, metadata={"help": "Denoising steps per image (default 50)."})
     sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance weight (default 5.0)."})
     sample_height: int = field(default=0, metadata={"help": "Image height; 0 = the model's size (default 0)."})
     sample_width: int = field(default=0, metadata={"help": "Image width; 0 = the model's size (default 0)."})
@@ -210,7 +217,6 @@ class DiffusionTrainerConfig:
             (self.num_checkpoint_limit >= 0, "num_checkpoint_limit", "a value >= 0 (0 keeps all)"),
             (isinstance(self.project_kwargs, dict), "project_kwargs", "a mapping of accelerate ProjectConfiguration fields"),
             (self.sample_num_steps >= 1, "sample_num_steps", "a value >= 1"),
-            (self.sample_eta >= 0, "sample_eta", "a value >= 0"),
             (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
             (self.train_batch_size >= 1, "train_batch_size", "a value >= 1"),
             (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps", "a value >= 1"),
@@ -224,6 +230,18 @@ class DiffusionTrainerConfig:
                 import bitsandbytes  # noqa: F401
             except ImportError as error:
                 raise ValueError("train_use_8bit_adam: needs bitsandbytes installed (pip install bitsandbytes)") from error
+
+
+@dataclass
+class DDIMTrainerConfig(DiffusionTrainerConfig):
+    """The shared fields of the trainers that sample through TRL's DDIM pipeline API (DDPO, AlignProp,
+    Diffusion-DPO): those, plus DDIM's eta. GRPO, which steps any family, has its own noise level instead."""
+
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, >= 0; 0 = deterministic DDIM (default 1.0)."})
+
+    def validate(self) -> None:
+        super().validate()
+        require([(self.sample_eta >= 0, "sample_eta", "a value >= 0")])
 
 
 class DiffusionTrainer(PolicyExport):
@@ -429,3 +447,50 @@ class DiffusionTrainer(PolicyExport):
     def step(self, epoch: int, global_step: int) -> int:
         """One epoch of the algorithm, ending with `end_epoch`. Returns the global step (TRL 0.23's signature)."""
         raise NotImplementedError
+
+
+# `pretrained_model` names a command resolves itself: random tiny pipelines (plumbing only), built by these
+# `rlhf.testing` functions under the run directory; and the committed toy generators
+TINY_BUILDERS = {"tiny": "build_tiny_sd", "tiny-sd3": "build_tiny_sd3", "tiny-flux": "build_tiny_flux"}
+TOY_FLOW = "toy-flow"
+
+
+def load_policy(arguments: Any, seed: int, output_dir: str, family: type | None = None) -> Any:
+    """The generator adapter `arguments` (`GeneratorArguments` fields) names, its LoRA seeded by `seed`:
+    `pretrained_model` '' = the toy generator, 'toy-flow' = the toy flow generator (SD3), a `TINY_BUILDERS` name = a
+    random tiny pipeline built under `output_dir`, else any diffusers pipeline directory or hub id, or a directory
+    a policy was saved to (the family read from it by `rlhf.generators.load_generator`).
+
+    `family`: the adapter class the trainer samples through (DDPO, AlignProp and Diffusion-DPO use TRL's SD pipeline
+    API); another family is refused by name before anything is loaded.
+    """
+    from rlhf import testing, toy_generators
+    from rlhf.generators import generator_class
+
+    name = arguments.pretrained_model
+    if name in TINY_BUILDERS:
+        path = Path(output_dir) / TINY_BUILDERS[name].removeprefix("build_")
+        with PartialState().main_process_first():
+            if not (path / "model_index.json").is_file():
+                getattr(testing, TINY_BUILDERS[name])(path, seed=seed)
+        name = str(path)
+    elif name == TOY_FLOW:
+        name = str(toy_generators.toy_flow_generator_path())
+    elif not name:
+        name = str(toy_generators.toy_generator_path())
+    adapter = generator_class(name, arguments.pretrained_revision)
+    if family is not None and not issubclass(adapter, family):
+        raise ValueError(
+            f"pretrained_model: {arguments.pretrained_model or name} is a {adapter.__name__} model; this trainer "
+            f"samples through {family.__name__} (SD 1.x/2.x/SDXL); flow-matching models train with `rlhf train grpo`"
+        )
+    options: dict[str, Any] = dict(use_lora=arguments.use_lora, lora_rank=arguments.lora_rank,
+                                   lora_alpha=arguments.lora_alpha, lora_seed=seed)
+    sde_type = getattr(arguments, "sde_type", "")
+    if sde_type:
+        if "sde_type" not in inspect.signature(adapter.__init__).parameters:
+            raise ValueError(f"sde_type: {adapter.__name__} has one stochastic step; leave sde_type ''")
+        options["sde_type"] = sde_type
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # diffusers' deprecation notices while loading
+        return adapter.from_pretrained(name, revision=arguments.pretrained_revision, **options)

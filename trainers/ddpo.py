@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.reward_fn import AsyncReward
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
-from trainers.base import DiffusionTrainer, DiffusionTrainerConfig, GeneratorArguments, redeclare, require
+from trainers.base import DDIMTrainerConfig, DiffusionTrainer, GeneratorArguments, load_policy, redeclare, require
 from trainers.common import (
     are_toy_prompts,
     build_process_reward,
@@ -33,11 +31,10 @@ from trainers.common import (
     training_command,
 )
 
-TINY_MODEL = "tiny"
 
 
 @dataclass
-class DDPOConfig(DiffusionTrainerConfig):
+class DDPOConfig(DDIMTrainerConfig):
     r"""Configuration of `DDPOTrainer`: every field of TRL 0.23.1's `DDPOConfig` (same names and defaults; the
     shared ones in `DiffusionTrainerConfig`), then this project's own. Each field's `help` says its default and
     meaning; fields that cannot apply here say so.
@@ -527,34 +524,6 @@ def uniform_prompt_function(prompts: list[str]) -> Callable[[], tuple[str, dict]
     return draw
 
 
-def load_policy(generator: GeneratorArguments | Any, seed: int, output_dir: str) -> DDPOStableDiffusionPipeline:
-    """The policy `generator` names (`GeneratorArguments` fields): `pretrained_model` '' = the toy generator,
-    'tiny' = a random tiny pipeline (seeded by `seed`) built under `output_dir` (plumbing only), else a diffusers
-    path or hub id (or a directory written by `save_pretrained`)."""
-    from rlhf.testing import build_tiny_sd
-    from rlhf.toy_generators import toy_generator_path
-
-    name = generator.pretrained_model
-    if name == TINY_MODEL:
-        path = Path(output_dir) / "tiny_sd"
-        with PartialState().main_process_first():
-            if not (path / "model_index.json").is_file():
-                build_tiny_sd(path, seed=seed)
-        name = str(path)
-    elif not name:
-        name = str(toy_generator_path())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return DDPOStableDiffusionPipeline.from_pretrained(
-            name,
-            revision=generator.pretrained_revision,
-            use_lora=generator.use_lora,
-            lora_rank=generator.lora_rank,
-            lora_alpha=generator.lora_alpha,
-            lora_seed=seed,
-        )
-
-
 def main(argv: list[str]) -> int:
     """`rlhf train ddpo --config configs/ddpo/X.yaml [--field value ...]`."""
     return run_trainer_command(argv, DDPOConfig, DDPOTrainer)
@@ -570,7 +539,7 @@ def run_trainer_command(argv: list[str], config_class: type, trainer_class: type
     with training_command(argv, config):
         prompts = load_run_prompts(config)
         reward = build_process_reward(config.reward, **reward_defaults)
-        policy = load_policy(generator, config.seed, config.output_dir)
+        policy = load_policy(generator, config.seed, config.output_dir, DDPOStableDiffusionPipeline)
         trainer = trainer_class(config, reward, uniform_prompt_function(prompts), policy)
         trainer.write_curves = True
         trainer.outputs.save_config([generator, config])

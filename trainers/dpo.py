@@ -17,13 +17,13 @@ from tqdm.auto import tqdm
 
 from reward.pairs import load_pairs
 from rlhf.pipeline import DDPOStableDiffusionPipeline
-from trainers.base import DiffusionTrainer, DiffusionTrainerConfig, redeclare, require
+from trainers.base import DDIMTrainerConfig, DiffusionTrainer, load_policy, redeclare, require
 from trainers.common import (
     are_toy_prompts, build_process_reward, draw_prompts, eval_reward_change, peak_memory_mb, perspective_values,
     reseed_global_rngs, reward_call, reward_evaluations, run_directory, save_image_grid, seeded_generator,
     training_command,
 )
-from trainers.ddpo import load_policy, load_run_prompts, uniform_prompt_function
+from trainers.ddpo import load_run_prompts, uniform_prompt_function
 from trainers.dpo_loss import LOSS_TYPES, diffusion_dpo_loss
 from trainers.dpo_pairs import (
     PAIR_STRATEGIES, TOY_DATASET_PREFIX, OnlineRound, PairBatch, PairLatents, build_preference_pairs, toy_pair_files,
@@ -42,7 +42,7 @@ STAT_NAMES = (
 
 
 @dataclass
-class DiffusionDPOConfig(DiffusionTrainerConfig):
+class DiffusionDPOConfig(DDIMTrainerConfig):
     r"""Configuration of `DiffusionDPOTrainer`. Field names shared with `DDPOConfig` mean the same; each field's
     `help` says its default and meaning.
 
@@ -152,7 +152,7 @@ class DiffusionDPOConfig(DiffusionTrainerConfig):
 
     @property
     def use_lora(self) -> bool:
-        """Always: the reference policy is the UNet with its LoRA disabled (read by `trainers.ddpo.load_policy`)."""
+        """Always: the reference policy is the UNet with its LoRA disabled (read by `trainers.base.load_policy`)."""
         return True
 
     def validate(self) -> None:
@@ -549,7 +549,7 @@ def main(argv: list[str]) -> int:
     with training_command(argv, config):
         prompt_function = uniform_prompt_function(load_run_prompts(config)) if config.mode == "online" else None
         reward = build_process_reward(config.reward) if config.reward else None
-        policy = load_policy(config, config.seed, config.output_dir)
+        policy = load_policy(config, config.seed, config.output_dir, DDPOStableDiffusionPipeline)
         trainer = DiffusionDPOTrainer(config, policy, reward_function=reward, prompt_function=prompt_function)
         trainer.write_curves = True
         if reward is not None and not config.eval_prompts and trainer.train_data is not None:

@@ -5,19 +5,13 @@ reference. Written against `GeneratorAdapter` only, so one trainer serves SD (DD
 from __future__ import annotations
 
 import copy
-import inspect
-import os
-import sys
 import time
-import warnings
 from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
@@ -27,11 +21,12 @@ from rlhf.grpo_ema import ParameterEMA
 from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages, ratio_statistics
 from rlhf.reward_fn import AsyncReward
 from rlhf.stats import PerPromptStatTracker
+from trainers.base import DiffusionTrainerConfig, GeneratorArguments, redeclare, require
 from trainers.common import (
     Checkpointer, PolicyExport, build_lr_scheduler, build_optimizer, build_process_reward, draw_prompts,
-    eval_reward_change, evaluate, evaluate_and_train, finish_run, inference_dtype, load_weighting_state,
+    eval_reward_change, evaluate, evaluate_and_train, finish_run, load_weighting_state,
     peak_memory_mb, perspective_values, policy_checkpointer, reseed_global_rngs, reward_call, reward_evaluations,
-    reward_result, run_directory, seeded_generator, start_run, training_command, warmup_check, weighting_state,
+    reward_result, run_directory, seeded_generator, start_run, training_command, weighting_state,
 )
 
 COND = "cond/"
@@ -47,25 +42,11 @@ def _opt(default: Any, help: str) -> Any:
 
 
 @dataclass
-class GRPOGeneratorArguments:
-    """The generator `rlhf train grpo` loads (any family with an adapter)."""
-
-    pretrained_model: str = _opt("", "A diffusers pipeline directory or hub id (SD 1.x/2.x/SDXL, SD3/3.5, FLUX.1); "
-                                 "'' = the toy generator (SD), 'toy-flow' = the toy flow generator (SD3); 'tiny', "
-                                 "'tiny-sd3', 'tiny-flux' = a random tiny pipeline (plumbing only) (default '').")
-    pretrained_revision: str = _opt("main", "Hub revision (default 'main').")
-    use_lora: bool = _opt(True, "Train a LoRA (True) or the whole denoiser (default True).")
-    lora_rank: int = _opt(4, "LoRA rank (default 4).")
-    lora_alpha: float = _opt(4.0, "LoRA alpha (default 4).")
-    sde_type: str = _opt("", "The flow families' stochastic step ('flow_sde', 'dance', 'cps'), passed to the adapter; "
-                         "'' = the family's default (DDIM has one) (default '').")
-
-
-@dataclass
-class GRPOConfig:
-    r"""Configuration of `GRPOTrainer`. TRL's DDPO names where the two share a meaning; each field's help says its
-    default. Per epoch and process: `sample_batch_size * sample_num_batches_per_epoch` images, in groups of
-    `num_images_per_prompt` images of one prompt.
+class GRPOConfig(DiffusionTrainerConfig):
+    r"""Configuration of `GRPOTrainer`: the fields every diffusion trainer shares (`DiffusionTrainerConfig`, TRL's
+    DDPO names), then GRPO's own; each field's help says its default. Per epoch and process:
+    `sample_batch_size * sample_num_batches_per_epoch` images, in groups of `num_images_per_prompt` images of one
+    prompt.
 
     Choices a user faces:
     - advantages: (r - group mean) / group std by default; `global_std` divides by the std of all rewards of the
@@ -77,30 +58,16 @@ class GRPOConfig:
       Flow-GRPO uses 1e-4 on SD3.5 with its learning rate 3e-4, the toy config 1e-2.
     """
 
-    # ---- run (TRL's names) ----
-    exp_name: str = _opt(os.path.basename(sys.argv[0]).removesuffix(".py"),
-                         "Experiment name (default: the script's file name).")
-    run_name: str = _opt("", "Run name for the tracker (default '').")
-    seed: int = _opt(0, "Random seed; every draw derives from it (default 0).")
-    log_with: Optional[str] = _opt(None, "'wandb' or 'tensorboard' (default None).")
-    tracker_kwargs: dict = _opt({}, "Tracker init_kwargs (default {}).")
-    accelerator_kwargs: dict = _opt({}, "Extra Accelerator kwargs (default {}).")
-    project_kwargs: dict = _opt({}, "Extra ProjectConfiguration kwargs (default {}).")
-    tracker_project_name: str = _opt("trl", "Tracker project (default 'trl').")
-    logdir: str = _opt("logs", "Tracker logs, under output_dir (default 'logs').")
-    num_epochs: int = _opt(100, "Epochs (sample, score, train) (default 100).")
-    save_freq: int = _opt(1, "Checkpoint every this many epochs (default 1).")
-    num_checkpoint_limit: int = _opt(5, "Checkpoints kept (default 5).")
-    mixed_precision: str = _opt("no", "'no', 'fp16' (CUDA) or 'bf16' for the frozen weights; the LoRA stays float32 "
-                                "(default 'no').")
-    allow_tf32: bool = _opt(True, "TF32 matmuls on Ampere+ GPUs (default True).")
-    resume_from: str = _opt("", "A checkpoint_<epoch> directory or a run directory to resume from (default '').")
+    # ---- shared fields whose GRPO default differs (Flow-GRPO's) ----
+    mixed_precision: str = redeclare("mixed_precision", "no", "'no'")
+    sample_num_steps: int = redeclare("sample_num_steps", 10, "10: the training rollouts")
+    sample_guidance_scale: float = redeclare("sample_guidance_scale", 4.5, "4.5")
+    train_batch_size: int = redeclare("train_batch_size", 4, "4")
+    eval_seeds: list[int] = redeclare("eval_seeds", [0, 1], "0 1")
+    output_dir: str = redeclare("output_dir", "runs/grpo", "'runs/grpo'")
     # ---- sampling ----
-    sample_num_steps: int = _opt(10, "Denoising steps of the training rollouts (default 10).")
     eval_num_steps: int = _opt(0, "Denoising steps of evaluations; 0 = sample_num_steps. More than sample_num_steps is "
                                "denoising reduction (Flow-GRPO: 10 / 40) (default 0).")
-    sample_guidance_scale: float = _opt(4.5, "Guidance scale; <= 1 samples and trains without classifier-free "
-                                        "guidance; a guidance-distilled family reads it itself (default 4.5).")
     sample_batch_size: int = _opt(8, "Images per sampling batch, per process (default 8).")
     sample_num_batches_per_epoch: int = _opt(2, "Sampling batches per epoch, per process (default 2).")
     num_images_per_prompt: int = _opt(4, "K, the images of one prompt whose rewards are compared (default 4).")
@@ -113,26 +80,12 @@ class GRPOConfig:
                                        "(default []).")
     same_initial_noise: bool = _opt(False, "The K images of a prompt start from one noise, so they differ by the SDE "
                                     "steps alone (DanceGRPO's init_same_noise) (default False).")
-    sample_height: int = _opt(0, "Image height; 0 = the model's (default 0).")
-    sample_width: int = _opt(0, "Image width; 0 = the model's (default 0).")
-    negative_prompts: str = _opt("", "One negative prompt for all samples (default '').")
     # ---- training ----
-    train_batch_size: int = _opt(4, "Trajectories per training minibatch (default 4).")
-    train_use_8bit_adam: bool = _opt(False, "bitsandbytes 8-bit AdamW (default False).")
-    train_learning_rate: float = _opt(3e-4, "Learning rate (default 3e-4).")
-    train_adam_beta1: float = _opt(0.9, "Adam beta1 (default 0.9).")
-    train_adam_beta2: float = _opt(0.999, "Adam beta2 (default 0.999).")
-    train_adam_weight_decay: float = _opt(1e-4, "Adam weight decay (default 1e-4).")
-    train_adam_epsilon: float = _opt(1e-8, "Adam epsilon (default 1e-8).")
-    train_gradient_accumulation_steps: int = _opt(1, "Minibatches per optimizer step (default 1).")
-    train_max_grad_norm: float = _opt(1.0, "Gradient clipping norm (default 1.0).")
     train_num_inner_epochs: int = _opt(1, "PPO passes over each epoch's samples (default 1).")
     train_adv_clip_max: float = _opt(5.0, "Advantages clipped to +-this (default 5).")
     train_clip_range: float = _opt(1e-4, "PPO clip range of the per-step ratio (default 1e-4).")
     train_timesteps_per_forward: int = _opt(0, "Steps per trajectory batched in one denoiser call; 0 = all trained "
                                             "steps (default 0).")
-    train_lr_scheduler: str = _opt("constant", "diffusers LR schedule (default constant).")
-    train_lr_warmup_steps: int = _opt(0, "LR warmup optimizer steps (default 0).")
     kl_coef: float = _opt(0.0, "Weight of the per-step KL to the LoRA-disabled reference, |mu - mu_ref|^2 / "
                           "(2 std^2) (default 0).")
     global_std: bool = _opt(False, "Divide group-centred rewards by the std of all the epoch's rewards, not the "
@@ -144,37 +97,21 @@ class GRPOConfig:
                                                    "(default 4).")
     ema_decay: float = _opt(0.0, "EMA of the trained weights, used to evaluate and export; 0 = off (Flow-GRPO: 0.9) "
                             "(default 0).")
-    # ---- rewards ----
-    reward: dict = _opt({"builtin": "toy_colour"}, "CLI: the optimised reward block (rlhf.reward_fn) "
-                        "(default {builtin: toy_colour}).")
+    # ---- rewards and evaluation ----
     heldout_rewards: dict = _opt({}, "Rewards evaluated but not optimised, {name: reward block} (default {}).")
     async_reward_computation: bool = _opt(False, "Score each batch in a thread while the next samples "
                                           "(default False).")
-    # ---- prompts, evaluation, outputs ----
-    prompts: list[str] = _opt([], "CLI: training prompts (default: toy prompts).")
-    prompts_file: str = _opt("", "CLI: a file of training prompts, one a line (default '').")
-    eval_prompts: list[str] = _opt([], "Evaluation prompts; [] = no evaluation (default []).")
-    eval_seeds: list[int] = _opt([0, 1], "Evaluation seeds (default 0 1).")
     eval_freq: int = _opt(0, "Also evaluate every this many epochs, into the history and curves; 0 = before and "
                           "after only (default 0).")
-    num_grid_images: int = _opt(16, "Images per epoch sample grid (default 16).")
-    output_dir: str = _opt("runs/grpo", "Run directory (default 'runs/grpo').")
-    overwrite_output_dir: bool = _opt(False, "CLI: replace an earlier run (default False).")
-    push_to_hub: bool = _opt(False, "Save the LoRA for `hf upload` after training (default False).")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat `{name: scalar}` for trackers."""
-        return {key: str(value) if isinstance(value, (list, tuple, dict)) else value
-                for key, value in asdict(self).items()}
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that does not fit."""
+        """Raise ValueError naming the first field that does not fit (the shared fields first)."""
+        super().validate()
         per_process = self.sample_batch_size * self.sample_num_batches_per_epoch
         minibatches = per_process // max(self.train_batch_size, 1)
         window = self.sde_window_range
-        checks = [
-            (self.num_epochs >= 0, "num_epochs", "a value >= 0"),
-            (self.sample_num_steps >= 1, "sample_num_steps", "a value >= 1"),
+        last_start = self.sample_num_steps - (self.sde_window_size or self.sample_num_steps)
+        require([
             (self.eval_num_steps >= 0, "eval_num_steps", "a value >= 0 (0 = sample_num_steps)"),
             (self.sample_batch_size >= 1, "sample_batch_size", "a value >= 1"),
             (self.sample_num_batches_per_epoch >= 1, "sample_num_batches_per_epoch", "a value >= 1"),
@@ -184,14 +121,12 @@ class GRPOConfig:
             (self.eval_noise_level >= 0, "eval_noise_level", "a value >= 0"),
             (0 <= self.sde_window_size <= self.sample_num_steps, "sde_window_size",
              f"a value in [0, {self.sample_num_steps}]"),
-            (not window or (len(window) == 2 and 0 <= window[0] <= window[1]
-                            <= self.sample_num_steps - (self.sde_window_size or self.sample_num_steps)),
-             "sde_window_range", f"[] or [first, last] with 0 <= first <= last <= sample_num_steps - sde_window_size "
-                                 f"= {self.sample_num_steps - (self.sde_window_size or self.sample_num_steps)}"),
-            (self.train_batch_size >= 1 and per_process % self.train_batch_size == 0, "train_batch_size",
+            (not window or (len(window) == 2 and 0 <= window[0] <= window[1] <= last_start), "sde_window_range",
+             f"[] or [first, last] with 0 <= first <= last <= sample_num_steps - sde_window_size = {last_start}"),
+            (per_process % self.train_batch_size == 0, "train_batch_size",
              f"a divisor of the {per_process} images per process per epoch"),
-            (self.train_gradient_accumulation_steps >= 1 and minibatches % self.train_gradient_accumulation_steps == 0,
-             "train_gradient_accumulation_steps", f"a divisor of the {minibatches} minibatches per inner epoch"),
+            (minibatches % self.train_gradient_accumulation_steps == 0, "train_gradient_accumulation_steps",
+             f"a divisor of the {minibatches} minibatches per inner epoch"),
             (self.train_num_inner_epochs >= 1, "train_num_inner_epochs", "a value >= 1"),
             (self.train_clip_range > 0, "train_clip_range", "a value > 0"),
             (self.train_adv_clip_max > 0, "train_adv_clip_max", "a value > 0"),
@@ -205,16 +140,7 @@ class GRPOConfig:
             (all(isinstance(spec, dict) for spec in self.heldout_rewards.values()), "heldout_rewards",
              "a mapping {name: reward block}"),
             (self.eval_freq >= 0, "eval_freq", "a value >= 0"),
-            (not self.eval_prompts or self.eval_seeds, "eval_seeds", "at least one seed with eval_prompts"),
-            (self.save_freq >= 1, "save_freq", "a value >= 1"),
-            (self.sample_height >= 0 and self.sample_width >= 0, "sample_height/sample_width", "values >= 0"),
-            warmup_check(self),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}: expected {expected}")
-        inference_dtype(self.mixed_precision)
-
+        ])
 
 class GRPOTrainer(PolicyExport):
     """GRPO on accelerate, TRL-shaped (`GRPOTrainer(config, reward_function, prompt_function, generator).train()`).
@@ -595,46 +521,14 @@ def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------- CLI
 
-TOY_FLOW = "toy-flow"
-TINY_BUILDERS = {"tiny": "build_tiny_sd", "tiny-sd3": "build_tiny_sd3", "tiny-flux": "build_tiny_flux"}
-
-
-def load_policy(arguments: GRPOGeneratorArguments, seed: int, output_dir: str) -> GeneratorAdapter:
-    """The adapter `arguments` names: '' = the toy generator, 'toy-flow' = the toy flow generator (SD3), a
-    `TINY_BUILDERS` name = a random tiny pipeline built under `output_dir`, else any diffusers pipeline directory or
-    hub id (its family from `load_generator`)."""
-    from rlhf import testing, toy_generators
-    from rlhf.generators import generator_class, load_generator
-
-    name = arguments.pretrained_model
-    if name in TINY_BUILDERS:
-        path = Path(output_dir) / name.replace("-", "_")
-        with PartialState().main_process_first():
-            if not (path / "model_index.json").is_file():
-                getattr(testing, TINY_BUILDERS[name])(path, seed=seed)
-        name = str(path)
-    elif name == TOY_FLOW:
-        name = str(toy_generators.toy_flow_generator_path())
-    elif not name:
-        name = str(toy_generators.toy_generator_path())
-    options: dict[str, Any] = dict(use_lora=arguments.use_lora, lora_rank=arguments.lora_rank,
-                                   lora_alpha=arguments.lora_alpha, lora_seed=seed)
-    if arguments.sde_type:
-        family = generator_class(name, arguments.pretrained_revision)
-        if "sde_type" not in inspect.signature(family.__init__).parameters:
-            raise ValueError(f"sde_type: {family.__name__} has one stochastic step; leave sde_type ''")
-        options["sde_type"] = arguments.sde_type
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return load_generator(name, revision=arguments.pretrained_revision, **options)
-
 
 def main(argv: list[str]) -> int:
     """`rlhf train grpo --config configs/grpo/X.yaml [--field value ...]`."""
     from rlhf.config import parse_config
+    from trainers.base import load_policy
     from trainers.ddpo import load_training_prompts, uniform_prompt_function
 
-    arguments, config = parse_config([GRPOGeneratorArguments, GRPOConfig], argv)
+    arguments, config = parse_config([GeneratorArguments, GRPOConfig], argv)
     config.validate()
     with training_command(argv, config):
         prompts = load_training_prompts(config)
