@@ -432,7 +432,7 @@ def test_ddpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path) -> No
     a gain of 0.133 against the 3-std bar 0.084 (oracle alignment 0.47 -> 0.61, colour 0.72 -> 0.88), ~45 s."""
     from rlhf.toy_generators import toy_generator_path
     from rlhf.toy import ALL_PROMPTS
-    from trainers.ddpo import load_training_prompts, uniform_prompt_function
+    from trainers.base import load_training_prompts, uniform_prompt_function
 
     config = DDPOConfig(
         output_dir=str(tmp_path), mixed_precision="no", seed=0, num_epochs=16, sample_num_steps=10,

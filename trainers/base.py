@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import random
 import re
 import sys
 import warnings
@@ -19,6 +20,7 @@ from accelerate import PartialState
 from trainers.common import (
     PhaseTimer,
     PolicyExport,
+    are_toy_prompts,
     build_lr_scheduler,
     build_optimizer,
     epoch_progress,
@@ -494,3 +496,40 @@ def load_policy(arguments: Any, seed: int, output_dir: str, family: type | None 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # diffusers' deprecation notices while loading
         return adapter.from_pretrained(name, revision=arguments.pretrained_revision, **options)
+
+
+def load_training_prompts(config: DiffusionTrainerConfig) -> list[str]:
+    """The prompts list, else the prompts file (one per line), else 256 random toy prompts."""
+    if config.prompts and config.prompts_file:
+        raise ValueError("prompts and prompts_file: give one or the other")
+    if config.prompts_file:
+        path = Path(config.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file: no such file {path}")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompts_file: {path} holds no prompts")
+        return prompts
+    if config.prompts:
+        return list(config.prompts)
+    from rlhf.toy import toy_prompts
+
+    return toy_prompts(256, seed=config.seed)
+
+
+def load_run_prompts(config: DiffusionTrainerConfig) -> list[str]:
+    """`load_training_prompts`; without `eval_prompts`, the run evaluates on the first 8 of them, unless they are
+    toy prompts (a toy config names its evaluation prompts, as configs/*/tiny.yaml do)."""
+    prompts = load_training_prompts(config)
+    if not config.eval_prompts and not are_toy_prompts(prompts):
+        config.eval_prompts = prompts[:8]
+    return prompts
+
+
+def uniform_prompt_function(prompts: list[str]) -> Callable[[], tuple[str, dict]]:
+    """A TRL-style prompt function drawing uniformly with Python's `random` (reseeded per epoch by the trainer)."""
+
+    def draw() -> tuple[str, dict]:
+        return random.choice(prompts), {}
+
+    return draw

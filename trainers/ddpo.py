@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import random
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -16,9 +14,11 @@ from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.reward_fn import AsyncReward
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
-from trainers.base import DDIMTrainerConfig, DiffusionTrainer, GeneratorArguments, load_policy, redeclare, require
+from trainers.base import (
+    DDIMTrainerConfig, DiffusionTrainer, GeneratorArguments, load_policy, load_run_prompts, redeclare, require,
+    uniform_prompt_function,
+)
 from trainers.common import (
-    are_toy_prompts,
     build_process_reward,
     draw_prompts,
     eval_reward_change,
@@ -485,43 +485,6 @@ def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------- CLI
-
-
-def load_training_prompts(config: DDPOConfig) -> list[str]:
-    """The prompts list, else the prompts file (one per line), else 256 random toy prompts."""
-    if config.prompts and config.prompts_file:
-        raise ValueError("prompts and prompts_file: give one or the other")
-    if config.prompts_file:
-        path = Path(config.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts_file: no such file {path}")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompts_file: {path} holds no prompts")
-        return prompts
-    if config.prompts:
-        return list(config.prompts)
-    from rlhf.toy import toy_prompts
-
-    return toy_prompts(256, seed=config.seed)
-
-
-def load_run_prompts(config: DDPOConfig) -> list[str]:
-    """`load_training_prompts`; without `eval_prompts`, the run evaluates on the first 8 of them, unless they are
-    toy prompts (a toy config names its evaluation prompts, as configs/*/tiny.yaml do)."""
-    prompts = load_training_prompts(config)
-    if not config.eval_prompts and not are_toy_prompts(prompts):
-        config.eval_prompts = prompts[:8]
-    return prompts
-
-
-def uniform_prompt_function(prompts: list[str]) -> Callable[[], tuple[str, dict]]:
-    """A TRL-style prompt function drawing uniformly with Python's `random` (reseeded per epoch by the trainer)."""
-
-    def draw() -> tuple[str, dict]:
-        return random.choice(prompts), {}
-
-    return draw
 
 
 def main(argv: list[str]) -> int:

@@ -17,13 +17,14 @@ from tqdm.auto import tqdm
 
 from reward.pairs import load_pairs
 from rlhf.pipeline import DDPOStableDiffusionPipeline
-from trainers.base import DDIMTrainerConfig, DiffusionTrainer, load_policy, redeclare, require
+from trainers.base import (
+    DDIMTrainerConfig, DiffusionTrainer, load_policy, load_run_prompts, redeclare, require, uniform_prompt_function,
+)
 from trainers.common import (
     are_toy_prompts, build_process_reward, draw_prompts, eval_reward_change, peak_memory_mb, perspective_values,
     reseed_global_rngs, reward_call, reward_evaluations, run_directory, save_image_grid, seeded_generator,
     training_command,
 )
-from trainers.ddpo import load_run_prompts, uniform_prompt_function
 from trainers.dpo_loss import LOSS_TYPES, diffusion_dpo_loss
 from trainers.dpo_pairs import (
     PAIR_STRATEGIES, TOY_DATASET_PREFIX, OnlineRound, PairBatch, PairLatents, build_preference_pairs, toy_pair_files,

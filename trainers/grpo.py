@@ -525,13 +525,12 @@ def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
 def main(argv: list[str]) -> int:
     """`rlhf train grpo --config configs/grpo/X.yaml [--field value ...]`."""
     from rlhf.config import parse_config
-    from trainers.base import load_policy
-    from trainers.ddpo import load_training_prompts, uniform_prompt_function
+    from trainers.base import load_policy, load_run_prompts, uniform_prompt_function
 
     arguments, config = parse_config([GeneratorArguments, GRPOConfig], argv)
     config.validate()
     with training_command(argv, config):
-        prompts = load_training_prompts(config)
+        prompts = load_run_prompts(config)
         reward = build_process_reward(config.reward)
         generator = load_policy(arguments, config.seed, str(run_directory(config)))
         trainer = GRPOTrainer(config, reward, uniform_prompt_function(prompts), generator)
