@@ -14,7 +14,7 @@ from trl import RewardConfig
 
 from reward.data import load_preferences
 from reward.model import PerspectiveConfig, RewardModel
-from rlhf import cli
+from trainers import cli
 from rlhf.config import ConfigError
 from rlhf.toy import write_toy_datasets
 from trainers.reward_model import RewardModelTrainer, eval_main, main
