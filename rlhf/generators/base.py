@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -44,6 +45,8 @@ class GeneratorAdapter(ABC):
     base_revision: str
     #: the pipeline's components that stay frozen (text encoders, VAE)
     frozen_component_names: ClassVar[tuple[str, ...]] = ()
+    #: the diffusers class that loads the family's pipelines (`DiffusionPipeline` reads it from model_index.json)
+    pipeline_class: ClassVar[type[DiffusionPipeline]] = DiffusionPipeline
     #: the dtype the denoiser computes in (its frozen weights'), recorded by `to`
     denoiser_dtype: torch.dtype
 
@@ -74,6 +77,33 @@ class GeneratorAdapter(ABC):
             for name, parameter in denoiser.named_parameters():
                 parameter.requires_grad_("lora_" in name)
         self.to(dtype=denoiser.dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name: str | Path,
+        *,
+        revision: str = "main",
+        torch_dtype: torch.dtype = torch.float32,
+        use_lora: bool = True,
+        pipeline_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> "GeneratorAdapter":
+        """Load the family's pipeline from a path or the Hugging Face cache.
+
+        A directory written by `save_pretrained` with LoRA weights loads its base model, then that LoRA, which
+        becomes the trainable adapter (training continues from it). `pipeline_options` go to the diffusers
+        pipeline's `from_pretrained` (e.g. `{"text_encoder_3": None, "tokenizer_3": None}`: SD3 without T5);
+        `options` to the constructor (LoRA shape, a flow family's `sde_type`, ...).
+        """
+        base_name, base_revision, saved_policy = cls.saved_policy_source(pretrained_model_name, revision)
+        pipeline = cls.pipeline_class.from_pretrained(
+            base_name, revision=base_revision, dtype=torch_dtype, **(pipeline_options or {})
+        )
+        if saved_policy:
+            pipeline.load_lora_weights(pretrained_model_name, weight_name=LORA_WEIGHT_NAME, adapter_name="default")
+            use_lora = True
+        return cls(pipeline, use_lora=use_lora, base_model=base_name, base_revision=base_revision, **options)
 
     @staticmethod
     def saved_policy_source(pretrained_model_name: str | Path, revision: str) -> tuple[str, str, bool]:

@@ -58,8 +58,6 @@ class FlowMatchingAdapter(GeneratorAdapter):
         base_model, base_revision: where the pipeline came from, recorded next to saved LoRA weights.
     """
 
-    #: the diffusers pipeline class this family wraps
-    pipeline_class: ClassVar[type[DiffusionPipeline]]
     #: `max_shift` of the family's `calculate_shift` when the scheduler config does not set it (SD3 1.16, FLUX 1.15)
     default_max_shift: ClassVar[float]
     #: T5's padded prompt length in the diffusers pipeline's `__call__`
@@ -97,35 +95,6 @@ class FlowMatchingAdapter(GeneratorAdapter):
         self.base_model = base_model
         self.base_revision = base_revision
         self._set_up_policy(use_lora, lora_rank, lora_alpha, lora_target_modules, lora_seed)
-
-    # ---- construction -------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name: str | Path,
-        *,
-        revision: str = "main",
-        torch_dtype: torch.dtype = torch.float32,
-        use_lora: bool = True,
-        pipeline_options: dict[str, Any] | None = None,
-        **options: Any,
-    ) -> "FlowMatchingAdapter":
-        """Load the family's pipeline from a path or the Hugging Face cache.
-
-        A directory written by `save_pretrained` with LoRA weights loads its base model, then that LoRA, which
-        becomes the trainable adapter (training continues from it). `pipeline_options` go to the diffusers
-        pipeline's `from_pretrained` (e.g. `{"text_encoder_3": None, "tokenizer_3": None}`: SD3 without T5);
-        `options` to the constructor (LoRA shape, `sde_type`, ...).
-        """
-        base_name, base_revision, saved_policy = cls.saved_policy_source(pretrained_model_name, revision)
-        pipeline = cls.pipeline_class.from_pretrained(
-            base_name, revision=base_revision, dtype=torch_dtype, **(pipeline_options or {})
-        )
-        if saved_policy:
-            pipeline.load_lora_weights(pretrained_model_name, weight_name=LORA_WEIGHT_NAME, adapter_name="default")
-            use_lora = True
-        return cls(pipeline, use_lora=use_lora, base_model=base_name, base_revision=base_revision, **options)
 
     # ---- components ---------------------------------------------------------------------------------------
 

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
-from rlhf.generators.base import LORA_WEIGHT_NAME, GeneratorAdapter, StepResult
+from rlhf.generators.base import GeneratorAdapter, StepResult
 from rlhf.scheduling import ddim_posterior, ddim_step_with_logprob
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
@@ -62,30 +62,6 @@ class StableDiffusionAdapter(GeneratorAdapter):
         self.base_revision = base_revision
         self.is_sdxl = isinstance(sd_pipeline, StableDiffusionXLPipeline)
         self._set_up_policy(use_lora, lora_rank, lora_alpha, lora_target_modules, lora_seed)
-
-    # ---- construction -------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name: str | Path,
-        *,
-        revision: str = "main",
-        torch_dtype: torch.dtype = torch.float32,
-        use_lora: bool = True,
-        **lora_options: Any,
-    ) -> "StableDiffusionAdapter":
-        """Load an SD 1.x/2.x or SDXL pipeline from a path or the Hugging Face cache.
-
-        A directory written by `save_pretrained` with LoRA weights loads its base model, then that LoRA, which
-        becomes the trainable adapter (training continues from it).
-        """
-        base_name, base_revision, saved_policy = cls.saved_policy_source(pretrained_model_name, revision)
-        sd_pipeline = DiffusionPipeline.from_pretrained(base_name, revision=base_revision, dtype=torch_dtype)
-        if saved_policy:
-            sd_pipeline.load_lora_weights(pretrained_model_name, weight_name=LORA_WEIGHT_NAME, adapter_name="default")
-            use_lora = True
-        return cls(sd_pipeline, use_lora=use_lora, base_model=base_name, base_revision=base_revision, **lora_options)
 
     # ---- components (TRL 0.23's properties) ----------------------------------------------------------------
 
