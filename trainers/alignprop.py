@@ -9,10 +9,9 @@ from typing import Any, Callable
 
 import torch
 
-from rlhf.pipeline import RGBWithGradOutput
-from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require
+from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
+from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require, run_trainer_command
 from trainers.common import draw_prompts, peak_memory_mb, perspective_values, reseed_global_rngs, seeded_generator
-from trainers.ddpo import run_trainer_command
 
 METHODS = ("alignprop", "draft_k", "draft_lv")
 
@@ -318,4 +317,4 @@ class AlignPropTrainer(DiffusionTrainer):
 
 def main(argv: list[str]) -> int:
     """`rlhf train alignprop --config configs/alignprop/X.yaml [--field value ...]`."""
-    return run_trainer_command(argv, AlignPropConfig, AlignPropTrainer, differentiable=True)
+    return run_trainer_command(argv, AlignPropConfig, AlignPropTrainer, DDPOStableDiffusionPipeline, differentiable=True)

@@ -21,6 +21,10 @@ from trainers.common import (
     PhaseTimer,
     PolicyExport,
     are_toy_prompts,
+    build_process_reward,
+    eval_reward_change,
+    run_directory,
+    training_command,
     build_lr_scheduler,
     build_optimizer,
     epoch_progress,
@@ -533,3 +537,33 @@ def uniform_prompt_function(prompts: list[str]) -> Callable[[], tuple[str, dict]
         return random.choice(prompts), {}
 
     return draw
+
+
+def run_trainer_command(
+    argv: list[str], config_class: type, trainer_class: type, family: type | None = None, **reward_defaults: Any
+) -> int:
+    """A command around a trainer with TRL's `(config, reward_function, prompt_function, generator)` constructor:
+    parse `GeneratorArguments` + `config_class`, load the generator (`family`: the adapter class the trainer samples
+    through; None = any family), train in a claimed output directory, push if asked, summarise."""
+    from rlhf.config import parse_config
+
+    generator, config = parse_config([GeneratorArguments, config_class], argv)
+    config.validate()
+    with training_command(argv, config):
+        prompts = load_run_prompts(config)
+        reward = build_process_reward(config.reward, **reward_defaults)
+        policy = load_policy(generator, config.seed, str(run_directory(config)), family)
+        trainer = trainer_class(config, reward, uniform_prompt_function(prompts), policy)
+        trainer.write_curves = True  # the command draws training_curves.png; the Python API leaves it to the caller
+        trainer.outputs.save_config([generator, config])
+        metrics = trainer.train()
+    if config.push_to_hub:
+        trainer.push_to_hub()
+    if trainer.accelerator.is_main_process:
+        if metrics["eval_before"] and metrics["eval_after"]:
+            summary = eval_reward_change(metrics["eval_before"], metrics["eval_after"])
+        else:
+            summary = (f"last epoch reward {trainer.last_row.get('reward_mean', float('nan')):.4f} "
+                       "(no eval_prompts: no evaluation)")
+        print(f"{summary}; outputs in {run_directory(config)}")
+    return 0

@@ -663,6 +663,51 @@ def perspective_values(info: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {name: torch.as_tensor(values).detach().float().cpu().reshape(-1) for name, values in raw.items()}
 
 
+def gathered_advantages(
+    accelerator: Accelerator,
+    reward_fn: Any,
+    rewards: torch.Tensor,
+    perspectives: dict[str, torch.Tensor],
+    prompts: list[str],
+    normalise: Callable[[torch.Tensor, list[int], list[str], int], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The policy-gradient trainers' advantages: gather every process's rewards (and per-perspective scores and
+    prompts), drop the non-finite ones, and turn the rest into advantages; return this process's share
+    (`advantages`, `valid`, on the accelerator's device) and the epoch's reward statistics.
+
+    A reward weighted at the level "advantage" (GDPO) computes them itself from the gathered per-perspective scores;
+    otherwise `normalise(kept_rewards, kept_indices, gathered_prompts, rewards_per_process)` does (the trainer's
+    group, tracker or batch normalisation).
+    """
+    local = len(prompts)
+    all_rewards = accelerator.gather(rewards).cpu().double()
+    all_perspectives = {name: accelerator.gather(values).cpu() for name, values in perspectives.items()}
+    all_prompts = gather_object(prompts) if accelerator.num_processes > 1 else prompts
+    finite = torch.isfinite(all_rewards)
+    advantages = torch.zeros_like(all_rewards, dtype=torch.float32)
+    weighting = getattr(reward_fn, "weighting", None)
+    if getattr(weighting, "level", "reward") == "advantage":
+        folded = weighting.advantages(all_perspectives, all_prompts).total.cpu()
+        finite &= torch.isfinite(folded)
+        advantages[finite] = folded[finite].float()
+    elif finite.any():
+        kept = finite.nonzero().squeeze(1).tolist()
+        advantages[kept] = normalise(all_rewards[kept], kept, all_prompts, local)
+    rank = accelerator.process_index
+    stats = {"num_nonfinite_rewards": int((~finite).sum()), **mean_std("reward", all_rewards[finite])}
+    for name, values in all_perspectives.items():
+        stats.update(mean_std(f"reward_{name}", values.double()[torch.isfinite(values)]))
+    return (advantages.reshape(-1, local)[rank].to(accelerator.device),
+            finite.reshape(-1, local)[rank].to(accelerator.device), stats)
+
+
+def mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
+    """`{prefix}_mean` and `{prefix}_std` (population) of `values`; NaN for none."""
+    if len(values) == 0:
+        return {f"{prefix}_mean": float("nan"), f"{prefix}_std": float("nan")}
+    return {f"{prefix}_mean": float(values.mean()), f"{prefix}_std": float(values.std(unbiased=False))}
+
+
 def are_toy_prompts(prompts: Sequence[str]) -> bool:
     """Whether every prompt names a toy colour and shape (so the toy oracles can judge its images)."""
     from rlhf import toy

@@ -8,27 +8,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from accelerate.utils import gather_object
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.reward_fn import AsyncReward
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
-from trainers.base import (
-    DDIMTrainerConfig, DiffusionTrainer, GeneratorArguments, load_policy, load_run_prompts, redeclare, require,
-    uniform_prompt_function,
-)
+from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require, run_trainer_command
 from trainers.common import (
-    build_process_reward,
     draw_prompts,
-    eval_reward_change,
+    gathered_advantages,
     peak_memory_mb,
     perspective_values,
     reseed_global_rngs,
     reward_result,
-    run_directory,
     seeded_generator,
-    training_command,
 )
 
 
@@ -284,36 +277,21 @@ class DDPOTrainer(DiffusionTrainer):
         gathered per-perspective scores; otherwise `group_size > 1` normalises within groups, else the per-prompt
         tracker, else the whole batch.
         """
-        accelerator, config = self.accelerator, self.config
-        local = len(rollout.prompts)
-        rewards = accelerator.gather(rollout.rewards).cpu().double()
-        perspectives = {name: accelerator.gather(values).cpu() for name, values in rollout.perspectives.items()}
-        prompts = gather_object(rollout.prompts) if accelerator.num_processes > 1 else rollout.prompts
-        finite = torch.isfinite(rewards)
-        advantages = torch.zeros_like(rewards, dtype=torch.float32)
-        weighting = getattr(self.reward_fn, "weighting", None)
-        if getattr(weighting, "level", "reward") == "advantage":
-            folded = weighting.advantages(perspectives, prompts).total.cpu()
-            finite &= torch.isfinite(folded)
-            advantages[finite] = folded[finite].float()
-        elif finite.any():
-            kept = finite.nonzero().squeeze(1).tolist()
+        config = self.config
+
+        def normalise(rewards: torch.Tensor, kept: list[int], prompts: list[str], local: int) -> torch.Tensor:
             if config.group_size > 1:
                 # a group never spans processes: ids are (process, group index within the process)
-                ids = [(i // local, (i % local) // config.group_size) for i in kept]
-                advantages[kept] = group_advantages(rewards[kept], ids)
-            elif self.stat_tracker is not None:
-                advantages[kept] = self.stat_tracker.update([prompts[i] for i in kept], rewards[kept])
-            else:
-                advantages[kept] = batch_advantages(rewards[kept])
-        rank = accelerator.process_index
-        rollout.tensors["advantages"] = advantages.reshape(-1, local)[rank].to(accelerator.device)
-        rollout.tensors["valid"] = finite.reshape(-1, local)[rank].to(accelerator.device)
-        dropped = int((~finite).sum())
-        self.num_nonfinite += dropped
-        stats = {"num_nonfinite_rewards": dropped, **_mean_std("reward", rewards[finite])}
-        for name, values in perspectives.items():
-            stats.update(_mean_std(f"reward_{name}", values.double()[torch.isfinite(values)]))
+                return group_advantages(rewards, [(i // local, (i % local) // config.group_size) for i in kept])
+            if self.stat_tracker is not None:
+                return self.stat_tracker.update([prompts[i] for i in kept], rewards)
+            return batch_advantages(rewards)
+
+        advantages, valid, stats = gathered_advantages(
+            self.accelerator, self.reward_fn, rollout.rewards, rollout.perspectives, rollout.prompts, normalise
+        )
+        rollout.tensors["advantages"], rollout.tensors["valid"] = advantages, valid
+        self.num_nonfinite += stats["num_nonfinite_rewards"]
         return stats
 
     # ---- training --------------------------------------------------------------------------------------------
@@ -478,39 +456,9 @@ def _completed(value: Any) -> Future:
     return future
 
 
-def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
-    if len(values) == 0:
-        return {f"{prefix}_mean": float("nan"), f"{prefix}_std": float("nan")}
-    return {f"{prefix}_mean": float(values.mean()), f"{prefix}_std": float(values.std(unbiased=False))}
-
-
 # ------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str]) -> int:
     """`rlhf train ddpo --config configs/ddpo/X.yaml [--field value ...]`."""
-    return run_trainer_command(argv, DDPOConfig, DDPOTrainer)
-
-
-def run_trainer_command(argv: list[str], config_class: type, trainer_class: type, **reward_defaults: Any) -> int:
-    """A command around a trainer with TRL's `(config, reward_function, prompt_function, sd_pipeline)` constructor:
-    parse `GeneratorArguments` + `config_class`, train in a claimed output directory, push if asked, summarise."""
-    from rlhf.config import parse_config
-
-    generator, config = parse_config([GeneratorArguments, config_class], argv)
-    config.validate()
-    with training_command(argv, config):
-        prompts = load_run_prompts(config)
-        reward = build_process_reward(config.reward, **reward_defaults)
-        policy = load_policy(generator, config.seed, config.output_dir, DDPOStableDiffusionPipeline)
-        trainer = trainer_class(config, reward, uniform_prompt_function(prompts), policy)
-        trainer.write_curves = True
-        trainer.outputs.save_config([generator, config])
-        metrics = trainer.train()
-    if config.push_to_hub:
-        trainer.push_to_hub()
-    if trainer.accelerator.is_main_process:
-        evaluated = metrics["eval_before"] and metrics["eval_after"]
-        change = f"{eval_reward_change(metrics['eval_before'], metrics['eval_after'])}; " if evaluated else ""
-        print(f"{change}outputs in {run_directory(config)}")
-    return 0
+    return run_trainer_command(argv, DDPOConfig, DDPOTrainer, DDPOStableDiffusionPipeline)

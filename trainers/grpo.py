@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from rlhf.generators.base import GeneratorAdapter
@@ -21,12 +20,12 @@ from rlhf.grpo_ema import ParameterEMA
 from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages, ratio_statistics
 from rlhf.reward_fn import AsyncReward
 from rlhf.stats import PerPromptStatTracker
-from trainers.base import DiffusionTrainerConfig, GeneratorArguments, redeclare, require
+from trainers.base import DiffusionTrainerConfig, redeclare, require, run_trainer_command
 from trainers.common import (
-    Checkpointer, PolicyExport, build_lr_scheduler, build_optimizer, build_process_reward, draw_prompts,
-    eval_reward_change, evaluate, evaluate_and_train, finish_run, load_weighting_state,
-    peak_memory_mb, perspective_values, policy_checkpointer, reseed_global_rngs, reward_call, reward_evaluations,
-    reward_result, run_directory, seeded_generator, start_run, training_command, weighting_state,
+    Checkpointer, PolicyExport, build_lr_scheduler, build_optimizer, build_process_reward, draw_prompts, evaluate,
+    evaluate_and_train, finish_run, gathered_advantages, load_weighting_state, peak_memory_mb, perspective_values,
+    policy_checkpointer, reseed_global_rngs, reward_call, reward_evaluations, reward_result, seeded_generator,
+    start_run, weighting_state,
 )
 
 COND = "cond/"
@@ -299,33 +298,20 @@ class GRPOTrainer(PolicyExport):
 
         A reward weighted at the advantage level (GDPO) computes them from the per-perspective scores; otherwise
         the per-prompt tracker, else group normalisation (with `global_std`, by the std of all rewards)."""
-        accelerator, config = self.accelerator, self.config
-        local = len(rollout["prompts"])
-        rewards = accelerator.gather(rollout["rewards"]).cpu().double()
-        perspectives = {name: accelerator.gather(v).cpu() for name, v in rollout["perspectives"].items()}
-        prompts = gather_object(rollout["prompts"]) if accelerator.num_processes > 1 else rollout["prompts"]
-        finite = torch.isfinite(rewards)
-        advantages = torch.zeros_like(rewards, dtype=torch.float32)
-        weighting = getattr(self.reward_fn, "weighting", None)
-        if getattr(weighting, "level", "reward") == "advantage":
-            folded = weighting.advantages(perspectives, prompts).total.cpu()
-            finite &= torch.isfinite(folded)
-            advantages[finite] = folded[finite].float()
-        elif finite.any():
-            kept = finite.nonzero().squeeze(1).tolist()
+        config = self.config
+
+        def normalise(rewards: torch.Tensor, kept: list[int], prompts: list[str], local: int) -> torch.Tensor:
             if self.stat_tracker is not None:
-                advantages[kept] = self.stat_tracker.update([prompts[i] for i in kept], rewards[kept])
-            else:
-                # a group never spans processes: ids are (process, group index within the process)
-                ids = [(i // local, (i % local) // config.num_images_per_prompt) for i in kept]
-                advantages[kept] = grpo_advantages(rewards[kept], ids, config.global_std)
-        rank = accelerator.process_index
-        rollout["tensors"]["advantages"] = advantages.reshape(-1, local)[rank].to(accelerator.device)
-        rollout["tensors"]["valid"] = finite.reshape(-1, local)[rank].to(accelerator.device)
-        self.num_nonfinite += int((~finite).sum())
-        stats = {"num_nonfinite_rewards": int((~finite).sum()), **_mean_std("reward", rewards[finite])}
-        for name, values in perspectives.items():
-            stats.update(_mean_std(f"reward_{name}", values.double()[torch.isfinite(values)]))
+                return self.stat_tracker.update([prompts[i] for i in kept], rewards)
+            # a group never spans processes: ids are (process, group index within the process)
+            ids = [(i // local, (i % local) // config.num_images_per_prompt) for i in kept]
+            return grpo_advantages(rewards, ids, config.global_std)
+
+        advantages, valid, stats = gathered_advantages(
+            self.accelerator, self.reward_fn, rollout["rewards"], rollout["perspectives"], rollout["prompts"], normalise
+        )
+        rollout["tensors"]["advantages"], rollout["tensors"]["valid"] = advantages, valid
+        self.num_nonfinite += stats["num_nonfinite_rewards"]
         return stats
 
     # ---- training --------------------------------------------------------------------------------------------
@@ -513,35 +499,9 @@ def _build_heldout(specs: dict[str, dict[str, Any]]) -> dict[str, Callable[..., 
     return rewards
 
 
-def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
-    if len(values) == 0:
-        return {f"{prefix}_mean": float("nan"), f"{prefix}_std": float("nan")}
-    return {f"{prefix}_mean": float(values.mean()), f"{prefix}_std": float(values.std(unbiased=False))}
-
-
 # ------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str]) -> int:
-    """`rlhf train grpo --config configs/grpo/X.yaml [--field value ...]`."""
-    from rlhf.config import parse_config
-    from trainers.base import load_policy, load_run_prompts, uniform_prompt_function
-
-    arguments, config = parse_config([GeneratorArguments, GRPOConfig], argv)
-    config.validate()
-    with training_command(argv, config):
-        prompts = load_run_prompts(config)
-        reward = build_process_reward(config.reward)
-        generator = load_policy(arguments, config.seed, str(run_directory(config)))
-        trainer = GRPOTrainer(config, reward, uniform_prompt_function(prompts), generator)
-        trainer.write_curves = True  # the command draws training_curves.png; the Python API leaves it to the caller
-        trainer.outputs.save_config([arguments, config])
-        metrics = trainer.train()
-    if config.push_to_hub:
-        trainer.push_to_hub()
-    if trainer.accelerator.is_main_process:
-        last = trainer.last_row
-        summary = (eval_reward_change(metrics["eval_before"], metrics["eval_after"]) if metrics["eval_after"] else
-                   f"last epoch reward {last.get('reward_mean', float('nan')):.4f} (no eval_prompts: no evaluation)")
-        print(f"{summary}; outputs in {run_directory(config)}")
-    return 0
+    """`rlhf train grpo --config configs/grpo/X.yaml [--field value ...]`: any generator family."""
+    return run_trainer_command(argv, GRPOConfig, GRPOTrainer)
