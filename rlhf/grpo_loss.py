@@ -1,5 +1,6 @@
 """The arithmetic of GRPO on diffusion trajectories: group-normalised advantages (optionally with one global std),
-the clipped per-step policy loss, the closed-form KL of two Gaussian steps, and the statistics logged with them."""
+the clipped per-step policy loss and the statistics logged with it (DDPO's too), the closed-form KL of two Gaussian
+steps."""
 
 from __future__ import annotations
 

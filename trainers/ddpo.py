@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.grpo_loss import clipped_policy_loss, ratio_statistics
 from rlhf.reward_fn import AsyncReward
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
@@ -379,21 +380,20 @@ class DDPOTrainer(DiffusionTrainer):
         config = self.config
         log_probs, kl = self.replay_log_probs(tensors, rows, columns)
         old_log_probs = tensors["log_probs"][rows[:, None], columns]
-        advantages = tensors["advantages"][rows].clamp(-config.train_adv_clip_max, config.train_adv_clip_max)[:, None]
         valid = tensors["valid"][rows].float()[:, None].expand_as(log_probs)
-        ratio = torch.exp(log_probs - old_log_probs)
-        clipped = ratio.clamp(1 - config.train_clip_range, 1 + config.train_clip_range)
-        per_pair = torch.maximum(-advantages * ratio, -advantages * clipped)
+        per_pair, ratio = clipped_policy_loss(log_probs, old_log_probs, tensors["advantages"][rows][:, None],
+                                              config.train_clip_range, config.train_adv_clip_max)
         if kl is not None:
             per_pair = per_pair + config.kl_coef * kl
         loss = (per_pair * valid).sum()
+        ratios = ratio_statistics(log_probs, old_log_probs, ratio, config.train_clip_range, valid)
         with torch.no_grad():
             stats = torch.stack(
                 [
                     loss.detach(),
-                    (0.5 * (log_probs - old_log_probs) ** 2 * valid).sum(),
-                    (((ratio - 1).abs() > config.train_clip_range).float() * valid).sum(),
-                    (ratio * valid).sum(),
+                    ratios["approx_kl"],
+                    ratios["clipfrac"],
+                    ratios["ratio"],
                     (kl * valid).sum() if kl is not None else torch.zeros((), device=loss.device),
                     valid.sum(),
                 ]
