@@ -298,24 +298,8 @@ if trainer.accelerator.is_main_process:
 def test_two_cpu_processes_end_with_identical_lora(tiny_sd: Path, tmp_path: Path) -> None:
     """The trainer all-reduces LoRA gradients itself (it calls the bare UNet, not a DDP wrapper): ranks that
     back-propagate different samples must still end with the same, trained, LoRA."""
-    import os
-    import subprocess
-    import sys
+    from tests.test_ddpo import assert_ranks_hold_one_trained_lora, run_on_two_cpu_processes
 
-    from safetensors.torch import load_file
-
-    script = tmp_path / "two_process.py"
-    script.write_text(TWO_PROCESS_SCRIPT)
-    # torchrun + ACCELERATE_USE_CPU gives accelerate two gloo ranks (see tests/test_ddpo.py)
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script), str(tiny_sd),
-               str(tmp_path / "run")]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "num_processes=2" in (tmp_path / "run" / "ranks.txt").read_text()
-    rank0, rank1 = (load_file(tmp_path / "run" / f"rank{rank}.safetensors") for rank in (0, 1))
-    assert rank0.keys() == rank1.keys()
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), name
-    assert any(rank0[name].abs().max() > 0 for name in rank0 if "lora_B" in name)
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_before"]["num_seeds"] == 3
+    run = run_on_two_cpu_processes(TWO_PROCESS_SCRIPT, tiny_sd, tmp_path)
+    assert_ranks_hold_one_trained_lora(run)
+    assert json.loads((run / "metrics.json").read_text())["eval_before"]["num_seeds"] == 3

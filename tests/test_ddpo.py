@@ -376,25 +376,38 @@ def test_evaluation_samples_only_when_asked_and_is_timed_apart(tiny_sd: Path, tm
     assert evaluated["eval_before"]["num_seeds"] == 3 and evaluated["eval_after"]["num_prompts"] == len(PROMPTS)
 
 
-def test_two_cpu_processes_end_with_identical_lora(tiny_sd: Path, tmp_path: Path) -> None:
+def run_on_two_cpu_processes(script_text: str, tiny_sd: Path, tmp_path: Path) -> Path:
+    """Run a training script (argv: the tiny pipeline, the run directory) on two gloo CPU ranks; its run directory.
+
+    accelerate 1.15's `accelerate launch --num_processes 2 --cpu` starts ONE process unless mpirun is set up;
+    torchrun + ACCELERATE_USE_CPU gives accelerate two gloo ranks. The script writes each rank's policy to
+    `rank<i>.safetensors` and the process count to `ranks.txt`."""
     script = tmp_path / "two_process.py"
-    script.write_text(TWO_PROCESS_SCRIPT)
-    # accelerate 1.15's `accelerate launch --num_processes 2 --cpu` starts ONE process unless mpirun is set up;
-    # torchrun + ACCELERATE_USE_CPU gives accelerate two gloo ranks
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script), str(tiny_sd), str(tmp_path / "run")]
+    script.write_text(script_text)
+    run = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script), str(tiny_sd), str(run)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "num_processes=2" in (tmp_path / "run" / "ranks.txt").read_text()
-    rank0 = load_file(tmp_path / "run" / "rank0.safetensors")
-    rank1 = load_file(tmp_path / "run" / "rank1.safetensors")
+    assert "num_processes=2" in (run / "ranks.txt").read_text()
+    return run
+
+
+def assert_ranks_hold_one_trained_lora(run: Path) -> None:
+    """Both ranks' saved LoRA are bitwise equal, and trained (some LoRA B is nonzero)."""
+    rank0, rank1 = (load_file(run / f"rank{rank}.safetensors") for rank in (0, 1))
     assert rank0.keys() == rank1.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert any(rank0[name].abs().max() > 0 for name in rank0 if "lora_B" in name)
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_two_cpu_processes_end_with_identical_lora(tiny_sd: Path, tmp_path: Path) -> None:
+    run = run_on_two_cpu_processes(TWO_PROCESS_SCRIPT, tiny_sd, tmp_path)
+    assert_ranks_hold_one_trained_lora(run)
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval_before"]["num_seeds"] == 3  # seeds shared out over both processes, then gathered
-    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert len(history) == 2 and history[0]["reward_mean"] > 0
 
 

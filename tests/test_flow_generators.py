@@ -24,6 +24,7 @@ from diffusers import (
 from rlhf.generators import FluxAdapter, GeneratorAdapter, SD3Adapter, generator_class, load_generator
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_flux, build_tiny_sd, build_tiny_sd3
+from tests.test_pipeline import perturb_lora
 
 PROMPTS = ["a red circle", "a blue square"]
 NEGATIVES = ["a green triangle", "a photo of a dog"]
@@ -80,14 +81,6 @@ def load(path: Path, **options: Any) -> GeneratorAdapter:
     adapter = load_generator(path, **options)
     adapter.set_progress_bar_config(disable=True)
     return adapter
-
-
-def perturb_lora(adapter: GeneratorAdapter, seed: int = 0) -> None:
-    """LoRA B starts at zero (a no-op adapter): give every LoRA weight a visible random value."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in adapter.trainable_parameters():
-            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
 
 
 @dataclass

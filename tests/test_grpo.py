@@ -4,9 +4,6 @@ SDE window, end to end on tiny SD (DDIM), SD3 and FLUX, exact resume, two proces
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,9 @@ from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantage
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_sd3
 from tests.conftest import assert_resumed_run_matches
-from tests.test_ddpo import PROMPTS, colour_reward, prompt_cycle
+from tests.test_ddpo import (
+    PROMPTS, assert_ranks_hold_one_trained_lora, colour_reward, prompt_cycle, run_on_two_cpu_processes,
+)
 from trainers import GRPOConfig, GRPOTrainer
 from trainers.grpo import main
 
@@ -254,18 +253,6 @@ if trainer.accelerator.is_main_process:
 
 
 def test_two_cpu_processes_end_with_identical_lora(tiny_sd: Path, tmp_path: Path) -> None:
-    script = tmp_path / "two_process.py"
-    script.write_text(TWO_PROCESS_SCRIPT)
-    # torchrun + ACCELERATE_USE_CPU gives accelerate two gloo ranks (as tests/test_ddpo.py)
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script), str(tiny_sd),
-               str(tmp_path / "run")]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "num_processes=2" in (tmp_path / "run" / "ranks.txt").read_text()
-    rank0, rank1 = (load_file(tmp_path / "run" / f"rank{rank}.safetensors") for rank in (0, 1))
-    assert rank0.keys() == rank1.keys()
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), name
-    assert any(rank0[name].abs().max() > 0 for name in rank0 if "lora_B" in name)
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_before"]["num_seeds"] == 3
+    run = run_on_two_cpu_processes(TWO_PROCESS_SCRIPT, tiny_sd, tmp_path)
+    assert_ranks_hold_one_trained_lora(run)
+    assert json.loads((run / "metrics.json").read_text())["eval_before"]["num_seeds"] == 3

@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from rlhf.generators import GeneratorAdapter
 from rlhf.pipeline import DDPOStableDiffusionPipeline, DefaultDDPOStableDiffusionPipeline
 from rlhf.scheduling import ddim_step_with_logprob
 from rlhf.testing import TEXT_MAX_LENGTH, build_tiny_tokenizer
@@ -32,8 +33,8 @@ def load(path: Path, **kwargs) -> DDPOStableDiffusionPipeline:
     return pipeline
 
 
-def perturb_lora(pipeline: DDPOStableDiffusionPipeline, seed: int = 0) -> None:
-    """LoRA B starts at zero (a no-op adapter); give every LoRA weight a visible random value."""
+def perturb_lora(pipeline: GeneratorAdapter, seed: int = 0) -> None:
+    """LoRA B starts at zero (a no-op adapter); give every LoRA weight a visible random value (any family)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in pipeline.trainable_parameters():
