@@ -55,7 +55,7 @@ def ddim_posterior(
     return mean, std
 
 
-def ddim_step_with_logprob(
+def ddim_step(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
     timestep: int | torch.Tensor,
@@ -63,8 +63,8 @@ def ddim_step_with_logprob(
     eta: float = 1.0,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Take one DDIM step x_t -> x_{t-1} with noise, returning `(prev_sample, log_prob)`.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Take one DDIM step x_t -> x_{t-1} with noise, returning `(prev_sample, log_prob, mean, std)`.
 
     The step is the DDIM posterior of diffusers' `DDIMScheduler.step` (formulas 12 and 16 of the DDIM paper):
     a Gaussian with mean `sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - std^2) * eps_hat` and standard deviation
@@ -84,8 +84,9 @@ def ddim_step_with_logprob(
             `prev_sample`.
 
     Returns:
-        `prev_sample` [B, ...] and `log_prob` [B]: the Gaussian log-density of `prev_sample` **averaged** (not
-        summed) over all but the batch dimension. The mean keeps log-prob differences O(1e-4..1e-2) per step
+        `prev_sample` [B, ...], `log_prob` [B], and the step's `mean` and `std` (float32, what a closed-form KL
+        reads). `log_prob` is the Gaussian log-density of `prev_sample` **averaged** (not summed) over all but the
+        batch dimension. The mean keeps log-prob differences O(1e-4..1e-2) per step
         whatever the latent size, which is the scale TRL's / ddpo-pytorch's PPO clip range of 1e-4 assumes; a
         summed log-prob would be `log_prob * sample[0].numel()`.
 
@@ -110,7 +111,20 @@ def ddim_step_with_logprob(
 
     log_density = -((prev_sample_f32 - mean) ** 2) / (2 * std**2) - std.log() - _LOG_SQRT_2PI
     log_prob = log_density.mean(dim=tuple(range(1, log_density.ndim)))
-    return prev_sample_f32.to(sample.dtype), log_prob
+    return prev_sample_f32.to(sample.dtype), log_prob, mean, std
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ddim_step` without the step's mean and std: `(prev_sample, log_prob)`, the DDPO policy's step."""
+    return ddim_step(scheduler, model_output, timestep, sample, eta, prev_sample, generator)[:2]
 
 
 def ddim_step_kl(

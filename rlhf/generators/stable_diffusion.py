@@ -12,7 +12,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
 from rlhf.generators.base import GeneratorAdapter, StepResult
-from rlhf.scheduling import ddim_posterior, ddim_step_with_logprob
+from rlhf.scheduling import ddim_step
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -211,12 +211,10 @@ class StableDiffusionAdapter(GeneratorAdapter):
             log_prob = torch.zeros(len(sample), device=sample.device)
             std = torch.zeros((len(sample),) + (1,) * (sample.ndim - 1), device=sample.device)
             return prev_sample, log_prob, prev_sample.float(), std
-        mean, std = ddim_posterior(self.scheduler, model_output, timestep, sample, noise_level)
-        prev_sample, log_prob = ddim_step_with_logprob(
+        return ddim_step(
             self.scheduler, model_output, timestep, sample, eta=noise_level, prev_sample=prev_sample,
             generator=generator,
         )
-        return prev_sample, log_prob, mean, std
 
     def predicted_clean(self, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor) -> torch.Tensor:
         """DDIM's x0-hat (the scheduler's `pred_original_sample`; a deterministic step draws nothing)."""
