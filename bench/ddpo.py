@@ -45,7 +45,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, dict]:
     from rlhf.testing import build_tiny_sd
     from rlhf.toy import colour_score, toy_prompts
     from trainers import DDPOConfig, DDPOTrainer
-    from trainers.base import uniform_prompt_function
+    from trainers.command import uniform_prompt_function
 
     reward_name, per_timestep, train_batch = VARIANTS[args.variant]
     work = Path(args.work)

@@ -114,7 +114,7 @@ def bench_ddpo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """DDPO epoch on an SD-1.5-shaped policy: samples/s while sampling and while training, after a warm-up epoch."""
     from rlhf.toy import colour_score
     from trainers import DDPOConfig, DDPOTrainer
-    from trainers.base import uniform_prompt_function
+    from trainers.command import uniform_prompt_function
 
     preset, size, steps, batch = ("small", 64, 4, 4) if args.small else ("sd15", 512, 50, 8)
     config = DDPOConfig(
@@ -225,7 +225,7 @@ def bench_grpo_sd35m(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from rlhf.generators import SD3Adapter
     from rlhf.testing import build_tiny_sd3
     from rlhf.toy import colour_score
-    from trainers.base import uniform_prompt_function
+    from trainers.command import uniform_prompt_function
     from trainers.grpo import GRPOConfig, GRPOTrainer
 
     size, steps, rank = (32, 4, 4) if args.small else (512, 10, 32)

@@ -31,7 +31,7 @@ PHASES = ("time_sampling", "time_reward", "time_training", "time_epoch")
 
 def make_trainer(args: argparse.Namespace, root: Path, name: str, per_forward: int):
     from rlhf.toy import colour_score, toy_prompts
-    from trainers.base import GeneratorArguments, load_policy
+    from trainers.command import GeneratorArguments, load_policy
     from trainers.grpo import GRPOConfig, GRPOTrainer
 
     config = GRPOConfig(

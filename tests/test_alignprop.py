@@ -252,7 +252,7 @@ def test_cli_rejects_an_unknown_key_and_a_shipped_config_validates() -> None:
 @pytest.mark.slow
 def test_alignprop_raises_the_differentiable_toy_reward_by_more_than_three_std(tmp_path: Path) -> None:
     from rlhf.toy_generators import toy_generator_path
-    from trainers.base import load_training_prompts, uniform_prompt_function
+    from trainers.command import load_training_prompts, uniform_prompt_function
 
     try:
         generator = toy_generator_path()

@@ -445,7 +445,7 @@ def test_ddpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path) -> No
     a gain of 0.133 against the 3-std bar 0.084 (oracle alignment 0.47 -> 0.61, colour 0.72 -> 0.88), ~45 s."""
     from rlhf.toy_generators import toy_generator_path
     from rlhf.toy import ALL_PROMPTS
-    from trainers.base import load_training_prompts, uniform_prompt_function
+    from trainers.command import load_training_prompts, uniform_prompt_function
 
     config = DDPOConfig(
         output_dir=str(tmp_path), mixed_precision="no", seed=0, num_epochs=16, sample_num_steps=10,
@@ -479,7 +479,7 @@ def test_evaluation_summary_reports_std_over_seeds_of_reward_and_oracles() -> No
 
 def test_a_flow_model_is_refused_by_name_before_it_loads(tmp_path: Path) -> None:
     """DDPO samples through TRL's SD pipeline API: an SD3 model names the field and where flow models train."""
-    from trainers.base import load_policy
+    from trainers.command import load_policy
 
     with pytest.raises(ValueError, match=r"pretrained_model: tiny-sd3 is a SD3Adapter model.*rlhf train grpo"):
         load_policy(GeneratorArguments(pretrained_model="tiny-sd3"), 0, str(tmp_path), DDPOStableDiffusionPipeline)

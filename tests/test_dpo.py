@@ -451,7 +451,7 @@ def toy_generator() -> Path:
 
 @pytest.mark.slow
 def test_online_dpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path) -> None:
-    from trainers.base import load_training_prompts, uniform_prompt_function
+    from trainers.command import load_training_prompts, uniform_prompt_function
 
     # configs/dpo/tiny.yaml: 24 rounds of 16 prompts x 4 images, best vs worst of each prompt, two passes over the
     # pairs. Measured on a toy generator: eval reward +0.043..+0.056 over seeds 0-2, 3 std = 0.028.

@@ -15,7 +15,7 @@ _EXPORTS = {
     "AlignPropTrainer": "trainers.alignprop",
     "DDPOConfig": "trainers.ddpo",
     "DDPOTrainer": "trainers.ddpo",
-    "GeneratorArguments": "trainers.base",
+    "GeneratorArguments": "trainers.command",
     "DiffusionDPOConfig": "trainers.dpo",
     "DiffusionDPOTrainer": "trainers.dpo",
     "DiffusionTrainerConfig": "trainers.base",

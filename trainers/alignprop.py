@@ -10,7 +10,8 @@ from typing import Any, Callable
 import torch
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
-from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require, run_trainer_command
+from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require
+from trainers.command import run_trainer_command
 from trainers.common import draw_prompts, peak_memory_mb, perspective_values, reseed_global_rngs, seeded_generator
 
 METHODS = ("alignprop", "draft_k", "draft_lv")

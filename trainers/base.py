@@ -1,30 +1,19 @@
-"""What every diffusion trainer shares, written once: the config fields (`DiffusionTrainerConfig`), the generator a
-command loads (`GeneratorArguments`) and the trainer lifecycle (`DiffusionTrainer`); each algorithm adds its own."""
+"""What every diffusion trainer shares, written once: the config fields (`DiffusionTrainerConfig`) and the trainer
+lifecycle (`DiffusionTrainer`); each algorithm adds its own. A trainer's command is in `trainers.command`."""
 
 from __future__ import annotations
 
 import copy
-import inspect
 import os
-import random
 import re
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from accelerate import PartialState
-
 from trainers.common import (
     PhaseTimer,
     PolicyExport,
-    are_toy_prompts,
-    build_process_reward,
-    eval_reward_change,
-    run_directory,
-    training_command,
     build_lr_scheduler,
     build_optimizer,
     epoch_progress,
@@ -60,31 +49,6 @@ def require(checks: Sequence[tuple[bool, str, str]]) -> None:
     for ok, name, expected in checks:
         if not ok:
             raise ValueError(f"{name}: expected {expected}")
-
-
-@dataclass
-class GeneratorArguments:
-    """The generator a trainer's command loads. Kept out of the TRL-named configs because TRL 0.23's example
-    scripts declare these names in their own `ScriptArguments`, parsed together with the config by one parser."""
-
-    pretrained_model: str = field(
-        default="",
-        metadata={"help": "A diffusers pipeline path or hub id, or a saved policy directory (GRPO: SD 1.x/2.x/SDXL, "
-                  "SD3/3.5, FLUX.1; DDPO, AlignProp, Diffusion-DPO: SD 1.x/2.x/SDXL); '' = the toy generator, "
-                  "'toy-flow' = the toy flow generator (SD3); 'tiny', 'tiny-sd3', 'tiny-flux' = a random tiny "
-                  "pipeline (plumbing only) (default '')."},
-    )
-    pretrained_revision: str = field(default="main", metadata={"help": "Hub revision (default 'main')."})
-    use_lora: bool = field(
-        default=True, metadata={"help": "Train a LoRA (True) or the whole denoiser (default True)."}
-    )
-    lora_rank: int = field(default=4, metadata={"help": "LoRA rank (default 4)."})
-    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (default 4)."})
-    sde_type: str = field(
-        default="",
-        metadata={"help": "The flow families' stochastic step ('flow_sde', 'dance', 'cps'), passed to the adapter; "
-                  "'' = the family's default (DDIM has one) (default '')."},
-    )
 
 
 @dataclass
@@ -453,117 +417,3 @@ class DiffusionTrainer(PolicyExport):
     def step(self, epoch: int, global_step: int) -> int:
         """One epoch of the algorithm, ending with `end_epoch`. Returns the global step (TRL 0.23's signature)."""
         raise NotImplementedError
-
-
-# `pretrained_model` names a command resolves itself: random tiny pipelines (plumbing only), built by these
-# `rlhf.testing` functions under the run directory; and the committed toy generators
-TINY_BUILDERS = {"tiny": "build_tiny_sd", "tiny-sd3": "build_tiny_sd3", "tiny-flux": "build_tiny_flux"}
-TOY_FLOW = "toy-flow"
-
-
-def load_policy(arguments: Any, seed: int, output_dir: str, family: type | None = None) -> Any:
-    """The generator adapter `arguments` (`GeneratorArguments` fields) names, its LoRA seeded by `seed`:
-    `pretrained_model` '' = the toy generator, 'toy-flow' = the toy flow generator (SD3), a `TINY_BUILDERS` name = a
-    random tiny pipeline built under `output_dir`, else any diffusers pipeline directory or hub id, or a directory
-    a policy was saved to (the family read from it by `rlhf.generators.load_generator`).
-
-    `family`: the adapter class the trainer samples through (DDPO, AlignProp and Diffusion-DPO use TRL's SD pipeline
-    API); another family is refused by name before anything is loaded.
-    """
-    from rlhf import testing, toy_generators
-    from rlhf.generators import generator_class
-
-    name = arguments.pretrained_model
-    if name in TINY_BUILDERS:
-        path = Path(output_dir) / TINY_BUILDERS[name].removeprefix("build_")
-        with PartialState().main_process_first():
-            if not (path / "model_index.json").is_file():
-                getattr(testing, TINY_BUILDERS[name])(path, seed=seed)
-        name = str(path)
-    elif name == TOY_FLOW:
-        name = str(toy_generators.toy_flow_generator_path())
-    elif not name:
-        name = str(toy_generators.toy_generator_path())
-    adapter = generator_class(name, arguments.pretrained_revision)
-    if family is not None and not issubclass(adapter, family):
-        raise ValueError(
-            f"pretrained_model: {arguments.pretrained_model or name} is a {adapter.__name__} model; this trainer "
-            f"samples through {family.__name__} (SD 1.x/2.x/SDXL); flow-matching models train with `rlhf train grpo`"
-        )
-    options: dict[str, Any] = dict(use_lora=arguments.use_lora, lora_rank=arguments.lora_rank,
-                                   lora_alpha=arguments.lora_alpha, lora_seed=seed)
-    sde_type = getattr(arguments, "sde_type", "")
-    if sde_type:
-        if "sde_type" not in inspect.signature(adapter.__init__).parameters:
-            raise ValueError(f"sde_type: {adapter.__name__} has one stochastic step; leave sde_type ''")
-        options["sde_type"] = sde_type
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # diffusers' deprecation notices while loading
-        return adapter.from_pretrained(name, revision=arguments.pretrained_revision, **options)
-
-
-def load_training_prompts(config: DiffusionTrainerConfig) -> list[str]:
-    """The prompts list, else the prompts file (one per line), else 256 random toy prompts."""
-    if config.prompts and config.prompts_file:
-        raise ValueError("prompts and prompts_file: give one or the other")
-    if config.prompts_file:
-        path = Path(config.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts_file: no such file {path}")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompts_file: {path} holds no prompts")
-        return prompts
-    if config.prompts:
-        return list(config.prompts)
-    from rlhf.toy import toy_prompts
-
-    return toy_prompts(256, seed=config.seed)
-
-
-def load_run_prompts(config: DiffusionTrainerConfig) -> list[str]:
-    """`load_training_prompts`; without `eval_prompts`, the run evaluates on the first 8 of them, unless they are
-    toy prompts (a toy config names its evaluation prompts, as configs/*/tiny.yaml do)."""
-    prompts = load_training_prompts(config)
-    if not config.eval_prompts and not are_toy_prompts(prompts):
-        config.eval_prompts = prompts[:8]
-    return prompts
-
-
-def uniform_prompt_function(prompts: list[str]) -> Callable[[], tuple[str, dict]]:
-    """A TRL-style prompt function drawing uniformly with Python's `random` (reseeded per epoch by the trainer)."""
-
-    def draw() -> tuple[str, dict]:
-        return random.choice(prompts), {}
-
-    return draw
-
-
-def run_trainer_command(
-    argv: list[str], config_class: type, trainer_class: type, family: type | None = None, **reward_defaults: Any
-) -> int:
-    """A command around a trainer with TRL's `(config, reward_function, prompt_function, generator)` constructor:
-    parse `GeneratorArguments` + `config_class`, load the generator (`family`: the adapter class the trainer samples
-    through; None = any family), train in a claimed output directory, push if asked, summarise."""
-    from rlhf.config import parse_config
-
-    generator, config = parse_config([GeneratorArguments, config_class], argv)
-    config.validate()
-    with training_command(argv, config):
-        prompts = load_run_prompts(config)
-        reward = build_process_reward(config.reward, **reward_defaults)
-        policy = load_policy(generator, config.seed, str(run_directory(config)), family)
-        trainer = trainer_class(config, reward, uniform_prompt_function(prompts), policy)
-        trainer.write_curves = True  # the command draws training_curves.png; the Python API leaves it to the caller
-        trainer.outputs.save_config([generator, config])
-        metrics = trainer.train()
-    if config.push_to_hub:
-        trainer.push_to_hub()
-    if trainer.accelerator.is_main_process:
-        if metrics["eval_before"] and metrics["eval_after"]:
-            summary = eval_reward_change(metrics["eval_before"], metrics["eval_after"])
-        else:
-            summary = (f"last epoch reward {trainer.last_row.get('reward_mean', float('nan')):.4f} "
-                       "(no eval_prompts: no evaluation)")
-        print(f"{summary}; outputs in {run_directory(config)}")
-    return 0

@@ -14,7 +14,8 @@ from rlhf.grpo_loss import clipped_policy_loss, ratio_statistics
 from rlhf.reward_fn import AsyncReward
 from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
-from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require, run_trainer_command
+from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require
+from trainers.command import run_trainer_command
 from trainers.common import (
     draw_prompts,
     gathered_advantages,

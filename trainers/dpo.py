@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 
 from reward.pairs import load_pairs
 from rlhf.pipeline import DDPOStableDiffusionPipeline
-from trainers.base import (
-    DDIMTrainerConfig, DiffusionTrainer, load_policy, load_run_prompts, redeclare, require, uniform_prompt_function,
-)
+from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require
+from trainers.command import load_policy, load_run_prompts, uniform_prompt_function
 from trainers.common import (
     are_toy_prompts, build_process_reward, draw_prompts, eval_reward_change, peak_memory_mb, perspective_values,
     reseed_global_rngs, reward_call, reward_evaluations, run_directory, save_image_grid, seeded_generator,
@@ -153,7 +152,7 @@ class DiffusionDPOConfig(DDIMTrainerConfig):
 
     @property
     def use_lora(self) -> bool:
-        """Always: the reference policy is the UNet with its LoRA disabled (read by `trainers.base.load_policy`)."""
+        """Always: the reference policy is the UNet with its LoRA disabled (read by `trainers.command.load_policy`)."""
         return True
 
     def validate(self) -> None:

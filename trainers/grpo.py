@@ -20,7 +20,8 @@ from rlhf.grpo_ema import ParameterEMA
 from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages, ratio_statistics
 from rlhf.reward_fn import AsyncReward
 from rlhf.stats import PerPromptStatTracker
-from trainers.base import DiffusionTrainerConfig, redeclare, require, run_trainer_command
+from trainers.base import DiffusionTrainerConfig, redeclare, require
+from trainers.command import run_trainer_command
 from trainers.common import (
     Checkpointer, PolicyExport, build_lr_scheduler, build_optimizer, build_process_reward, draw_prompts, evaluate,
     evaluate_and_train, finish_run, gathered_advantages, load_weighting_state, peak_memory_mb, perspective_values,
