@@ -15,6 +15,9 @@ _EXPORTS = {
     "AlignPropTrainer": "trainers.alignprop",
     "DDPOConfig": "trainers.ddpo",
     "DDPOTrainer": "trainers.ddpo",
+    # TRL 0.23's pipeline classes, so that a TRL script ports by changing its `from trl import ...` line alone
+    "DDPOStableDiffusionPipeline": "rlhf.pipeline",
+    "DefaultDDPOStableDiffusionPipeline": "rlhf.pipeline",
     "GeneratorArguments": "trainers.command",
     "DiffusionDPOConfig": "trainers.dpo",
     "DiffusionDPOTrainer": "trainers.dpo",
