@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from rlhf.generators.sampling import Trajectories, sample_trajectories
 from trainers.common import (
     PhaseTimer,
     PolicyExport,
@@ -207,7 +208,11 @@ class DDIMTrainerConfig(DiffusionTrainerConfig):
     """The shared fields of the trainers that sample through TRL's DDIM pipeline API (DDPO, AlignProp,
     Diffusion-DPO): those, plus DDIM's eta. GRPO, which steps any family, has its own noise level instead."""
 
-    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, >= 0; 0 = deterministic DDIM (default 1.0)."})
+    sample_eta: float = field(
+        default=1.0,
+        metadata={"help": "DDIM eta (a flow family: its SDE's noise level), >= 0; 0 = the deterministic sampler "
+                  "(default 1.0)."},
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -217,16 +222,19 @@ class DDIMTrainerConfig(DiffusionTrainerConfig):
 class DiffusionTrainer(PolicyExport):
     """The lifecycle every diffusion trainer shares, written once; a subclass supplies its algorithm.
 
-    Set-up (TRL 0.23's constructor): `start` (config, pipeline, reward and prompt functions, accelerator and run
+    The generator (`sd_pipeline`, TRL's name) is any `GeneratorAdapter`: the lifecycle only calls that interface
+    (`denoiser`, `trainable_parameters`, `sample_trajectories` over `encode_prompt`/`predict`/`step`/`decode`).
+
+    Set-up (TRL 0.23's constructor): `start` (config, generator, reward and prompt functions, accelerator and run
     outputs, image size), then the subclass's `setup`, then `prepare` (optimizer, LR schedule, the accelerator-prepared
-    UNet, checkpointer, resume); a trainer with another constructor (Diffusion-DPO) calls these three itself.
+    denoiser, checkpointer, resume); a trainer with another constructor (Diffusion-DPO) calls these three itself.
     `train()` evaluates (`evaluations("before")`, unless a resumed checkpoint holds it), runs `step(epoch,
     global_step)` over the epochs, evaluates again and finishes the run (metrics.json, curves, the policy).
 
     A subclass implements `step` (ending with `end_epoch`) and `optimizer_steps`, and may extend `check_inputs`,
     `backward_calls_per_step`, `setup`, `checkpoint_state` / `load_checkpoint_state`
-    (what its checkpoint holds beyond the shared state), `extra_metrics`, `evaluations`, `sample_images` and the class
-    attributes `progress_name`, `progress_columns` and `curves`.
+    (what its checkpoint holds beyond the shared state), `extra_metrics`, `evaluations`, `sample_images`,
+    `noise_level` and the class attributes `progress_name`, `progress_columns` and `curves`.
     """
 
     progress_name = "epochs"  # the epoch bar's description
@@ -268,12 +276,15 @@ class DiffusionTrainer(PolicyExport):
         self.last_row: dict[str, Any] = {}
 
     def prepare(self) -> None:
-        """AdamW and the LR schedule over `optimizer_steps()` for the pipeline's trainable parameters, prepared with
-        the UNet by accelerate; the checkpointer; then the state of `config.resume_from`, if given."""
+        """AdamW and the LR schedule over `optimizer_steps()` for the generator's trainable parameters, prepared with
+        its denoiser by accelerate (`self.denoiser`: the module to call in training, a DDP wrapper across processes);
+        the checkpointer; then the state of `config.resume_from`, if given."""
         self.trainable = self.sd_pipeline.trainable_parameters()
         optimizer = build_optimizer(self.config, self.trainable)
         lr_scheduler = build_lr_scheduler(self.config, optimizer, self.optimizer_steps(), self.accelerator.num_processes)
-        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.sd_pipeline.unet, optimizer, lr_scheduler)
+        self.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.sd_pipeline.denoiser, optimizer, lr_scheduler
+        )
         self.checkpointer = policy_checkpointer(self.accelerator, self.config, self.sd_pipeline)
         # a resumed run rewrites what followed its checkpoint; a new one starts its own history
         resumed_epoch = -1
@@ -285,6 +296,11 @@ class DiffusionTrainer(PolicyExport):
             load_weighting_state(self.reward_fn, state.get("weighting"))
             self.load_checkpoint_state(state)
         self.outputs.keep_history_until(resumed_epoch)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """`denoiser` under its SD name, which AlignProp, Diffusion-DPO and their tests still use."""
+        return self.denoiser
 
     # ---- what a subclass may extend ----------------------------------------------------------------------------
 
@@ -333,6 +349,12 @@ class DiffusionTrainer(PolicyExport):
         """Evaluation images of `prompts`, float BCHW in [0, 1], from the current policy."""
         return self.sample(prompts, generator).images
 
+    @property
+    def noise_level(self) -> float:
+        """The stochasticity `sample` draws with by default: DDIM's eta (`sample_eta`) for SD, the SDE's noise level
+        for a flow family; 0 is the family's deterministic sampler."""
+        return self.config.sample_eta
+
     def evaluation_batch_size(self) -> int:
         """Images per evaluation sampling call."""
         return self.config.sample_batch_size
@@ -342,18 +364,32 @@ class DiffusionTrainer(PolicyExport):
 
     # ---- the lifecycle -----------------------------------------------------------------------------------------
 
-    def sample(self, prompts: list[str], generator: torch.Generator | list[torch.Generator]) -> Any:
-        """The pipeline's sampling of `prompts` with the configured size, steps, guidance, negative prompt and eta."""
-        negative = [self.config.negative_prompts] * len(prompts) if self.config.negative_prompts else None
-        return self.sd_pipeline(
+    def sample(
+        self,
+        prompts: list[str],
+        generator: torch.Generator | list[torch.Generator],
+        *,
+        num_steps: int | None = None,
+        noise_level: float | None = None,
+        stochastic: torch.Tensor | None = None,
+        initial_latents: torch.Tensor | None = None,
+    ) -> Trajectories:
+        """Trajectories of `prompts` through the one sampling loop (`sample_trajectories`) with the configured size,
+        guidance and negative prompt; `num_steps` (default `sample_num_steps`) and `noise_level` (default
+        `self.noise_level`) for every step, or only for the `stochastic` ones (the rest deterministic)."""
+        negatives = [self.config.negative_prompts] * len(prompts) if self.config.negative_prompts else None
+        return sample_trajectories(
+            self.sd_pipeline,
             prompts,
+            num_steps=num_steps or self.config.sample_num_steps,
+            guidance_scale=self.config.sample_guidance_scale,
+            noise_level=self.noise_level if noise_level is None else noise_level,
             height=self.height,
             width=self.width,
-            num_inference_steps=self.config.sample_num_steps,
-            guidance_scale=self.config.sample_guidance_scale,
-            negative_prompt=negative,
-            eta=self.config.sample_eta,
             generator=generator,
+            stochastic=stochastic,
+            negative_prompts=negatives,
+            initial_latents=initial_latents,
         )
 
     def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
@@ -371,7 +407,7 @@ class DiffusionTrainer(PolicyExport):
         prompts = self.eval_prompts()
         if self.reward_fn is None or not prompts:
             return None
-        self.sd_pipeline.unet.eval()
+        self.sd_pipeline.denoiser.eval()
         metrics, samples = evaluate(
             self.sample_images,
             self.reward_fn,

@@ -224,17 +224,16 @@ class DDPOTrainer(DiffusionTrainer):
         )
         batches, images, pending = [], [], []
         sampling_time = reward_time = 0.0
-        self.sd_pipeline.unet.eval()
+        self.sd_pipeline.denoiser.eval()
         for start in range(0, len(prompts), size):
             batch_prompts, batch_meta = prompts[start : start + size], metadata[start : start + size]
             began = time.perf_counter()
             output = self.sample(batch_prompts, generator)
-            latents = torch.stack(output.latents, dim=1)
             batches.append(
                 {
-                    "latents": latents[:, :-1],
-                    "next_latents": latents[:, 1:],
-                    "log_probs": torch.stack(output.log_probs, dim=1),
+                    "latents": output.latents[:, :-1],
+                    "next_latents": output.latents[:, 1:],
+                    "log_probs": output.log_probs,
                     "timesteps": output.timesteps.repeat(len(batch_prompts), 1),
                     **{COND + key: value for key, value in output.conditioning.items()},
                 }
@@ -318,7 +317,7 @@ class DDPOTrainer(DiffusionTrainer):
         context = torch.enable_grad() if with_grad else torch.no_grad()
         with context:
             prediction = pipeline.predict(
-                latents, timesteps, conditioning, config.sample_guidance_scale, denoiser=self.unet
+                latents, timesteps, conditioning, config.sample_guidance_scale, denoiser=self.denoiser
             )
             _, log_probs = ddim_step_with_logprob(
                 pipeline.scheduler, prediction, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents
@@ -342,7 +341,7 @@ class DDPOTrainer(DiffusionTrainer):
         totals = torch.zeros(6, dtype=torch.float64)  # loss, approx_kl, clipfrac, ratio, kl, valid pairs
         # replays use the step spacing of sampling, whatever a user's hook may have sampled with since
         self.sd_pipeline.scheduler.set_timesteps(config.sample_num_steps, device=accelerator.device)
-        self.unet.train()
+        self.denoiser.train()
         for _ in range(config.train_num_inner_epochs):
             order = torch.randperm(count, generator=generator)
             step_order = torch.rand(count, steps, generator=generator).argsort(dim=1)[:, : self.num_train_timesteps]
@@ -350,7 +349,7 @@ class DDPOTrainer(DiffusionTrainer):
                 rows = order[start : start + config.train_batch_size]
                 for first in range(0, self.num_train_timesteps, self.timesteps_per_forward):
                     columns = step_order[rows, first : first + self.timesteps_per_forward]
-                    with accelerator.accumulate(self.unet):
+                    with accelerator.accumulate(self.denoiser):
                         loss, stats = self._ppo_loss(tensors, rows.to(accelerator.device), columns.to(accelerator.device))
                         accelerator.backward(loss * scale)
                         if accelerator.sync_gradients:
