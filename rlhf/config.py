@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
+import typing
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -69,31 +69,39 @@ def build_parser(types: Sequence[type]) -> TrlParser:
     unknown key is an error, so `--num_epoch` must not silently mean `--num_epochs`), and with several dataclasses
     each gets its own help section in order (ours before TRL's inherited ones)."""
     command = current_command()
+    # no dataclasses given here: their fields are added below, into the help section each dataclass gets
     parser = _Parser(
-        types,
+        None,
         prog=command,
         usage=f"{command} [--config FILE.yaml] [--field value ...]",
         description=_SUMMARY.get() or None,
         allow_abbrev=False,
     )
-    dict_fields = {f.name for t in types for f in dataclasses.fields(t) if _is_dict_field(f)}
-    for action in parser._actions:
-        if action.dest in dict_fields:
-            action.type = _json_object
-    if len(types) > 1:
-        _group_by_dataclass(parser, types)
+    parser.dataclass_types = list(types)
+    for kind in types:
+        section = parser
+        if len(types) > 1:  # a help section titled by the dataclass and its module ("RewardConfig (trl)"), in order
+            doc = (kind.__doc__ or "").strip().splitlines()
+            section = parser.add_argument_group(f"{kind.__name__} ({kind.__module__.split('.')[0]})",
+                                                doc[0] if doc else None)
+        _add_fields(parser, kind, section)
     return parser
 
 
-def _group_by_dataclass(parser: argparse.ArgumentParser, types: Sequence[type]) -> None:
-    """Move each dataclass's options into a help section titled by it (argparse lists sections in order)."""
-    for kind in types:
-        names = {f.name for f in dataclasses.fields(kind)}
-        doc = (kind.__doc__ or "").strip().splitlines()
-        group = parser.add_argument_group(f"{kind.__name__} ({kind.__module__.split('.')[0]})", doc[0] if doc else None)
-        for action in [a for a in parser._optionals._group_actions if a.dest in names]:
-            parser._optionals._group_actions.remove(action)
-            group._group_actions.append(action)
+def _add_fields(parser: TrlParser, kind: type, section: Any) -> None:
+    """`kind`'s fields as options in `section`, the way `HfArgumentParser` adds them; a field typed `dict` parses
+    JSON (a YAML mapping in a config file arrives as a dict already)."""
+    hints = typing.get_type_hints(kind)
+    for f in dataclasses.fields(kind):
+        if not f.init:
+            continue
+        f.type = hints[f.name]  # HfArgumentParser reads the resolved annotation from the field, as it does itself
+        # HfArgumentParser (TRL's copy of it) has no public way to add a dataclass's fields into a given argument
+        # group (its `_argument_group_name` class attribute would have to be set on TRL's own classes); its field
+        # builder, a static method, takes the group to add to
+        parser._parse_dataclass_field(section, f)
+        if f.type is dict or typing.get_origin(f.type) is dict:  # f.type: what the builder kept of an Optional
+            parser.register("type", f.type, _json_object)  # argparse's type registry, read when a value is parsed
 
 
 def parse_config(dataclass_types: type | Sequence[type], argv: Sequence[str] | None) -> tuple[Any, ...]:
@@ -125,10 +133,6 @@ def parse_config(dataclass_types: type | Sequence[type], argv: Sequence[str] | N
         flags = [item for item in remaining if item.startswith("-")]
         raise ConfigError(f"unknown argument(s) {remaining}{_closest(flags, allowed)}; allowed keys: {allowed}")
     return tuple(parsed)
-
-
-def _is_dict_field(f: dataclasses.Field) -> bool:
-    return f.type in (dict, "dict") or str(f.type).startswith(("dict", "Dict", "typing.Dict"))
 
 
 def _json_object(text: str) -> dict:

@@ -44,6 +44,7 @@ def ddim_posterior(
         raise ValueError(f"scheduler.config.prediction_type: expected epsilon, sample or v_prediction, got {config.prediction_type}")
 
     if config.thresholding:
+        # diffusers has no public dynamic thresholding (Imagen's); its schedulers' own step calls this private method
         x0_hat = scheduler._threshold_sample(x0_hat)
     elif config.clip_sample:
         x0_hat = x0_hat.clamp(-config.clip_sample_range, config.clip_sample_range)

@@ -35,6 +35,12 @@ def isolated_accelerator():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    reset_accelerator_state()
+
+
+def reset_accelerator_state() -> None:
+    """Forget accelerate's process-wide state, so the next `Accelerator` in this process starts fresh (another
+    mixed precision, another project directory). accelerate has no public way: its own test cases call this."""
     AcceleratorState._reset_state(reset_partial_state=True)
 
 

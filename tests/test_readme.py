@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState
+
+from tests.conftest import reset_accelerator_state
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -19,4 +20,4 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch):
     try:
         exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme_example"})
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerator_state()

@@ -12,28 +12,29 @@ from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 STEPS = 10
 
 
-def make_scheduler(prediction_type: str = "epsilon", set_alpha_to_one: bool = False) -> DDIMScheduler:
+def make_scheduler(prediction_type: str = "epsilon", set_alpha_to_one: bool = False, **options) -> DDIMScheduler:
     scheduler = DDIMScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,
         beta_end=0.012,
-        clip_sample=False,
         set_alpha_to_one=set_alpha_to_one,
         steps_offset=1,
         prediction_type=prediction_type,
+        **{"clip_sample": False, **options},
     )
     scheduler.set_timesteps(STEPS)
     return scheduler
 
 
 def reference_gaussian(scheduler: DDIMScheduler, output: torch.Tensor, t: int, sample: torch.Tensor, eta: float) -> Normal:
-    """The step's distribution from diffusers' implementation: its noiseless step is the mean, its variance
-    formula the standard deviation, in float64."""
+    """The step's distribution: diffusers' noiseless step is the mean; the standard deviation is eta times the
+    DDIM paper's posterior variance (its formula 16), from the scheduler's public alphas_cumprod, in float64."""
     zero_noise = torch.zeros_like(sample)
     mean = scheduler.step(output, t, sample, eta=eta, variance_noise=zero_noise).prev_sample.double()
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    std = eta * scheduler._get_variance(t, prev_t).double().sqrt()
-    return Normal(mean, std)
+    alpha_t, alpha_prev = scheduler.alphas_cumprod.double()[[t, prev_t]]
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    return Normal(mean, eta * variance.sqrt())
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -64,6 +65,23 @@ def test_drawn_step_matches_diffusers_step_with_the_same_generator() -> None:
     ours, _ = ddim_step_with_logprob(scheduler, output, t, sample, eta=1.0, generator=torch.Generator().manual_seed(7))
     theirs = scheduler.step(output, t, sample, eta=1.0, generator=torch.Generator().manual_seed(7)).prev_sample
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [dict(thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.9),
+                                     dict(clip_sample=True, clip_sample_range=0.5)], ids=["dynamic", "clip"])
+def test_thresholded_step_matches_diffusers_step(options: dict) -> None:
+    """x0-hat thresholded (Imagen's dynamic thresholding, or clipping) the way DDIMScheduler.step does it."""
+    scheduler = make_scheduler(**options)
+    sample = 3 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    output = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    plain = make_scheduler()
+    for t in scheduler.timesteps[:-1].tolist():
+        ours, _ = ddim_step_with_logprob(scheduler, output, t, sample, generator=torch.Generator().manual_seed(t))
+        theirs = scheduler.step(output, t, sample, eta=1.0, generator=torch.Generator().manual_seed(t)).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        # the thresholding is in effect: the unthresholded step lands elsewhere
+        unthresholded, _ = ddim_step_with_logprob(plain, output, t, sample, generator=torch.Generator().manual_seed(t))
+        assert not torch.allclose(ours, unthresholded, atol=1e-3)
 
 
 def test_per_sample_timesteps_equal_one_call_per_timestep() -> None:
