@@ -266,9 +266,10 @@ METHODS = ("best_of_n", "zero_order", "fk_steering")
 class SearchConfig:
     """Arguments of `rlhf search`: N = `n`, K = `rounds`, k = `particles` in the methods' papers."""
 
-    pretrained_model: str = field(default="", metadata={"help": "A diffusers pipeline (SD, SDXL, SD3, FLUX) path or "
-                                                                "cached hub id, or a saved LoRA policy directory "
-                                                                "('' = the toy generator)."})
+    pretrained_model: str = field(default="", metadata={"help": "Required: a diffusers pipeline (SD, SDXL, SD3, FLUX) "
+                                                                "path or cached hub id, a saved LoRA policy directory, "
+                                                                "or a generator name the `rlhf` command resolves "
+                                                                "(toy, toy-flow)."})
     prompts: list[str] = field(default_factory=list, metadata={"help": "The prompts (or prompts_file)."})
     prompts_file: str = field(default="", metadata={"help": "A file with one prompt per line."})
     method: str = field(default="best_of_n", metadata={"help": "best_of_n | zero_order | fk_steering."})
@@ -288,9 +289,9 @@ class SearchConfig:
     seed: int = field(default=0, metadata={"help": "Prompt i uses seed + i."})
     height: int = field(default=0, metadata={"help": "Image height (0 = the model's size)."})
     width: int = field(default=0, metadata={"help": "Image width (0 = the model's size)."})
-    reward: dict = field(default_factory=lambda: {"builtin": "toy_alignment"},
-                         metadata={"help": "The reward block: {builtin: NAME} | {model: DIR, weighting: ...} | "
-                                           "{url: ...}."})
+    reward: dict = field(default_factory=dict,
+                         metadata={"help": "Required: the reward block, {builtin: NAME} | {model: DIR, weighting: ...} "
+                                           "| {url: ...}."})
     output_dir: str = field(default="runs/search", metadata={"help": "Where the chosen images, metrics.json and the "
                                                                      "candidate grid go."})
     device: str = field(default="cpu", metadata={"help": "Torch device."})
@@ -349,8 +350,21 @@ def save_candidate_grid(results: list[SearchResult], prompts: list[str], path) -
     plt.close(figure)
 
 
-def main(argv: list[str]) -> int:
-    """`rlhf search --config configs/search/X.yaml [--output_dir DIR] [--field value ...]`."""
+def _check(config: SearchConfig) -> None:
+    """The fields with no default: the search names no generator or reward of its own."""
+    if config.method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {config.method!r}")
+    if not config.pretrained_model:
+        raise ValueError("pretrained_model: expected a diffusers pipeline path or hub id, or a saved policy directory")
+    if not config.reward:
+        raise ValueError("reward: expected a reward block ({builtin: NAME} | {model: DIR} | {url: URL})")
+
+
+def main(argv: list[str], model_path: Callable[[str], str] = str) -> int:
+    """`rlhf search --config configs/search/X.yaml [--output_dir DIR] [--field value ...]`.
+
+    model_path: the path or hub id `pretrained_model` stands for: the calling command resolves the generator names
+    it defines (the `rlhf` command's); by default a name is a path or hub id itself."""
     import json
     from pathlib import Path
 
@@ -360,14 +374,12 @@ def main(argv: list[str]) -> int:
     from rlhf.config import parse_config, save_config
     from rlhf.generators import load_generator
     from rlhf.reward_fn import build_reward
-    from rlhf.toy_generators import toy_generator_path
 
     (config,) = parse_config(SearchConfig, argv)
-    if config.method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {config.method!r}")
+    _check(config)
     prompts = _prompts(config)
     reward_fn = build_reward(config.reward)
-    pipeline = load_generator(config.pretrained_model or str(toy_generator_path()), use_lora=False).to(config.device)
+    pipeline = load_generator(model_path(config.pretrained_model), use_lora=False).to(config.device)
     pipeline.set_progress_bar_config(disable=True)
     output = Path(config.output_dir)
     (output / "images").mkdir(parents=True, exist_ok=True)

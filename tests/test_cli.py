@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config_types(words: tuple[str, ...]) -> list[type]:
-    """The dataclasses a command parses (found in its module: those with a field named in its --help)."""
-    module = importlib.import_module(COMMANDS[words][0].split(":")[0])
+    """The dataclasses a command parses (found in its module: those with a field named in its --help; `rlhf search`
+    runs rlhf.search's command from trainers.cli, which names its generators)."""
+    module_name = COMMANDS[words][0].split(":")[0]
+    module = importlib.import_module("rlhf.search" if module_name == "trainers.cli" else module_name)
     return [t for t in vars(module).values() if dataclasses.is_dataclass(t) and t.__module__ == module.__name__]
 
 

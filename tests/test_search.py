@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from trainers.cli import main
+from trainers.cli import generator_path, main
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.search import best_of_n, effective_sample_size, fk_steering, sphere_neighbours, zero_order_search
-from rlhf.toy_generators import toy_generator_path
+from rlhf.toy_generators import toy_flow_generator_path, toy_generator_path
 from rlhf.toy import EVAL_PROMPTS, colour_score
 
 STEPS = 6
@@ -111,8 +111,8 @@ def test_bad_search_arguments_are_named(pipeline):
 
 def test_search_cli_writes_images_metrics_and_grid(tmp_path, capsys):
     out = tmp_path / "search"
-    assert main(["search", "--prompts", PROMPTS[0], PROMPTS[1], "--n", "3", "--num_inference_steps", "4",
-                 "--output_dir", str(out), "--reward", '{"builtin": "toy_colour_soft"}']) == 0
+    assert main(["search", "--pretrained_model", "toy", "--prompts", PROMPTS[0], PROMPTS[1], "--n", "3",
+                 "--num_inference_steps", "4", "--output_dir", str(out), "--reward", '{"builtin": "toy_colour_soft"}']) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "best_of_n"
     assert [row["prompt"] for row in metrics["prompts"]] == PROMPTS[:2]
@@ -123,6 +123,24 @@ def test_search_cli_writes_images_metrics_and_grid(tmp_path, capsys):
     assert (out / "candidates.png").is_file()
     assert main(["search", "--prompts", "a", "--method", "beam"]) == 2
     assert "method: expected one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing, named", [("--pretrained_model", "pretrained_model: expected"),
+                                            ("--reward", "reward: expected a reward block")])
+def test_the_search_command_names_no_generator_or_reward_of_its_own(missing, named, tmp_path, capsys):
+    """The library's search has no default generator or reward: the config or the command line gives them."""
+    given = {"--pretrained_model": "toy", "--reward": '{"builtin": "toy_colour_soft"}'}
+    del given[missing]
+    argv = ["search", "--prompts", "a", "--output_dir", str(tmp_path), *[item for pair in given.items() for item in pair]]
+    assert main(argv) == 2
+    assert named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_rlhf_command_names_the_toy_generators():
+    assert generator_path("toy") == str(toy_generator_path())
+    assert generator_path("toy-flow") == str(toy_flow_generator_path())
+    assert generator_path("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
 
 
 @pytest.mark.parametrize("method", ["best_of_n", "fk_steering"])

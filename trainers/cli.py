@@ -15,7 +15,7 @@ from rlhf.runs import RunInterrupted
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("score",): ("rlhf.scoring:main", "score images against prompts with a saved reward model"),
     ("serve",): ("rlhf.server:main", "serve a reward model over HTTP (POST /score)"),
-    ("search",): ("rlhf.search:main", "inference-time search guided by a reward (best-of-N, zero-order, FK)"),
+    ("search",): ("trainers.cli:search", "inference-time search guided by a reward (best-of-N, zero-order, FK)"),
     ("demo",): ("trainers.demo:main", "the toy world end to end: reward model, DDPO and DPO, judged by oracles"),
     ("toy", "data"): ("rlhf.toy:data_main", "write toy-world preference data (JSONL + PNG)"),
     ("toy", "pretrain"): ("rlhf.toy_pretrain:main", "pre-train the toy generator on toy-world images"),
@@ -29,6 +29,28 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 HELP = ("-h", "--help")
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+# generator names `rlhf search`'s `pretrained_model` may give -> the `rlhf.toy_generators` function giving the path
+# (the committed toy generators, which the library does not know of); named, not imported, since that module loads
+# diffusers, which `rlhf --help` should not wait for
+GENERATOR_NAMES = {"toy": "toy_generator_path", "toy-flow": "toy_flow_generator_path"}
+
+
+def generator_path(name: str) -> str:
+    """The path a `GENERATOR_NAMES` name stands for; any other name is a path or hub id already."""
+    if name not in GENERATOR_NAMES:
+        return name
+    from rlhf import toy_generators
+
+    return str(getattr(toy_generators, GENERATOR_NAMES[name])())
+
+
+def search(argv: list[str]) -> int:
+    """`rlhf search`: `rlhf.search.main`, its `pretrained_model` resolved by `generator_path`."""
+    from rlhf.search import main as search_main
+
+    return search_main(argv, model_path=generator_path)
 
 
 def usage(prefix: Sequence[str] = ()) -> str:
