@@ -111,7 +111,7 @@ def test_replay_of_the_unchanged_policy_has_ratio_one_and_kl_zero_until_a_step(
     tensors = rollout["tensors"]
     assert tensors["log_probs"].shape == (4, 2)  # only the window's 2 steps are kept
     rows, columns = torch.arange(4), torch.arange(2).repeat(4, 1)
-    trainer.generator.set_timesteps(3, trainer.height, trainer.width)
+    trainer.sd_pipeline.set_timesteps(3, trainer.height, trainer.width)
     with torch.no_grad():
         log_probs, kl = trainer.replay(tensors, rows, columns)
         # one step per call, the batch sampling ran: the very computation, so the ratio is exactly 1
@@ -165,7 +165,7 @@ def test_no_evaluation_without_eval_prompts(tiny_sd: Path, tmp_path: Path, monke
     def fail(*args, **kwargs):
         raise AssertionError("evaluated without eval_prompts")
 
-    monkeypatch.setattr("trainers.grpo.evaluate", fail)
+    monkeypatch.setattr("trainers.base.evaluate", fail)
     metrics = make_trainer(tiny_sd, small_config(tmp_path, num_epochs=1)).train()
     assert metrics["eval_before"] is None and metrics["eval_after"] is None
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -177,7 +177,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, tmp_pa
                      kl_coef=0.1, ema_decay=0.5, sde_window_size=2, async_reward_computation=True)
     uninterrupted = make_trainer(tiny_sd, small_config(tmp_path / "a", **overrides))
     uninterrupted.train()
-    expected = uninterrupted.generator.policy_state_dict()
+    expected = uninterrupted.sd_pipeline.policy_state_dict()
     expected_ema = [value.clone() for value in uninterrupted.ema.shadow]
     AcceleratorState._reset_state(reset_partial_state=True)
 
@@ -191,7 +191,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, tmp_pa
     resumed = make_trainer(tiny_sd, small_config(tmp_path / "b", resume_from=str(tmp_path / "b"), **overrides))
     assert resumed.first_epoch == 1
     resumed.train()
-    assert_resumed_run_matches(resumed.generator, expected, tmp_path / "a", tmp_path / "b")
+    assert_resumed_run_matches(resumed.sd_pipeline, expected, tmp_path / "a", tmp_path / "b")
     for value, reference in zip(resumed.ema.shadow, expected_ema):
         assert torch.equal(value, reference)
 
@@ -246,7 +246,7 @@ config = small_config(out, kl_coef=0.1, sde_window_size=2, eval_prompts=["a red 
                       eval_seeds=[0, 1, 2])
 trainer = GRPOTrainer(config, colour_reward, prompt_cycle, DDPOStableDiffusionPipeline.from_pretrained(sys.argv[1]))
 trainer.train()
-save_file(trainer.generator.policy_state_dict(), f"{out}/rank{trainer.accelerator.process_index}.safetensors")
+save_file(trainer.sd_pipeline.policy_state_dict(), f"{out}/rank{trainer.accelerator.process_index}.safetensors")
 if trainer.accelerator.is_main_process:
     open(f"{out}/ranks.txt", "w").write(f"num_processes={trainer.accelerator.num_processes}")
 """

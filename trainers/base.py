@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import AbstractContextManager, nullcontext
 import re
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -17,18 +19,21 @@ from trainers.common import (
     PolicyExport,
     build_lr_scheduler,
     build_optimizer,
+    build_process_reward,
     epoch_progress,
     evaluate,
     finish_run,
     inference_dtype,
     load_weighting_state,
     policy_checkpointer,
+    reward_call,
     reward_evaluations,
     start_run,
     warmup_check,
     weighting_state,
 )
 
+HELDOUT = "heldout/"  # prefix of the held-out rewards among an evaluation's per-perspective means
 DEFAULT_IN_HELP = re.compile(r"\(default [^()]*(\([^()]*\))?[^()]*\)")
 
 
@@ -162,6 +167,12 @@ class DiffusionTrainerConfig:
     eval_seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2, 3], metadata={"help": "Evaluation seeds (default 0 1 2 3)."}
     )
+    heldout_rewards: dict = field(
+        default_factory=dict,
+        metadata={"help": "Rewards scored at every evaluation but never optimised, {name: reward block} (e.g. the toy "
+                  "oracles, {alignment: {builtin: toy_alignment}}); an evaluation reports each as its "
+                  "per_perspective 'heldout/<name>' (default {})."},
+    )
     num_grid_images: int = field(default=16, metadata={"help": "Images per epoch sample grid (default 16)."})
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,6 +204,8 @@ class DiffusionTrainerConfig:
             (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps", "a value >= 1"),
             (self.num_grid_images >= 0, "num_grid_images", "a value >= 0"),
             (not self.eval_prompts or len(self.eval_seeds) >= 1, "eval_seeds", "at least one seed with eval_prompts"),
+            (isinstance(self.heldout_rewards, dict) and all(isinstance(spec, dict) for spec in self.heldout_rewards.values()),
+             "heldout_rewards", "a mapping {name: reward block}"),
             warmup_check(self),
         ])
         inference_dtype(self.mixed_precision)
@@ -229,12 +242,14 @@ class DiffusionTrainer(PolicyExport):
     outputs, image size), then the subclass's `setup`, then `prepare` (optimizer, LR schedule, the accelerator-prepared
     denoiser, checkpointer, resume); a trainer with another constructor (Diffusion-DPO) calls these three itself.
     `train()` evaluates (`evaluations("before")`, unless a resumed checkpoint holds it), runs `step(epoch,
-    global_step)` over the epochs, evaluates again and finishes the run (metrics.json, curves, the policy).
+    global_step)` over the epochs, evaluates again and finishes the run (metrics.json, curves, the policy, exported
+    with `evaluation_weights`).
 
     A subclass implements `step` (ending with `end_epoch`) and `optimizer_steps`, and may extend `check_inputs`,
     `backward_calls_per_step`, `setup`, `checkpoint_state` / `load_checkpoint_state`
-    (what its checkpoint holds beyond the shared state), `extra_metrics`, `evaluations`, `sample_images`,
-    `noise_level` and the class attributes `progress_name`, `progress_columns` and `curves`.
+    and `save_checkpoint_files` (what its checkpoint holds beyond the shared state), `extra_metrics`, `evaluations`,
+    `evaluation_weights`, `sample_images`, `noise_level` and the class attributes `progress_name`, `progress_columns`
+    and `curves`.
     """
 
     progress_name = "epochs"  # the epoch bar's description
@@ -248,12 +263,15 @@ class DiffusionTrainer(PolicyExport):
         prompt_function: Callable[[], Any],
         sd_pipeline: Any,
         image_samples_hook: Callable[[Any, int, Any], Any] | None = None,
+        *,
+        heldout_rewards: dict[str, Callable[..., Any]] | None = None,
     ) -> None:
-        """TRL 0.23's constructor: `config.validate()`, `check_inputs`, `start`, `setup`, `prepare`."""
+        """TRL 0.23's constructor: `config.validate()`, `check_inputs`, `start`, `setup`, `prepare`.
+        `heldout_rewards` (`{name: reward function}`) replace the ones `config.heldout_rewards` would build."""
         config.validate()
         self.check_inputs(config, reward_function, prompt_function, sd_pipeline)
         self.image_samples_hook = image_samples_hook
-        self.start(config, sd_pipeline, reward_function, prompt_function)
+        self.start(config, sd_pipeline, reward_function, prompt_function, heldout_rewards)
         self.setup()
         self.prepare()
 
@@ -263,11 +281,14 @@ class DiffusionTrainer(PolicyExport):
         sd_pipeline: Any,
         reward_function: Callable[..., Any] | None,
         prompt_function: Callable[[], Any] | None,
+        heldout_rewards: dict[str, Callable[..., Any]] | None = None,
     ) -> None:
-        """Keep the run's inputs; build the accelerator (counting `backward_calls_per_step()`) and the run outputs;
-        move the pipeline to the device; set the image size."""
+        """Keep the run's inputs (the held-out rewards built from `config.heldout_rewards` unless given); build the
+        accelerator (counting `backward_calls_per_step()`) and the run outputs; move the generator to the device; set
+        the image size."""
         self.config, self.sd_pipeline = config, sd_pipeline
         self.reward_fn, self.prompt_fn = reward_function, prompt_function
+        self.heldout_rewards = build_heldout_rewards(config.heldout_rewards) if heldout_rewards is None else heldout_rewards
         self.accelerator, self.outputs = start_run(config, sd_pipeline, self.backward_calls_per_step())
         self.height = config.sample_height or sd_pipeline.default_size
         self.width = config.sample_width or sd_pipeline.default_size
@@ -292,7 +313,7 @@ class DiffusionTrainer(PolicyExport):
             state = self.checkpointer.load(self.config.resume_from)
             resumed_epoch = state["epoch"]
             self.first_epoch, self.global_step = resumed_epoch + 1, state["global_step"]
-            self.num_nonfinite, self.before = state["num_nonfinite_rewards"], state["before"]
+            self.num_nonfinite, self.before = state["num_nonfinite_rewards"], state.get("before")
             load_weighting_state(self.reward_fn, state.get("weighting"))
             self.load_checkpoint_state(state)
         self.outputs.keep_history_until(resumed_epoch)
@@ -332,6 +353,14 @@ class DiffusionTrainer(PolicyExport):
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Restore the algorithm's own part of `checkpoint_state` (the shared part is restored by `prepare`)."""
+
+    def save_checkpoint_files(self, directory: Path) -> None:
+        """Write the algorithm's own files into a checkpoint `directory` just saved (every process calls this)."""
+
+    def evaluation_weights(self) -> AbstractContextManager:
+        """A context within which the policy holds the weights evaluations use and `train()` exports (e.g. an EMA
+        of the trained ones); by default the trained weights themselves."""
+        return nullcontext()
 
     def extra_metrics(self) -> dict[str, Any]:
         """The algorithm's entries in metrics.json besides the evaluations, epochs and global step."""
@@ -398,28 +427,38 @@ class DiffusionTrainer(PolicyExport):
         if self.config.log_with:
             self.accelerator.log(row, step=epoch)
         if (epoch + 1) % self.config.save_freq == 0 or epoch == self.config.num_epochs - 1:
-            self.checkpointer.save(epoch, self.checkpoint_state())
+            self.save_checkpoint_files(self.checkpointer.save(epoch, self.checkpoint_state()))
         self.last_row = row
 
     def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
-        """Mean reward on the fixed evaluation prompts and seeds (see `trainers.common.evaluate`); None without a
-        reward function or `eval_prompts` (TRL never evaluated: a run samples only what the user asked for)."""
+        """Mean reward (and each held-out reward, as `per_perspective["heldout/<name>"]`) on the fixed evaluation
+        prompts and seeds (see `trainers.common.evaluate`), with `evaluation_weights`; None without a reward function
+        or `eval_prompts` (TRL never evaluated: a run samples only what the user asked for)."""
         prompts = self.eval_prompts()
         if self.reward_fn is None or not prompts:
             return None
         self.sd_pipeline.denoiser.eval()
-        metrics, samples = evaluate(
-            self.sample_images,
-            self.reward_fn,
-            prompts,
-            self.config.eval_seeds,
-            batch_size=self.evaluation_batch_size(),
-            accelerator=self.accelerator,
-            description=f"evaluating ({stage or 'policy'})",
-        )
+        with self.evaluation_weights():
+            metrics, samples = evaluate(
+                self.sample_images,
+                self.evaluation_reward,
+                prompts,
+                self.config.eval_seeds,
+                batch_size=self.evaluation_batch_size(),
+                accelerator=self.accelerator,
+                description=f"evaluating ({stage or 'policy'})",
+            )
         if stage:
             self.outputs.save_evaluation(stage, samples)
         return metrics
+
+    def evaluation_reward(self, images: torch.Tensor, prompts: list[str], metadata: list[Any]) -> tuple[torch.Tensor, dict]:
+        """The reward and its info, the held-out rewards added to `info["raw"]` as `heldout/<name>`."""
+        rewards, info = reward_call(self.reward_fn, images, prompts, metadata)
+        raw = dict(info.get("raw") or {})
+        for name, reward in self.heldout_rewards.items():
+            raw[HELDOUT + name] = reward_call(reward, images, prompts, metadata)[0]
+        return rewards, {**info, "raw": raw}
 
     def eval_prompts(self) -> list[str]:
         """The config's evaluation prompts (empty: no evaluation)."""
@@ -447,9 +486,21 @@ class DiffusionTrainer(PolicyExport):
             metrics[f"{name}_before"], metrics[f"{name}_after"] = self.before[name], after[name]
         metrics.update({"epochs": end, "global_step": self.global_step, **self.extra_metrics(), **timer.metrics()})
         self.release()
-        finish_run(self, metrics, self.curves, self.evaluation_points(metrics), plot=self.write_curves)
+        with self.evaluation_weights():
+            finish_run(self, metrics, self.curves, self.evaluation_points(metrics), plot=self.write_curves)
         return metrics
 
     def step(self, epoch: int, global_step: int) -> int:
         """One epoch of the algorithm, ending with `end_epoch`. Returns the global step (TRL 0.23's signature)."""
         raise NotImplementedError
+
+
+def build_heldout_rewards(specs: dict[str, dict[str, Any]]) -> dict[str, Callable[..., Any]]:
+    """`{name: reward function}` from `heldout_rewards`' `{name: reward block}`; an error names the bad entry."""
+    rewards = {}
+    for name, spec in specs.items():
+        try:
+            rewards[name] = build_process_reward(spec)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"heldout_rewards.{name}: {error}") from error
+    return rewards

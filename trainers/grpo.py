@@ -7,31 +7,29 @@ from __future__ import annotations
 import copy
 import time
 from concurrent.futures import Future
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.generators.base import GeneratorAdapter
-from rlhf.generators.sampling import replay_steps, sample_trajectories, sde_window
+from rlhf.generators.sampling import replay_steps, sde_window
 from rlhf.grpo_ema import ParameterEMA
 from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages, ratio_statistics
 from rlhf.reward_fn import AsyncReward
 from rlhf.stats import PerPromptStatTracker
-from trainers.base import DiffusionTrainerConfig, redeclare, require
+from trainers.base import HELDOUT, DiffusionTrainer, DiffusionTrainerConfig, redeclare, require
 from trainers.command import run_trainer_command
 from trainers.common import (
-    Checkpointer, PolicyExport, build_lr_scheduler, build_optimizer, build_process_reward, draw_prompts, evaluate,
-    evaluate_and_train, finish_run, gathered_advantages, load_weighting_state, peak_memory_mb, perspective_values,
-    policy_checkpointer, reseed_global_rngs, reward_call, reward_evaluations, reward_result, seeded_generator,
-    start_run, weighting_state,
+    Checkpointer, draw_prompts, gathered_advantages, peak_memory_mb, perspective_values, reseed_global_rngs,
+    reward_result, seeded_generator,
 )
 
 COND = "cond/"
 EMA_FILE = "ema.safetensors"
-HELDOUT = "heldout/"  # prefix of held-out rewards among an evaluation's per-perspective means
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -98,7 +96,6 @@ class GRPOConfig(DiffusionTrainerConfig):
     ema_decay: float = _opt(0.0, "EMA of the trained weights, used to evaluate and export; 0 = off (Flow-GRPO: 0.9) "
                             "(default 0).")
     # ---- rewards and evaluation ----
-    heldout_rewards: dict = _opt({}, "Rewards evaluated but not optimised, {name: reward block} (default {}).")
     async_reward_computation: bool = _opt(False, "Score each batch in a thread while the next samples "
                                           "(default False).")
     eval_freq: int = _opt(0, "Also evaluate every this many epochs, into the history and curves; 0 = before and "
@@ -137,13 +134,13 @@ class GRPOConfig(DiffusionTrainerConfig):
             (self.per_prompt_stat_tracking_buffer_size >= 1, "per_prompt_stat_tracking_buffer_size", "a value >= 1"),
             (self.per_prompt_stat_tracking_min_count >= 1, "per_prompt_stat_tracking_min_count", "a value >= 1"),
             (0 <= self.ema_decay < 1, "ema_decay", "a value in [0, 1) (0 = off)"),
-            (all(isinstance(spec, dict) for spec in self.heldout_rewards.values()), "heldout_rewards",
-             "a mapping {name: reward block}"),
             (self.eval_freq >= 0, "eval_freq", "a value >= 0"),
         ])
 
-class GRPOTrainer(PolicyExport):
-    """GRPO on accelerate, TRL-shaped (`GRPOTrainer(config, reward_function, prompt_function, generator).train()`).
+class GRPOTrainer(DiffusionTrainer):
+    """GRPO on the shared trainer lifecycle (`DiffusionTrainer`), TRL-shaped (`GRPOTrainer(config, reward_function,
+    prompt_function, generator).train()`); it supplies its sampling (groups, the SDE window), advantages, loss, the
+    EMA, and what its checkpoint holds besides the shared state (the per-prompt tracker, the EMA).
 
     Args:
         config: a `GRPOConfig`.
@@ -152,84 +149,102 @@ class GRPOTrainer(PolicyExport):
         prompt_function: `prompt_function() -> (prompt, metadata)` or a prompt, called once per group; the global
             RNGs are reseeded from (seed, epoch, process) before each epoch's draws.
         generator: any `GeneratorAdapter` (the trainer never names a family).
-        heldout_rewards: `{name: reward function}` evaluated beside the reward, never optimised (default: built
-            from `config.heldout_rewards`).
         image_samples_hook: TRL's hook, called each epoch with `([[images, prompts, metadata, rewards, info], ...],
             global_step, tracker or None)`.
+        heldout_rewards: `{name: reward function}` evaluated beside the reward, never optimised (default: built
+            from `config.heldout_rewards`).
     """
 
-    def __init__(
-        self,
-        config: GRPOConfig,
-        reward_function: Callable[..., Any],
-        prompt_function: Callable[[], Any],
-        generator: GeneratorAdapter,
-        heldout_rewards: dict[str, Callable[..., Any]] | None = None,
-        image_samples_hook: Callable[[Any, int, Any], Any] | None = None,
-    ) -> None:
-        config.validate()
-        if not isinstance(generator, GeneratorAdapter):
-            raise TypeError(f"generator: expected a GeneratorAdapter, got {type(generator).__name__}")
-        if config.kl_coef > 0 and not generator.use_lora:
+    progress_name = "GRPO epochs"
+
+    config: GRPOConfig
+
+    @property
+    def curves(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("reward_mean", "approx_kl", "clipfrac", "ratio_mean", "kl", "eval_reward_mean",
+                *[f"eval_{HELDOUT}{name}" for name in self.heldout_rewards])
+
+    @property
+    def noise_level(self) -> float:
+        return self.config.noise_level
+
+    @property
+    def num_window_steps(self) -> int:
+        """Stochastic (trained) steps per rollout."""
+        return self.config.sde_window_size or self.config.sample_num_steps
+
+    @property
+    def timesteps_per_forward(self) -> int:
+        """Window steps per sample batched into one denoiser call."""
+        return self.config.train_timesteps_per_forward or self.num_window_steps
+
+    def check_inputs(self, config: Any, reward_function: Callable[..., Any], prompt_function: Callable[[], Any],
+                     sd_pipeline: Any) -> None:
+        if not isinstance(sd_pipeline, GeneratorAdapter):
+            raise TypeError(f"generator: expected a GeneratorAdapter, got {type(sd_pipeline).__name__}")
+        if config.kl_coef > 0 and not sd_pipeline.use_lora:
             raise ValueError("kl_coef: expected 0 without LoRA (the reference policy is the LoRA-free denoiser)")
-        self.config, self.reward_fn, self.prompt_fn = config, reward_function, prompt_function
-        self.generator = self.sd_pipeline = generator  # `sd_pipeline`: the name PolicyExport and TRL use
-        self.image_samples_hook = image_samples_hook
-        self.num_window_steps = config.sde_window_size or config.sample_num_steps
-        self.timesteps_per_forward = config.train_timesteps_per_forward or self.num_window_steps
+
+    def backward_calls_per_step(self) -> int:
+        # one per timestep chunk of every accumulated minibatch
         forwards = -(-self.num_window_steps // self.timesteps_per_forward)
-        # accelerate counts backward calls: one per timestep chunk of every accumulated minibatch
-        self.accelerator, self.outputs = start_run(config, generator,
-                                                   config.train_gradient_accumulation_steps * forwards)
-        self.height = config.sample_height or generator.default_size
-        self.width = config.sample_width or generator.default_size
-        self.trainable = generator.trainable_parameters()
-        optimizer = build_optimizer(config, self.trainable)
+        return self.config.train_gradient_accumulation_steps * forwards
+
+    def optimizer_steps(self) -> int:
+        config = self.config
         minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
-        steps = (config.num_epochs * config.train_num_inner_epochs * minibatches
-                 // config.train_gradient_accumulation_steps)
-        lr_scheduler = build_lr_scheduler(config, optimizer, steps, self.accelerator.num_processes)
-        self.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            generator.denoiser, optimizer, lr_scheduler)
-        self.ema = ParameterEMA(self.trainable, config.ema_decay) if config.ema_decay > 0 else None
+        return config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
+
+    def setup(self) -> None:
+        """The EMA, the per-prompt reward statistics and the asynchronous reward path."""
+        config = self.config
+        self.ema = ParameterEMA(self.sd_pipeline.trainable_parameters(), config.ema_decay) if config.ema_decay > 0 else None
         self.stat_tracker = (PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
                                                   config.per_prompt_stat_tracking_min_count)
                              if config.per_prompt_stat_tracking else None)
-        if heldout_rewards is None:
-            heldout_rewards = _build_heldout(config.heldout_rewards)
-        self.heldout_rewards = heldout_rewards
-        self.checkpointer = policy_checkpointer(self.accelerator, config, generator)
         # the reward's own `submit` (ours score in call order), or one worker around a plain function: batches are
         # folded in sampling order either way, so a stateful reward resumes exactly
         self.async_reward = None
         if config.async_reward_computation:
-            self.async_reward = reward_function if hasattr(reward_function, "submit") else AsyncReward(reward_function)
-        self.first_epoch, self.global_step, self.num_nonfinite = 0, 0, 0
-        self.eval_before: dict[str, Any] | None = None
-        self.last_row: dict[str, Any] = {}
-        if config.resume_from:
-            state = self.checkpointer.load(config.resume_from)
-            self.first_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
-            self.num_nonfinite, self.eval_before = state["num_nonfinite_rewards"], state["eval_before"]
-            if self.stat_tracker is not None:
-                self.stat_tracker.load_state_dict(state["stat_tracker"])
-            if self.ema is not None:
-                self.ema.load_state_dict(load_file(Checkpointer.resolve(config.resume_from) / EMA_FILE))
-            load_weighting_state(self.reward_fn, state.get("weighting"))
-            self.outputs.keep_history_until(state["epoch"])
+            reward = self.reward_fn
+            self.async_reward = reward if hasattr(reward, "submit") else AsyncReward(reward)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The shared state and the per-prompt reward statistics (the EMA goes in its own file)."""
+        state = self.stat_tracker.state_dict() if self.stat_tracker is not None else None
+        return {**super().checkpoint_state(), "stat_tracker": state}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if "eval_before" in state:  # a checkpoint from before GRPO shared the lifecycle's key `before`
+            self.before = {"eval": state["eval_before"]}
+        if self.stat_tracker is not None:
+            self.stat_tracker.load_state_dict(state["stat_tracker"])
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(Checkpointer.resolve(self.config.resume_from) / EMA_FILE))
+
+    def save_checkpoint_files(self, directory: Path) -> None:
+        if self.ema is not None and self.accelerator.is_main_process:
+            save_file(self.ema.state_dict(), directory / EMA_FILE)
+        self.accelerator.wait_for_everyone()
+
+    def evaluation_weights(self) -> AbstractContextManager:
+        """The EMA when on (evaluations and the exported policy use it), else the trained weights."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
+
+    def sample_images(self, prompts: list[str], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+        """Evaluation images: `eval_num_steps` steps at `eval_noise_level` (0: the deterministic sampler)."""
+        config = self.config
+        steps = config.eval_num_steps or config.sample_num_steps
+        return self.sample(prompts, generator, num_steps=steps, noise_level=config.eval_noise_level).images
+
+    def extra_metrics(self) -> dict[str, Any]:
+        return {"num_nonfinite_rewards": self.num_nonfinite}
+
+    def release(self) -> None:
+        if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
+            self.async_reward.close()  # the worker made around a plain function; a reward's own stays its own
 
     # ---- sampling --------------------------------------------------------------------------------------------
-
-    def _sample(self, prompts: list[str], generator: Any, *, num_steps: int, noise_level: float,
-                stochastic: torch.Tensor | None = None, initial_latents: torch.Tensor | None = None) -> Any:
-        config = self.config
-        negatives = [config.negative_prompts] * len(prompts) if config.negative_prompts else None
-        if stochastic is None:
-            stochastic = torch.full((num_steps,), noise_level > 0)
-        return sample_trajectories(
-            self.generator, prompts, num_steps=num_steps, guidance_scale=config.sample_guidance_scale,
-            noise_level=noise_level, height=self.height, width=self.width, generator=generator,
-            stochastic=stochastic, negative_prompts=negatives, initial_latents=initial_latents)
 
     def sample_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
         """Sample and score this process's groups for `epoch`. Returns the rollout (`tensors`: the window steps'
@@ -248,17 +263,17 @@ class GRPOTrainer(PolicyExport):
         noise = None
         if config.same_initial_noise:
             groups = len(prompts) // config.num_images_per_prompt
-            noise = self.generator.initial_latents(groups, self.height, self.width, generator)
+            noise = self.sd_pipeline.initial_latents(groups, self.height, self.width, generator)
             noise = noise.repeat_interleave(config.num_images_per_prompt, dim=0)
         batches, images, pending = [], [], []
         timings = {"time_sampling": 0.0, "time_reward": 0.0}
-        self.generator.denoiser.eval()
+        self.sd_pipeline.denoiser.eval()
         for start in range(0, len(prompts), config.sample_batch_size):
             end = start + config.sample_batch_size
             chunk, chunk_meta = prompts[start:end], metadata[start:end]
             began = time.perf_counter()
-            sampled = self._sample(chunk, generator, num_steps=config.sample_num_steps, noise_level=config.noise_level,
-                                   stochastic=stochastic, initial_latents=None if noise is None else noise[start:end])
+            sampled = self.sample(chunk, generator, stochastic=stochastic,
+                                  initial_latents=None if noise is None else noise[start:end])
             batches.append({
                 "latents": sampled.latents[:, window], "next_latents": sampled.latents[:, window + 1],
                 "log_probs": sampled.log_probs[:, window], "timesteps": sampled.timesteps[window].repeat(len(chunk), 1),
@@ -330,12 +345,12 @@ class GRPOTrainer(PolicyExport):
         conditioning = {key[len(COND):]: value[rows].repeat_interleave(pairs, dim=0)
                         for key, value in tensors.items() if key.startswith(COND)}
         options = dict(guidance_scale=config.sample_guidance_scale, noise_level=config.noise_level)
-        log_probs, mean, std = replay_steps(self.generator, latents, next_latents, timesteps, conditioning,
+        log_probs, mean, std = replay_steps(self.sd_pipeline, latents, next_latents, timesteps, conditioning,
                                             denoiser=self.denoiser, **options)
         kl = None
         if config.kl_coef > 0:
-            with torch.no_grad(), self.generator.reference_policy():
-                _, reference_mean, _ = replay_steps(self.generator, latents, next_latents, timesteps, conditioning,
+            with torch.no_grad(), self.sd_pipeline.reference_policy():
+                _, reference_mean, _ = replay_steps(self.sd_pipeline, latents, next_latents, timesteps, conditioning,
                                                     **options)
             kl = gaussian_step_kl(mean, reference_mean, std).view(len(rows), pairs)
         return log_probs.view(len(rows), pairs), kl
@@ -352,7 +367,7 @@ class GRPOTrainer(PolicyExport):
         totals = torch.zeros(len(names), dtype=torch.float64)
         extremes = torch.tensor([float("inf"), float("inf")], dtype=torch.float64)  # min ratio, -max ratio
         # replays need the sampling schedule, whatever an evaluation set since
-        self.generator.set_timesteps(config.sample_num_steps, self.height, self.width)
+        self.sd_pipeline.set_timesteps(config.sample_num_steps, self.height, self.width)
         self.denoiser.train()
         for _ in range(config.train_num_inner_epochs):
             order = torch.randperm(count, generator=generator)
@@ -403,37 +418,6 @@ class GRPOTrainer(PolicyExport):
                      kl=(kl.detach() * weight).sum() if kl is not None else torch.zeros((), device=loss.device))
         return loss, stats
 
-    # ---- evaluation ------------------------------------------------------------------------------------------
-
-    def evaluation_weights(self) -> Any:
-        """The weights evaluations and exports use: the EMA when on, else the trained ones."""
-        return self.ema.applied() if self.ema is not None else nullcontext()
-
-    def _evaluation_reward(self, images: torch.Tensor, prompts: list[str], metadata: list[Any]) -> Any:
-        rewards, info = reward_call(self.reward_fn, images, prompts, metadata)
-        raw = dict(info.get("raw") or {})
-        for name, reward in self.heldout_rewards.items():
-            raw[HELDOUT + name] = reward_call(reward, images, prompts, metadata)[0]
-        return rewards, {**info, "raw": raw}
-
-    def evaluate(self, stage: str | None = None) -> dict[str, Any] | None:
-        """Mean reward (and held-out rewards, as `per_perspective["heldout/<name>"]`) on `eval_prompts` x
-        `eval_seeds`, sampled with `eval_num_steps` at `eval_noise_level`; None without `eval_prompts`."""
-        config = self.config
-        if not config.eval_prompts:
-            return None
-        self.generator.denoiser.eval()
-        steps = config.eval_num_steps or config.sample_num_steps
-        with self.evaluation_weights():
-            metrics, samples = evaluate(
-                lambda chunk, generators: self._sample(chunk, generators, num_steps=steps,
-                                                       noise_level=config.eval_noise_level).images,
-                self._evaluation_reward, config.eval_prompts, config.eval_seeds, batch_size=config.sample_batch_size,
-                accelerator=self.accelerator, description=f"evaluating ({stage or 'policy'})")
-        if stage:
-            self.outputs.save_evaluation(stage, samples)
-        return metrics
-
     # ---- the loop --------------------------------------------------------------------------------------------
 
     def step(self, epoch: int, global_step: int) -> int:
@@ -459,45 +443,8 @@ class GRPOTrainer(PolicyExport):
         timings["time_epoch"] = time.perf_counter() - began
         row.update(global_step=self.global_step, num_nonfinite_rewards_total=self.num_nonfinite, **timings,
                    peak_memory_mb=peak_memory_mb(self.accelerator.device))
-        self.outputs.append_history(row)
-        if self.config.log_with:
-            self.accelerator.log(row, step=epoch)
-        if (epoch + 1) % self.config.save_freq == 0 or epoch == self.config.num_epochs - 1:
-            directory = self.checkpointer.save(epoch, {
-                "global_step": self.global_step, "num_nonfinite_rewards": self.num_nonfinite,
-                "eval_before": self.eval_before, "weighting": weighting_state(self.reward_fn),
-                "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker is not None else None})
-            if self.ema is not None and self.accelerator.is_main_process:
-                save_file(self.ema.state_dict(), directory / EMA_FILE)
-            self.accelerator.wait_for_everyone()
-        self.last_row = row
+        self.end_epoch(epoch, row)
         return self.global_step
-
-    def train(self, epochs: int | None = None) -> dict[str, Any]:
-        """Evaluate (with `eval_prompts`), train from `first_epoch` to `epochs` (default `num_epochs`), evaluate
-        again; write metrics.json (`eval_seconds` apart from `train_seconds`), the curves and the final policy
-        (`lora` in the run directory; the EMA when on, as evaluated). Returns the metrics."""
-        end = self.config.num_epochs if epochs is None else epochs
-        eval_after, seconds = evaluate_and_train(self, end, "GRPO epochs")
-        metrics = {"eval_before": self.eval_before, "eval_after": eval_after, "epochs": end,
-                   "global_step": self.global_step, "num_nonfinite_rewards": self.num_nonfinite, **seconds}
-        if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
-            self.async_reward.close()  # the worker made around a plain function; a reward's own stays its own
-        curves = ["reward_mean", "approx_kl", "clipfrac", "ratio_mean", "kl", "eval_reward_mean",
-                  *[f"eval_{HELDOUT}{name}" for name in self.heldout_rewards]]
-        with self.evaluation_weights():
-            finish_run(self, metrics, curves, reward_evaluations(metrics), plot=self.write_curves)
-        return metrics
-
-
-def _build_heldout(specs: dict[str, dict[str, Any]]) -> dict[str, Callable[..., Any]]:
-    rewards = {}
-    for name, spec in specs.items():
-        try:
-            rewards[name] = build_process_reward(spec)
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"heldout_rewards.{name}: {error}") from error
-    return rewards
 
 
 # ------------------------------------------------------------------------------------------- CLI
