@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trainers.cli import COMMANDS, main
+from trainers.cli import COMMANDS, PLUG_INS, ToyDataConfig, main
 from rlhf.config import ConfigError, build_parser, running_command
 from rlhf.runs import claim_output_dir, resume_command
 
@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config_types(words: tuple[str, ...]) -> list[type]:
-    """The dataclasses a command parses (found in its module: those with a field named in its --help; `rlhf search`
-    runs rlhf.search's command from trainers.cli, which names its generators)."""
-    module_name = COMMANDS[words][0].split(":")[0]
-    module = importlib.import_module("rlhf.search" if module_name == "trainers.cli" else module_name)
-    return [t for t in vars(module).values() if dataclasses.is_dataclass(t) and t.__module__ == module.__name__]
+    """The dataclasses a command parses (found in its module: those with a field named in its --help), and those the
+    `rlhf` command plugs into it (the toy data of `rlhf train reward`)."""
+    module = importlib.import_module(COMMANDS[words][0].split(":")[0])
+    plugged = [value for value in PLUG_INS.get(words, {}).values() if dataclasses.is_dataclass(value)]
+    return [t for t in vars(module).values() if dataclasses.is_dataclass(t) and t.__module__ == module.__name__] + plugged
 
 
 @pytest.mark.parametrize("words", list(COMMANDS), ids=lambda words: "_".join(words))
@@ -60,8 +60,9 @@ def test_every_config_field_has_a_description():
 def test_train_reward_help_leads_with_our_fields_then_trl_s(capsys):
     assert main(["train", "reward", "--help"]) == 0
     out = capsys.readouterr().out
-    ours, trl = out.index("RewardTrainingScript (trainers):"), out.index("RewardConfig (trl):")
-    assert ours < out.index("--toy_data_n ") < trl < out.index("--learning_rate ")
+    ours, toy, trl = (out.index(f"{name}:") for name in ("RewardTrainingScript (trainers)", "ToyDataConfig (trainers)",
+                                                         "RewardConfig (trl)"))
+    assert ours < out.index("--base_model ") < toy < out.index("--toy_data_n ") < trl < out.index("--learning_rate ")
 
 
 def test_top_level_help_describes_each_command(capsys):
@@ -138,17 +139,16 @@ def test_resume_command_replaces_earlier_resume_and_overwrite_flags():
 
 def test_toy_data_of_another_size_is_rewritten_or_refused(tmp_path):
     from rlhf.toy import toy_data_size, write_toy_datasets
-    from trainers.reward_model import RewardTrainingScript, _prepare_toy_data
 
     root = tmp_path / "toy"
     write_toy_datasets(root, n=3, n_test=2, seed=0)
-    _prepare_toy_data(RewardTrainingScript(toy_data_dir=str(root), toy_data_n=4, toy_data_n_test=2))
+    ToyDataConfig(toy_data_dir=str(root), toy_data_n=4, toy_data_n_test=2).prepare()
     assert toy_data_size(root) == {"n": 4, "n_test": 2, "seed": 0}
     assert len((root / "alignment" / "train.jsonl").read_text().splitlines()) == 4
     (root / "toy_data.json").unlink()  # data of unknown origin and another size: not ours to rewrite
     with pytest.raises(ConfigError, match=r"holds 4 train / 2 test rows.*asks for 8 / 2"):
-        _prepare_toy_data(RewardTrainingScript(toy_data_dir=str(root), toy_data_n=8, toy_data_n_test=2))
-    _prepare_toy_data(RewardTrainingScript(toy_data_dir=str(root), toy_data_n=4, toy_data_n_test=2))  # same size: used
+        ToyDataConfig(toy_data_dir=str(root), toy_data_n=8, toy_data_n_test=2).prepare()
+    ToyDataConfig(toy_data_dir=str(root), toy_data_n=4, toy_data_n_test=2).prepare()  # same size: used
 
 
 def test_a_resumed_progress_bar_counts_from_where_it_resumed():

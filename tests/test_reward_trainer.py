@@ -202,6 +202,8 @@ def write_config(path: Path, toy_files, **changes) -> Path:
      r"perspectives.alignment.training: expected dict, got \[1\]"),
     ({"perspectives": {}}, r"perspectives: expected a mapping of perspective name"),
     ({"base_model": "tiny:blip"}, r"base_model: tiny bases are \['tiny:llava', 'tiny:qwen2_vl'.*\], got 'tiny:blip'"),
+    # the toy data is the rlhf command's plug-in (trainers.cli.ToyDataConfig), not the reward trainer's
+    ({"toy_data_dir": "runs/toy_data"}, r"unknown config key\(s\) \['toy_data_dir'\]"),
 ])
 def test_config_errors_name_the_key(toy_files, tmp_path, changes, message):
     config = write_config(tmp_path / "bad.yaml", toy_files, **changes)
@@ -234,7 +236,7 @@ def test_toy_config_end_to_end(tmp_path, capsys):
     short = ["--toy_data_dir", str(toy_dir), "--toy_data_n", "8", "--toy_data_n_test", "8", "--max_steps", "2",
              "--per_device_train_batch_size", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
              "--disable_tqdm", "true"]
-    assert main(["--config", str(TOY_CONFIG), "--output_dir", str(output_dir), *short]) == 0
+    assert cli.main(["train", "reward", "--config", str(TOY_CONFIG), "--output_dir", str(output_dir), *short]) == 0
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert list(metrics) == ["alignment", "fidelity", "safety"]
     for name, entry in metrics.items():
@@ -265,8 +267,8 @@ def test_toy_config_end_to_end(tmp_path, capsys):
     assert evaluated["safety"]["eval"]["num_examples"] == len(load_preferences(test_file).labels)
 
     capsys.readouterr()
-    assert main(["--config", str(TOY_CONFIG), "--output_dir", str(output_dir), *short,
-                 "--resume_from_checkpoint", "true"]) == 0
+    assert cli.main(["train", "reward", "--config", str(TOY_CONFIG), "--output_dir", str(output_dir), *short,
+                     "--resume_from_checkpoint", "true"]) == 0
     assert capsys.readouterr().out.count("already trained") == 3
     assert json.loads((output_dir / "metrics.json").read_text()) == metrics
 
@@ -286,8 +288,9 @@ def test_toy_perspectives_reach_ninety_percent_on_held_out_data(tmp_path):
     alignment 0.94, fidelity 0.996, safety 0.965, in about 5 minutes of a shared 2-core CPU."""
     toy = yaml.safe_load(TOY_CONFIG.read_text())
     output_dir, toy_dir = tmp_path / "run", tmp_path / "toy_data"
-    assert main(["--config", str(TOY_CONFIG), "--output_dir", str(output_dir), "--toy_data_dir", str(toy_dir),
-                 "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true"]) == 0
+    assert cli.main(["train", "reward", "--config", str(TOY_CONFIG), "--output_dir", str(output_dir),
+                     "--toy_data_dir", str(toy_dir), "--eval_strategy", "no", "--save_strategy", "no",
+                     "--disable_tqdm", "true"]) == 0
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert set(metrics) >= {"alignment", "fidelity", "safety"}
     for name in ("alignment", "fidelity", "safety"):

@@ -1,13 +1,17 @@
-"""The `rlhf` command: one entry point that dispatches to each sub-command's `main(argv)`."""
+"""The `rlhf` command: one entry point that dispatches to each sub-command's `main(argv)`, and plugs the toy world
+into the commands that know nothing of it (`rlhf search`'s generator names, `rlhf train reward`'s toy data)."""
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import shutil
 import sys
-from typing import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
-from rlhf.config import running_command
+from rlhf.config import ConfigError, running_command
 from rlhf.runs import RunInterrupted
 
 # sub-command words -> ("module:function", one-line description); each function takes the remaining argv and
@@ -15,7 +19,7 @@ from rlhf.runs import RunInterrupted
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("score",): ("rlhf.scoring:main", "score images against prompts with a saved reward model"),
     ("serve",): ("rlhf.server:main", "serve a reward model over HTTP (POST /score)"),
-    ("search",): ("trainers.cli:search", "inference-time search guided by a reward (best-of-N, zero-order, FK)"),
+    ("search",): ("rlhf.search:main", "inference-time search guided by a reward (best-of-N, zero-order, FK)"),
     ("demo",): ("trainers.demo:main", "the toy world end to end: reward model, DDPO and DPO, judged by oracles"),
     ("toy", "data"): ("rlhf.toy:data_main", "write toy-world preference data (JSONL + PNG)"),
     ("toy", "pretrain"): ("rlhf.toy_pretrain:main", "pre-train the toy generator on toy-world images"),
@@ -46,11 +50,55 @@ def generator_path(name: str) -> str:
     return str(getattr(toy_generators, GENERATOR_NAMES[name])())
 
 
-def search(argv: list[str]) -> int:
-    """`rlhf search`: `rlhf.search.main`, its `pretrained_model` resolved by `generator_path`."""
-    from rlhf.search import main as search_main
+@dataclass
+class ToyDataConfig:
+    """The toy world's preference data, the default data of `rlhf train reward` (configs/reward/toy.yaml)."""
 
-    return search_main(argv, model_path=generator_path)
+    toy_data_dir: str = field(default="", metadata={"help": "Toy datasets directory, written if absent; "
+                                                            "<dir>/<perspective>/train.jsonl and test.jsonl are the "
+                                                            "data of a perspective naming none ('' = none)."})
+    toy_data_n: int = field(default=512, metadata={"help": "Toy train rows per perspective."})
+    toy_data_n_test: int = field(default=128, metadata={"help": "Toy test rows per perspective."})
+    toy_data_seed: int = field(default=0, metadata={"help": "Toy data seed."})
+
+    def default_data(self, perspective: str) -> tuple[str, str] | None:
+        if not self.toy_data_dir:
+            return None
+        root = Path(self.toy_data_dir) / perspective
+        return str(root / "train.jsonl"), str(root / "test.jsonl")
+
+    def prepare(self) -> None:
+        """Toy data of this size and seed in `toy_data_dir`: written when absent, rewritten when a manifest says it
+        was written with other sizes; data of other sizes without a manifest (not known to be ours) is refused.
+        Training silently on other data than the config's (512 rows for 4096) overfits and misreports."""
+        if not self.toy_data_dir:
+            return
+        from rlhf.toy import PERSPECTIVES, toy_data_size, write_toy_datasets
+
+        root = Path(self.toy_data_dir)
+        wanted = {"n": self.toy_data_n, "n_test": self.toy_data_n_test, "seed": self.toy_data_seed}
+        found = toy_data_size(root)
+        if found is not None and all(found[key] in (wanted[key], None) for key in wanted):
+            return
+        if found is not None and found["seed"] is None:
+            raise ConfigError(f"toy_data_dir: {root} holds {found['n']} train / {found['n_test']} test rows per "
+                              f"perspective, the config asks for {wanted['n']} / {wanted['n_test']}; delete it, "
+                              f"rewrite it (rlhf toy data --out {root} --n {wanted['n']} --n_test {wanted['n_test']} "
+                              f"--seed {wanted['seed']}) or set toy_data_n / toy_data_n_test to match")
+        if found is not None:
+            print(f"{root} holds toy data written with {found}; the config asks for {wanted}: rewriting it")
+            for name in PERSPECTIVES:
+                shutil.rmtree(root / name, ignore_errors=True)
+        else:
+            print(f"writing the toy datasets into {root}")
+        write_toy_datasets(root, **wanted)
+
+
+# what the toy world plugs into a command's `main(argv, **plug_ins)`
+PLUG_INS: dict[tuple[str, ...], dict[str, Any]] = {
+    ("search",): {"model_path": generator_path},
+    ("train", "reward"): {"data_source": ToyDataConfig},
+}
 
 
 def usage(prefix: Sequence[str] = ()) -> str:
@@ -102,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with running_command(name, summary):
             command = getattr(importlib.import_module(module_name), function_name)
-            return int(command(argv[len(words):]) or 0)
+            return int(command(argv[len(words):], **PLUG_INS.get(words, {})) or 0)
     except SystemExit as exc:  # --help, from the command's parser
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     except (ValueError, TypeError, FileNotFoundError) as exc:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -253,16 +252,26 @@ class RewardModelTrainer(Trainer):
 # ------------------------------------------------------------------------------------------- configs
 
 
+class DataSource(Protocol):
+    """Preference data a command plugs into `rlhf train reward` (the `rlhf` command plugs in the toy world's): a
+    dataclass parsed with the config, so its fields are config keys, that names default files and writes them."""
+
+    def default_data(self, perspective: str) -> tuple[str, str] | None:
+        """(training file, held-out file) for a perspective that names no train_data, or None."""
+
+    def prepare(self) -> None:
+        """Write the files where absent (on the main process first, then the others)."""
+
+
 @dataclasses.dataclass
 class PerspectiveTraining(PerspectiveConfig):
     """One entry of `perspectives` in a `rlhf train reward` config (its key is the name). Besides the
     `PerspectiveConfig` fields (lora_r 16, lora_alpha 32, lora_dropout 0.05, hidden_layer -1, skipca_heads 1,
     train_projector False):
 
-    train_data: JSONL/JSON/parquet preference file ("" = `<toy_data_dir>/<name>/train.jsonl` when a toy data dir
-        is set).
-    eval_data: held-out file ("" = the toy test split when a toy data dir is set, else the training data, reported
-        as such).
+    train_data: JSONL/JSON/parquet preference file ("" = the command's data source's file for this perspective).
+    eval_data: held-out file ("" = the data source's held-out file when it gave train_data, else the training data,
+        reported as such).
     data_kind: row layout for `load_preferences` ("auto"; or pairs, labels, imagereward, pickapic, hpdv2,
         llava_reward).
     ties: "keep" (default) trains annotator ties towards equal rewards; "drop" leaves them out.
@@ -309,9 +318,6 @@ class RewardTrainingScript:
     dtype: dtype of the base weights: float32 (default), bfloat16 or float16.
     max_prompt_tokens: prompts longer than this are truncated, with a warning (256).
     perspectives: name -> `PerspectiveTraining` fields; trained one at a time, in order.
-    toy_data_dir: when set, the toy world's datasets are written there if absent and are the default data of
-        perspectives named like them (alignment, fidelity, safety) ("" = none).
-    toy_data_n / toy_data_n_test / toy_data_seed: size of the toy train and test splits and their seed (512 / 128 / 0).
     overwrite_output_dir: replace an earlier run in output_dir (else it is refused unless resume_from_checkpoint).
     """
 
@@ -320,15 +326,12 @@ class RewardTrainingScript:
     dtype: str = dataclasses.field(default="float32", metadata={"help": "Base weights dtype."})
     max_prompt_tokens: int = dataclasses.field(default=256, metadata={"help": "Prompt truncation length."})
     perspectives: dict = dataclasses.field(default_factory=dict, metadata={"help": "name -> perspective options."})
-    toy_data_dir: str = dataclasses.field(default="", metadata={"help": "Toy datasets directory (written if absent)."})
-    toy_data_n: int = dataclasses.field(default=512, metadata={"help": "Toy train rows per perspective."})
-    toy_data_n_test: int = dataclasses.field(default=128, metadata={"help": "Toy test rows per perspective."})
-    toy_data_seed: int = dataclasses.field(default=0, metadata={"help": "Toy data seed."})
     overwrite_output_dir: bool = dataclasses.field(
         default=False, metadata={"help": "Replace an earlier run in output_dir (its outputs are deleted)."})
 
-    def perspective_trainings(self) -> list[PerspectiveTraining]:
-        """The validated perspectives, with toy data filled in; errors name the perspective and the key."""
+    def perspective_trainings(self, data_source: DataSource | None = None) -> list[PerspectiveTraining]:
+        """The validated perspectives, the data source's files filled in where a perspective names no train_data;
+        errors name the perspective and the key."""
         if not self.perspectives or not isinstance(self.perspectives, Mapping):
             raise ConfigError("perspectives: expected a mapping of perspective name -> options, e.g. "
                               "{alignment: {train_data: pairs.jsonl}}")
@@ -356,12 +359,11 @@ class RewardTrainingScript:
                 if getattr(entry, key) not in choices:
                     raise ConfigError(f"perspectives.{name}.{key}: expected one of {list(choices)}, "
                                       f"got {getattr(entry, key)!r}")
-            toy = Path(self.toy_data_dir) / entry.name if self.toy_data_dir else None
-            entry.train_data = entry.train_data or (str(toy / "train.jsonl") if toy else "")
-            entry.eval_data = entry.eval_data or (str(toy / "test.jsonl") if toy and not options.get("train_data") else "")
+            defaults = None if entry.train_data or data_source is None else data_source.default_data(entry.name)
+            if defaults:
+                entry.train_data, entry.eval_data = defaults[0], entry.eval_data or defaults[1]
             if not entry.train_data:
-                raise ConfigError(f"perspectives.{name}.train_data: required (a preference file), "
-                                  "or set toy_data_dir for the toy perspectives")
+                raise ConfigError(f"perspectives.{name}.train_data: required (a preference file)")
             trainings.append(entry)
         return trainings
 
@@ -396,31 +398,6 @@ class RewardEvalScript:
 
 
 # ------------------------------------------------------------------------------------------- commands
-
-
-def _prepare_toy_data(script: RewardTrainingScript) -> None:
-    """Toy data of the config's size and seed in `toy_data_dir`: written when absent, rewritten when a manifest
-    says it was written with other sizes; data of other sizes without a manifest (not known to be ours) is refused.
-    Training silently on other data than the config's (512 rows for 4096) overfits and misreports."""
-    from rlhf.toy import PERSPECTIVES, toy_data_size, write_toy_datasets
-
-    root = Path(script.toy_data_dir)
-    wanted = {"n": script.toy_data_n, "n_test": script.toy_data_n_test, "seed": script.toy_data_seed}
-    found = toy_data_size(root)
-    if found is not None and all(found[key] in (wanted[key], None) for key in wanted):
-        return
-    if found is not None and found["seed"] is None:
-        raise ConfigError(f"toy_data_dir: {root} holds {found['n']} train / {found['n_test']} test rows per "
-                          f"perspective, the config asks for {wanted['n']} / {wanted['n_test']}; delete it, rewrite it "
-                          f"(rlhf toy data --out {root} --n {wanted['n']} --n_test {wanted['n_test']} --seed "
-                          f"{wanted['seed']}) or set toy_data_n / toy_data_n_test to match")
-    if found is not None:
-        print(f"{root} holds toy data written with {found}; the config asks for {wanted}: rewriting it")
-        for name in PERSPECTIVES:
-            shutil.rmtree(root / name, ignore_errors=True)
-    else:
-        print(f"writing the toy datasets into {root}")
-    write_toy_datasets(root, **wanted)
 
 
 def _base_path(script: RewardTrainingScript, model_dir: Path) -> str:
@@ -474,22 +451,26 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str]) -> int:
-    """`rlhf train reward --config configs/reward/X.yaml [--output_dir DIR] [--field value ...]`."""
-    script, args = parse_config([RewardTrainingScript, RewardConfig], argv)
-    trainings = script.perspective_trainings()
+def main(argv: list[str], data_source: type[DataSource] | None = None) -> int:
+    """`rlhf train reward --config configs/reward/X.yaml [--output_dir DIR] [--field value ...]`.
+
+    data_source: a `DataSource` dataclass the calling command plugs in (the `rlhf` command's toy data): its fields
+    are parsed with the config's, between this command's and TRL's."""
+    script, *sources, args = parse_config([RewardTrainingScript, *([data_source] if data_source else []),
+                                           RewardConfig], argv)
+    trainings = script.perspective_trainings(*sources)
     resume = args.resume_from_checkpoint
     if resume is not None and str(resume).lower() not in ("true", "last"):
         raise ConfigError(f"resume_from_checkpoint: this command resumes its own output_dir; use 'true', got {resume!r}")
     with args.main_process_first(desc="claiming the output directory"):
         claim_output_dir(args.output_dir, resuming=resume is not None, overwrite=script.overwrite_output_dir,
                          resume_flag="--resume_from_checkpoint true")
-    if script.toy_data_dir:
-        with args.main_process_first(desc="writing the toy datasets"):
-            _prepare_toy_data(script)
+    for source in sources:
+        with args.main_process_first(desc="preparing the data"):
+            source.prepare()
     output_dir = Path(args.output_dir)
     with resumable(argv, ["--resume_from_checkpoint", "true"], lambda: _has_checkpoint(output_dir)):
-        return _train(script, args, trainings, resume)
+        return _train(script, args, trainings, resume, sources)
 
 
 def _has_checkpoint(output_dir: Path) -> bool:
@@ -498,7 +479,7 @@ def _has_checkpoint(output_dir: Path) -> bool:
 
 
 def _train(script: RewardTrainingScript, args: RewardConfig, trainings: list[PerspectiveTraining],
-           resume: str | None) -> int:
+           resume: str | None, sources: Sequence[DataSource] = ()) -> int:
     """Train `trainings` one perspective at a time into `args.output_dir` (resuming its run when `resume`)."""
     data = {}
     for entry in trainings:
@@ -515,7 +496,8 @@ def _train(script: RewardTrainingScript, args: RewardConfig, trainings: list[Per
     outputs = RunOutputs(output_dir, args.should_save)
     with args.main_process_first(desc="building the tiny base"):
         base = _base_path(script, model_dir)
-    resolved = {**dataclasses.asdict(script), "perspectives": {
+    source_fields = {key: value for source in sources for key, value in dataclasses.asdict(source).items()}
+    resolved = {**dataclasses.asdict(script), **source_fields, "perspectives": {
         entry.name: {k: v for k, v in dataclasses.asdict(entry).items() if k != "name"} for entry in trainings}}
     if args.should_save:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(
