@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import yaml
 
 from trainers.cli import main as rlhf_main
-from trainers.demo import _gain, write_report
+from trainers.demo import CONFIGS, _gain, generator_stage, write_report
 
 
 def evaluation(reward: float, reward_std: float, alignment: float, alignment_std: float) -> dict:
@@ -64,3 +65,16 @@ def test_report_names_a_missed_target_and_what_went_down(tmp_path):
     assert "| oracle alignment | 0.4000 | 0.5000 | +2.0 | missed |" in report
     assert "Target, oracle alignment above +3 std over seeds: **missed** (0.400 -> 0.500, +2.0 std)" in report
     assert "**Went down** under DDPO: reward (0.5000 -> 0.3000, -2.0 std)." in report
+
+
+@pytest.mark.parametrize("stage", ["ddpo", "dpo"])
+@pytest.mark.parametrize("quick", [False, True])
+def test_generator_stages_are_the_tiny_configs_but_for_the_demo_s_own_settings(stage, quick, tmp_path):
+    """The tuned toy settings live in configs/<stage>/tiny.yaml alone: the demo changes only its run's own."""
+    tiny = yaml.safe_load((CONFIGS / stage / "tiny.yaml").read_text())
+    config = generator_stage(tmp_path, stage, quick, seed=3)
+    own = {"output_dir", "seed", "reward", "num_epochs", "save_freq", "eval_seeds", "eval_prompts",
+           "sample_guidance_scale"}
+    assert {k: v for k, v in config.items() if k not in own} == {k: v for k, v in tiny.items() if k not in own}
+    assert config["reward"]["model"] == str(tmp_path / "reward" / "model") and config["seed"] == 3
+    assert config["sample_guidance_scale"] == 3.0  # the toy generator's best guidance (tiny.yaml's DPO: 5.0)
