@@ -1,5 +1,5 @@
 """Reward back-propagation: rgb_with_grad's truncation and checkpointing, DRaFT-LV, AlignPropTrainer (refusing a
-reward without gradients, exact resume, CLI outputs) and learning on the toy generator."""
+reward without gradients, flow-matching families, exact resume, CLI outputs) and learning on the toy generator."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
+from rlhf.generators import load_generator
 from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.testing import build_tiny_flux, build_tiny_sd3
 from rlhf.toy import EVAL_PROMPTS, colour_score
 from tests.conftest import assert_resumed_run_matches
 from trainers import AlignPropConfig, AlignPropTrainer
@@ -192,6 +194,31 @@ def test_a_reward_without_gradients_fails_at_construction(tiny_sd: Path, tmp_pat
     with pytest.raises(ValueError, match="reward: .*(cannot give gradients|without a graph)"):
         make_trainer(tiny_sd, small_config(tmp_path / "run"), reward=reward())
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("method", ["alignprop", "draft_lv"])
+@pytest.mark.parametrize("builder", [build_tiny_sd3, build_tiny_flux], ids=["sd3", "flux"])
+def test_one_step_on_a_flow_family_reaches_and_changes_the_lora(tmp_path: Path, builder, method: str) -> None:
+    """The trainer samples through the adapter interface only (`sample_with_grad`), so a flow family trains: the
+    reward's gradient reaches every LoRA layer's B through the SDE steps and the VAE, and one step changes it."""
+    policy = load_generator(builder(tmp_path / "model"))
+    config = small_config(tmp_path / "run", method=method, num_epochs=1, sample_num_steps=2, sample_eta=0.7,
+                          train_gradient_accumulation_steps=1, truncated_rand_backprop_minmax=[0, 2], eval_prompts=[])
+    trainer = AlignPropTrainer(config, colour_reward, prompt_cycle, policy)
+    initial = policy.policy_state_dict()
+    seen: dict[str, torch.Tensor] = {}
+    original_step = trainer.optimizer.step
+
+    def record_gradients_then_step(*args, **kwargs):
+        seen.update({n: p.grad.clone() for n, p in policy.denoiser.named_parameters() if p.grad is not None})
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = record_gradients_then_step
+    trainer.train()
+    lora_b = {name for name, p in policy.denoiser.named_parameters() if p.requires_grad and "lora_B" in name}
+    assert lora_b and lora_b <= set(seen) and any(seen[name].abs().sum() > 0 for name in lora_b)
+    changed = [name for name, value in policy.policy_state_dict().items() if not torch.equal(value, initial[name])]
+    assert any("lora_B" in name for name in changed) and trainer.global_step == 1
 
 
 @pytest.mark.parametrize("method", ["alignprop", "draft_lv"])

@@ -1,5 +1,6 @@
 """DiffusionDPOTrainer / DiffusionDPOConfig: the loss against its formula, the LoRA-disabled reference, offline
-latents (cache, SDXL size conditioning), online pairs, exact resume, the CLI, and learning on the toy world."""
+latents (cache, SDXL size conditioning), online pairs, flow-matching families (SD3, FLUX), exact resume, the CLI,
+and learning on the toy world."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from reward.pairs import load_pairs
+from rlhf.generators import load_generator
 from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.testing import build_tiny_flux, build_tiny_sd3
 from rlhf.toy import EVAL_PROMPTS, colour_score, write_toy_datasets
 from tests.conftest import assert_resumed_run_matches
 from trainers.dpo import STAT_NAMES, DiffusionDPOConfig, DiffusionDPOTrainer, diffusion_dpo_loss, main
@@ -278,6 +281,45 @@ def test_sdxl_pairs_carry_size_and_crop_conditioning(tmp_path: Path) -> None:
     assert any(p.abs().max() > 0 for n, p in trainer.sd_pipeline.policy_state_dict().items() if "lora_B" in n)
 
 
+@pytest.fixture(scope="module")
+def tiny_flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_flow")
+    return {"sd3": build_tiny_sd3(root / "sd3"), "flux": build_tiny_flux(root / "flux")}
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_one_dpo_step_on_a_flow_family(tiny_flow: dict, toy_pairs: dict, tmp_path: Path, family: str, mode: str) -> None:
+    """Diffusion-DPO through the adapter interface only: offline pairs encoded by the family's VAE (FLUX packed),
+    online pairs from its own samples; the velocity target; the reference (LoRA off) equals the initial policy."""
+    policy = load_generator(tiny_flow[family], lora_seed=0)
+    config = small_config(
+        tmp_path, mode=mode, num_epochs=1, dataset=str(toy_pairs["train"]), eval_dataset=str(toy_pairs["test"]),
+        train_steps_per_epoch=1, sample_num_steps=2, sample_eta=0.7, eval_prompts=[],
+    )
+    trainer = DiffusionDPOTrainer(config, policy, reward_function=colour_reward, prompt_function=prompt_cycle)
+    initial = policy.policy_state_dict()
+    metrics = trainer.train()
+    before = metrics["heldout_before"]
+    assert before["implicit_accuracy"] == 0.5 and before["num_pairs"] == 6
+    assert before["loss"] == pytest.approx(math.log(2), abs=1e-6)  # every margin 0: -log sigmoid(0)
+    row = trainer.last_row
+    assert trainer.global_step == 1 and row["num_pairs"] > 0 and math.isfinite(row["loss"])
+    assert row["model_mse_chosen"] > 0 and math.isfinite(metrics["heldout_after"]["loss"])
+    changed = [name for name, value in policy.policy_state_dict().items() if not torch.equal(value, initial[name])]
+    assert any("lora_B" in name for name in changed)
+
+
+def test_flow_pairs_are_the_vae_latents_in_the_transformers_layout(tiny_flow: dict, toy_pairs: dict) -> None:
+    pairs = load_pairs(str(toy_pairs["train"]), "auto", "train", "", True, 0, "dataset")
+    for family in ("sd3", "flux"):
+        policy = load_generator(tiny_flow[family])
+        batch = PairLatents(pairs, policy, 32).batch([0, 2])
+        assert batch.chosen.shape == policy.latent_shape(2, 32, 32)  # FLUX: [2, tokens, channels]
+        images = policy.decode(batch.chosen)  # the layout the decoder (and the transformer) reads back
+        assert images.shape == (2, 3, 32, 32)
+
+
 def test_online_round_writes_its_pairs_with_rewards(tiny_sd: Path, tmp_path: Path) -> None:
     from reward.data import load_preferences
 
@@ -401,18 +443,16 @@ def test_two_cpu_processes_end_with_identical_lora(tiny_sd: Path, toy_pairs: dic
         assert (tmp_path / "run" / "pairs" / "round_0000_rank1.jsonl").is_file()
 
 
-# offline: toy alignment pairs (no shipped config: on the toy generator they lowered the oracle, see README)
-OFFLINE = ["--mode", "offline", "--dataset", "toy:alignment", "--eval_dataset", "toy:alignment"]
-
-
 @pytest.mark.parametrize("mode", ["online", "offline"])
-def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path, mode: str) -> None:
+def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path, toy_pairs: dict, mode: str) -> None:
     output = tmp_path / "cli"
+    # offline: toy alignment pairs (no shipped config: on the toy generator they lowered the oracle, see README)
+    offline = ["--mode", "offline", "--dataset", str(toy_pairs["train"]), "--eval_dataset", str(toy_pairs["test"]),
+               "--max_eval_pairs", "4"]
     code = main([
         "--config", str(ROOT / "configs/dpo/tiny.yaml"), "--pretrained_model", "tiny", "--output_dir", str(output),
         "--num_epochs", "1", "--sample_num_steps", "2", "--sample_num_batches_per_epoch", "1", "--eval_seeds", "0", "1",
-        "--eval_prompts", *PROMPTS, "--toy_num_train", "8", "--toy_num_test", "4", "--train_steps_per_epoch", "1",
-        *(OFFLINE if mode == "offline" else []),
+        "--eval_prompts", *PROMPTS, "--train_steps_per_epoch", "1", *(offline if mode == "offline" else []),
     ])
     assert code == 0
     metrics = json.loads((output / "metrics.json").read_text())
@@ -473,10 +513,12 @@ def test_online_dpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path)
 
 @pytest.mark.slow
 def test_offline_dpo_raises_heldout_implicit_accuracy_above_chance(tmp_path: Path) -> None:
+    # the toy world's alignment pairs as the trainer's former 'toy:alignment' wrote them (seed = the run's seed)
+    pairs = write_toy_datasets(tmp_path / "toy_data", n=256, n_test=128, seed=0)["alignment"]
     config = DiffusionDPOConfig(
-        output_dir=str(tmp_path), mode="offline", mixed_precision="no", seed=0, num_epochs=4,
-        dataset="toy:alignment", eval_dataset="toy:alignment", toy_num_train=256, toy_num_test=128,
-        train_batch_size=16, train_learning_rate=3e-3, heldout_noise_draws=4, reward={},
+        output_dir=str(tmp_path / "run"), mode="offline", mixed_precision="no", seed=0, num_epochs=4,
+        dataset=str(pairs["train"]), eval_dataset=str(pairs["test"]), train_batch_size=16, train_learning_rate=3e-3,
+        heldout_noise_draws=4, reward={},
     )
     trainer = DiffusionDPOTrainer(config, DDPOStableDiffusionPipeline.from_pretrained(toy_generator()))
     metrics = trainer.train()

@@ -235,6 +235,41 @@ def test_per_sample_timesteps_equal_one_call_per_timestep(tiny_paths: dict[str, 
     assert x0.shape == noise.shape and x0.dtype == torch.float32
 
 
+@pytest.mark.parametrize("key", ["sd3", "flux", "sd"])
+def test_the_training_objective_agrees_with_the_sampler(tiny_paths: dict[str, Path], key: str) -> None:
+    """Diffusion-DPO's objective through the interface: latents noised by `add_noise` with the exact
+    `training_target` as the model output give back the clean latents by the sampler's own x0-hat (SD: epsilon;
+    flow: the velocity noise - x0 at sigma = t / 1000); training timesteps reproduce from their generator."""
+    adapter = load(tiny_paths[FAMILIES[key].name])
+    generator = torch.Generator().manual_seed(0)
+    clean, noise = (adapter.initial_latents(len(PROMPTS), SIZE, SIZE, generator) for _ in range(2))
+    timesteps = adapter.set_timesteps(STEPS, SIZE, SIZE)
+    for timestep in (timesteps[0], timesteps[-1]):
+        noisy = adapter.add_noise(clean, noise, timestep)
+        target = adapter.training_target(clean, noise, timestep)
+        recovered = adapter.predicted_clean(target, timestep, noisy)
+        torch.testing.assert_close(recovered.float(), clean, rtol=1e-4, atol=1e-4)
+    drawn = adapter.training_timesteps(64, torch.Generator().manual_seed(1))
+    assert torch.equal(drawn, adapter.training_timesteps(64, torch.Generator().manual_seed(1)))
+    train_steps = adapter.scheduler.config.num_train_timesteps
+    assert drawn.shape == (64,) and 0 <= float(drawn.min()) and float(drawn.max()) <= train_steps
+    assert len(drawn.unique()) > 32  # spread over the schedule, not one value
+
+
+def test_images_encode_to_the_denoisers_layout(tiny_paths: dict[str, Path]) -> None:
+    """`encode_images` gives latents of `latent_shape` (FLUX packed), the VAE's shift and scale applied: decoding
+    them back undoes exactly that, so an image's round trip is the VAE's own (encode's mode, then decode)."""
+    pixels = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for key in ("sd3", "flux", "sd"):
+        adapter = load(tiny_paths[key])
+        latents = adapter.encode_images(pixels)
+        assert latents.shape == adapter.latent_shape(2, SIZE, SIZE) and latents.dtype == torch.float32
+        vae = adapter.vae
+        with torch.no_grad():
+            direct = (vae.decode(vae.encode(pixels).latent_dist.mode()).sample / 2 + 0.5).clamp(0, 1)
+            torch.testing.assert_close(adapter.decode(latents), direct, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("key", ["sd3", "flux"])
 def test_bf16_model_keeps_a_float32_lora_and_replays_exactly(tiny_paths: dict[str, Path], key: str) -> None:
     """Frozen weights in bf16, the LoRA in float32 (Adam's small updates survive), steps scored in float32."""

@@ -1,5 +1,6 @@
 """Reward back-propagation (AlignProp, DRaFT-K, DRaFT-LV): the gradient of a differentiable reward, taken through
-the last denoising steps, trains a LoRA Stable Diffusion policy."""
+the last denoising steps, trains a LoRA policy of any generator family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1), sampled
+through `rlhf.generators.backprop.sample_with_grad`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from rlhf.pipeline import DDPOStableDiffusionPipeline, RGBWithGradOutput
+from rlhf.generators.backprop import RGBWithGradOutput, backprop_steps, sample_with_grad
 from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require
 from trainers.command import run_trainer_command
 from trainers.common import draw_prompts, peak_memory_mb, perspective_values, reseed_global_rngs, seeded_generator
@@ -29,7 +30,7 @@ class AlignPropConfig(DDIMTrainerConfig):
       `truncated_backprop_timestep`; with `truncated_backprop_timestep = 0` and no randomisation, all steps.
     - `draft_k` (DRaFT-K, Clark et al. 2023): through the last `draft_k` steps only.
     - `draft_lv` (DRaFT-LV): the last step only, on `draft_lv_copies` re-noised copies of each final latent,
-      rewards averaged (a lower-variance gradient for one extra UNet call per copy).
+      rewards averaged (a lower-variance gradient for one extra denoiser call per copy).
     The loss is minus the mean (weighted) reward; its gradient is what every method follows.
     """
 
@@ -73,7 +74,7 @@ class AlignPropConfig(DDIMTrainerConfig):
     )
     gradient_checkpointing: bool = field(
         default=True,
-        metadata={"help": "Recompute each back-propagated UNet call in the backward pass instead of storing its "
+        metadata={"help": "Recompute each back-propagated denoiser call in the backward pass instead of storing its "
                   "activations (default True)."},
     )
     decode_checkpointing: bool = field(
@@ -145,7 +146,8 @@ class AlignPropTrainer(DiffusionTrainer):
             (logged per perspective). Checked at construction: one that cannot give gradients is an error.
         prompt_function: `prompt_function() -> (prompt, metadata)` (or just a prompt); the global RNGs are
             reseeded from (seed, epoch, process) before each epoch's draws, so a run reproduces and resumes exactly.
-        sd_pipeline: a `DDPOStableDiffusionPipeline`.
+        sd_pipeline: a `GeneratorAdapter` of any family (e.g. `DDPOStableDiffusionPipeline`, `SD3Adapter`,
+            `FluxAdapter`); `sample_eta` is its step's noise level (DDIM's eta, a flow family's SDE noise level).
         image_samples_hook: called every `log_image_freq` epochs as TRL does, with
             `({"images", "prompts", "prompt_metadata", "rewards"}, global_step, tracker or None)` for the epoch's
             last minibatch.
@@ -179,53 +181,52 @@ class AlignPropTrainer(DiffusionTrainer):
     def sample_images(self, prompts: list[str], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """Evaluation images: the full chain without a graph."""
         with torch.no_grad():
-            return self._rgb_with_grad(prompts, generator, backprop_steps=self.config.sample_num_steps).images
+            return self._sample_with_grad(prompts, generator, self.config.sample_num_steps).images
 
     # ---- sampling with gradients ----------------------------------------------------------------------------
 
-    def _negatives(self, count: int) -> list[str] | None:
-        return [self.config.negative_prompts] * count if self.config.negative_prompts else None
-
     def sample_with_grad(self, prompts: list[str], generator: torch.Generator) -> RGBWithGradOutput:
-        """Images of `prompts` with the graph the configured method back-propagates through."""
+        """Images of `prompts` with the graph the configured method back-propagates through: AlignProp's K from
+        TRL's truncation options (a random K drawn with Python's `random`), DRaFT-K's K, or DRaFT-LV's copies."""
         config = self.config
-        options: dict[str, Any] = {}
+        if config.method == "draft_lv":
+            return self._sample_with_grad(prompts, generator, 0, lv_copies=config.draft_lv_copies)
+        steps = config.draft_k
         if config.method == "alignprop":
-            options = dict(
+            steps = backprop_steps(
+                config.sample_num_steps,
                 truncated_backprop_rand=config.truncated_backprop_rand,
                 truncated_backprop_timestep=config.truncated_backprop_timestep,
                 truncated_rand_backprop_minmax=tuple(config.truncated_rand_backprop_minmax),
             )
-        elif config.method == "draft_k":
-            options = dict(backprop_steps=config.draft_k)
-        else:
-            options = dict(lv_copies=config.draft_lv_copies)
-        return self._rgb_with_grad(
-            prompts, generator, gradient_checkpoint=config.gradient_checkpointing,
-            decode_checkpoint=config.decode_checkpointing, **options,
-        )
+        return self._sample_with_grad(prompts, generator, steps)
 
-    def _rgb_with_grad(
-        self, prompts: list[str], generator: torch.Generator | list[torch.Generator], **options: Any
+    def _sample_with_grad(
+        self, prompts: list[str], generator: torch.Generator | list[torch.Generator], steps: int, lv_copies: int = 0
     ) -> RGBWithGradOutput:
-        """`rgb_with_grad` with the configured size, steps, guidance, negative prompts and eta."""
+        """`sample_with_grad` through the generator's interface with the configured size, steps, guidance, negative
+        prompt, noise level and checkpointing; the graph through the last `steps` steps (or DRaFT-LV's copies)."""
         config = self.config
-        return self.sd_pipeline.rgb_with_grad(
+        conditioning, latents, timesteps = self.sd_pipeline.prepare_sampling(
             prompts,
-            height=self.height,
-            width=self.width,
             num_inference_steps=config.sample_num_steps,
             guidance_scale=config.sample_guidance_scale,
-            negative_prompt=self._negatives(len(prompts)),
-            eta=config.sample_eta,
+            height=self.height,
+            width=self.width,
+            negative_prompt=[config.negative_prompts] * len(prompts) if config.negative_prompts else None,
             generator=generator,
-            **options,
+        )
+        return sample_with_grad(
+            self.sd_pipeline, conditioning, latents, timesteps, guidance_scale=config.sample_guidance_scale,
+            eta=config.sample_eta, generator=generator, backprop_steps=steps,
+            gradient_checkpoint=config.gradient_checkpointing, decode_checkpoint=config.decode_checkpointing,
+            lv_copies=lv_copies,
         )
 
     def _average_gradients_over_processes(self) -> None:
         """Mean of the LoRA gradients over processes.
 
-        The sampler calls the bare UNet, not accelerate's DDP wrapper: DDP's reducer expects one forward per
+        The sampler calls the bare denoiser, not accelerate's DDP wrapper: DDP's reducer expects one forward per
         backward, and a back-propagated chain makes K (recomputed under checkpointing). The LoRA is small, so
         one explicit all-reduce per optimizer step costs little.
         """
@@ -245,13 +246,13 @@ class AlignPropTrainer(DiffusionTrainer):
         rank = accelerator.process_index
         reseed_global_rngs(config.seed, epoch, rank)
         generator = seeded_generator(config.seed, epoch, rank, 0)
-        self.unet.train()
+        self.denoiser.train()
         rewards_seen, perspectives, grid, backprop_steps = [], {}, [], []
         loss_total, grad_norm = 0.0, float("nan")
         last: dict[str, Any] = {}
         for _ in range(config.train_gradient_accumulation_steps):
             prompts, metadata = draw_prompts(self.prompt_fn, config.train_batch_size)
-            with accelerator.accumulate(self.unet):
+            with accelerator.accumulate(self.denoiser):
                 output = self.sample_with_grad(prompts, generator)
                 copies = max(output.lv_copies, 1)
                 scored_prompts = [p for p in prompts for _ in range(copies)]
@@ -318,4 +319,4 @@ class AlignPropTrainer(DiffusionTrainer):
 
 def main(argv: list[str]) -> int:
     """`rlhf train alignprop --config configs/alignprop/X.yaml [--field value ...]`."""
-    return run_trainer_command(argv, AlignPropConfig, AlignPropTrainer, DDPOStableDiffusionPipeline, differentiable=True)
+    return run_trainer_command(argv, AlignPropConfig, AlignPropTrainer, differentiable=True)

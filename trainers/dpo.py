@@ -1,6 +1,8 @@
 """Diffusion-DPO (Wallace et al. 2023) on accelerate: offline from preference pairs, or online from pairs a reward
-ranks among the policy's own samples. The reference policy is the same UNet with its LoRA disabled. Its config and
-trainer; the loss is in `trainers.dpo_loss`, the pairs in `trainers.dpo_pairs` (readers in `reward.pairs`)."""
+ranks among the policy's own samples, on any generator family (SD 1.x/2.x, SDXL: the UNet's epsilon/v target;
+SD3/3.5, FLUX.1: the flow-matching velocity, as flow DPO trains). The reference policy is the same denoiser with
+its LoRA disabled. Its config and trainer; the loss is in `trainers.dpo_loss`, the pairs in `trainers.dpo_pairs`
+(readers in `reward.pairs`)."""
 
 from __future__ import annotations
 
@@ -16,17 +18,17 @@ import torch
 from tqdm.auto import tqdm
 
 from reward.pairs import load_pairs
-from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.generators.base import GeneratorAdapter
 from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require
 from trainers.command import load_policy, load_run_prompts, uniform_prompt_function
 from trainers.common import (
-    are_toy_prompts, build_process_reward, draw_prompts, eval_reward_change, peak_memory_mb, perspective_values,
+    build_process_reward, draw_prompts, eval_reward_change, peak_memory_mb, perspective_values,
     reseed_global_rngs, reward_call, reward_evaluations, run_directory, save_image_grid, seeded_generator,
     training_command,
 )
 from trainers.dpo_loss import LOSS_TYPES, diffusion_dpo_loss
 from trainers.dpo_pairs import (
-    PAIR_STRATEGIES, TOY_DATASET_PREFIX, OnlineRound, PairBatch, PairLatents, build_preference_pairs, toy_pair_files,
+    PAIR_STRATEGIES, OnlineRound, PairBatch, PairLatents, build_preference_pairs,
 )
 
 MODES = ("offline", "online")
@@ -47,7 +49,9 @@ class DiffusionDPOConfig(DDIMTrainerConfig):
     `help` says its default and meaning.
 
     The loss (Wallace et al.): one noise draw and one timestep per pair, shared by its two images; `mse` is the
-    per-image mean squared error of the UNet's prediction, for the policy (LoRA on) and the reference (LoRA off);
+    per-image mean squared error of the denoiser's prediction against the family's training target (SD: epsilon
+    or v by the scheduler's `prediction_type`, timesteps uniform; SD3/FLUX: the velocity noise - x0, timesteps
+    logit-normal as their training scripts draw them), for the policy (LoRA on) and the reference (LoRA off);
     `model_diff = mse_chosen - mse_rejected`, `ref_diff` the same for the reference, and
 
         margin = -beta / 2 * (model_diff - ref_diff)      (the implicit reward margin)
@@ -75,11 +79,12 @@ class DiffusionDPOConfig(DDIMTrainerConfig):
     # ---- model ----
     pretrained_model: str = field(
         default="",
-        metadata={"help": "diffusers SD 1.x/2.x/SDXL path or hub id; '' = the toy generator, 'tiny' = a random tiny "
-                  "pipeline (plumbing only) (default '')."},
+        metadata={"help": "A diffusers pipeline path or hub id (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) or a saved policy "
+                  "directory; '' = the toy generator, 'toy-flow' = the toy flow generator (SD3); 'tiny', 'tiny-sd3', "
+                  "'tiny-flux' = a random tiny pipeline (plumbing only) (default '')."},
     )
     pretrained_revision: str = field(default="main", metadata={"help": "Hub revision (default 'main')."})
-    lora_rank: int = field(default=4, metadata={"help": "LoRA rank; the LoRA is the policy, the UNet without it the reference (default 4)."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank; the LoRA is the policy, the denoiser without it the reference (default 4)."})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (default 4)."})
     # ---- loss ----
     beta: float = field(default=5000.0, metadata={"help": "DPO temperature, Salesforce convention (see class notes) (default 5000)."})
@@ -88,8 +93,9 @@ class DiffusionDPOConfig(DDIMTrainerConfig):
     # ---- offline data ----
     dataset: str = field(
         default="",
-        metadata={"help": "Offline: a .jsonl/.json/.parquet file, a `datasets.save_to_disk` directory, a hub dataset id "
-                  "(local cache), or 'toy:alignment' / 'toy:fidelity' (toy-world pairs written under output_dir) (default '')."},
+        metadata={"help": "Offline: a .jsonl/.json/.parquet file (toy-world pairs: `rlhf toy data --out DIR` writes "
+                  "DIR/alignment/train.jsonl), a `datasets.save_to_disk` directory or a hub dataset id (local cache) "
+                  "(default '')."},
     )
     dataset_kind: str = field(
         default="auto", metadata={"help": "Row layout for reward.data.load_preferences: auto, pairs, pickapic, imagereward, hpdv2 (default auto)."}
@@ -97,8 +103,8 @@ class DiffusionDPOConfig(DDIMTrainerConfig):
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub or saved DatasetDict (default 'train')."})
     eval_dataset: str = field(
         default="",
-        metadata={"help": "Held-out pairs, same forms as dataset ('toy:X' = the toy test split); implicit accuracy is "
-                  "measured on them before and after training (default '': none)."},
+        metadata={"help": "Held-out pairs, same forms as dataset; implicit accuracy is measured on them before and "
+                  "after training (default '': none)."},
     )
     eval_dataset_split: str = field(default="test", metadata={"help": "Split of a hub or saved eval DatasetDict (default 'test')."})
     image_root: str = field(default="", metadata={"help": "Directory relative image paths resolve against (default: the file's)."})
@@ -121,8 +127,6 @@ class DiffusionDPOConfig(DDIMTrainerConfig):
     heldout_noise_draws: int = field(
         default=4, metadata={"help": "Noise/timestep draws per held-out pair when measuring implicit accuracy (default 4)."}
     )
-    toy_num_train: int = field(default=512, metadata={"help": "'toy:' datasets: training pairs written (default 512)."})
-    toy_num_test: int = field(default=128, metadata={"help": "'toy:' datasets: held-out pairs written (default 128)."})
     # ---- online sampling and pairing ----
     reward: dict = field(
         default_factory=lambda: {"builtin": "toy_colour_soft"},
@@ -152,7 +156,7 @@ class DiffusionDPOConfig(DDIMTrainerConfig):
 
     @property
     def use_lora(self) -> bool:
-        """Always: the reference policy is the UNet with its LoRA disabled (read by `trainers.command.load_policy`)."""
+        """Always: the reference policy is the denoiser with its LoRA disabled (read by `trainers.command.load_policy`)."""
         return True
 
     def validate(self) -> None:
@@ -178,7 +182,6 @@ class DiffusionDPOConfig(DDIMTrainerConfig):
             (self.resolution >= 0, "resolution", "a value >= 0"),
             (self.heldout_noise_draws >= 1, "heldout_noise_draws", "a value >= 1"),
             (self.max_train_pairs >= 0 and self.max_eval_pairs >= 0, "max_train_pairs/max_eval_pairs", "values >= 0"),
-            (self.toy_num_train >= 1 and self.toy_num_test >= 1, "toy_num_train/toy_num_test", "values >= 1"),
         ])
 
 
@@ -186,11 +189,14 @@ class DiffusionDPOConfig(DDIMTrainerConfig):
 
 
 class DiffusionDPOTrainer(DiffusionTrainer):
-    """Diffusion-DPO with a LoRA policy; the reference is the same UNet with the LoRA disabled (no second copy).
+    """Diffusion-DPO with a LoRA policy; the reference is the same denoiser with the LoRA disabled (no second copy).
+    It reaches the generator only through the `GeneratorAdapter` interface (sampling, `encode_images`,
+    `training_timesteps`, `add_noise`, `training_target`, `predict`, `reference_policy`), so any family trains.
 
     Args:
         config: a `DiffusionDPOConfig`.
-        sd_pipeline: a `DDPOStableDiffusionPipeline` with a LoRA (`use_lora=True`).
+        sd_pipeline: a `GeneratorAdapter` of any family with a LoRA (`use_lora=True`), e.g. a
+            `DDPOStableDiffusionPipeline`, `SD3Adapter` or `FluxAdapter`.
         reward_function: `reward_function(images, prompts, metadata) -> (rewards, info)`, images float BCHW in [0, 1];
             ranks online samples, and evaluates either mode before/after training (None: no reward evaluation).
         prompt_function: online: `prompt_function() -> (prompt, metadata)` (or a prompt), called once per group; the
@@ -206,7 +212,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
     def __init__(
         self,
         config: DiffusionDPOConfig,
-        sd_pipeline: DDPOStableDiffusionPipeline,
+        sd_pipeline: GeneratorAdapter,
         reward_function: Callable[..., Any] | None = None,
         prompt_function: Callable[[], Any] | None = None,
         train_pairs: Sequence[Any] | None = None,
@@ -214,7 +220,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
     ) -> None:
         config.validate()
         if not sd_pipeline.use_lora:
-            raise ValueError("sd_pipeline: expected use_lora=True (the reference policy is the UNet without its LoRA)")
+            raise ValueError("sd_pipeline: expected use_lora=True (the reference policy is the denoiser without its LoRA)")
         if config.mode == "online" and (reward_function is None or prompt_function is None):
             raise ValueError("mode: 'online' needs a reward_function and a prompt_function")
         self.start(config, sd_pipeline, reward_function, prompt_function)
@@ -235,10 +241,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         except ValueError as error:
             raise ValueError(f"resolution: {error}") from error
 
-        def read(source: str, split: str, limit: int, field_name: str) -> list:
-            if source.startswith(TOY_DATASET_PREFIX):
-                files = toy_pair_files(config, source[len(TOY_DATASET_PREFIX) :])
-                source = str(files["test" if split == "test" else "train"])
+        def read(source: str, split: str, limit: int, field_name: str) -> Sequence[Any]:
             return load_pairs(source, config.dataset_kind, split, config.image_root, config.check_images, limit, field_name)
 
         cache = Path(config.latent_cache_dir) if config.latent_cache_dir else None
@@ -269,34 +272,28 @@ class DiffusionDPOTrainer(DiffusionTrainer):
     def reference_prediction(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """The reference UNet's prediction: the policy's own UNet with its LoRA disabled, without gradients."""
+        """The reference's prediction: the policy's own denoiser with its LoRA disabled, without gradients."""
         with torch.no_grad(), self.sd_pipeline.reference_policy(), self.accelerator.autocast():
             return self.sd_pipeline.predict(noisy, timesteps, conditioning, 1.0)
 
     def pair_errors(self, batch: PairBatch, generator: torch.Generator, with_grad: bool = True) -> dict[str, torch.Tensor]:
         """Per-image denoising errors [B] of the policy and the reference on both images of each pair, with one noise
-        draw and one timestep per pair (from `generator`), shared by its two images."""
-        scheduler = self.sd_pipeline.scheduler
+        draw and then one timestep per pair (from `generator`, in that order), shared by its two images; the
+        timesteps, noising and target are the generator family's training objective."""
+        generator_model = self.sd_pipeline
         count = len(batch.chosen)
         noise = torch.randn(batch.chosen.shape, generator=generator).to(batch.chosen.device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator)
+        timesteps = generator_model.training_timesteps(count, generator)
         latents = torch.cat([batch.chosen, batch.rejected])
-        noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2).to(noise.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        elif prediction_type == "sample":
-            target = latents
-        else:
-            raise ValueError(f"scheduler prediction_type: expected epsilon, v_prediction or sample, got {prediction_type}")
+        noise, timesteps = torch.cat([noise, noise]), timesteps.repeat(2).to(noise.device)
+        noisy = generator_model.add_noise(latents, noise, timesteps)
+        target = generator_model.training_target(latents, noise, timesteps).float()
+        image_dims = tuple(range(1, latents.ndim))
         with torch.enable_grad() if with_grad else torch.no_grad():
-            prediction = self.sd_pipeline.predict(noisy, timesteps, batch.conditioning, 1.0, denoiser=self.unet)
-            model = ((prediction - target.float()) ** 2).mean(dim=(1, 2, 3))
+            prediction = generator_model.predict(noisy, timesteps, batch.conditioning, 1.0, denoiser=self.denoiser)
+            model = ((prediction - target) ** 2).mean(dim=image_dims)
         reference = self.reference_prediction(noisy, timesteps, batch.conditioning)
-        reference = ((reference - target.float()) ** 2).mean(dim=(1, 2, 3))
+        reference = ((reference - target) ** 2).mean(dim=image_dims)
         return {
             "model_chosen": model[:count], "model_rejected": model[count:],
             "reference_chosen": reference[:count], "reference_rejected": reference[count:],
@@ -329,10 +326,10 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         """One optimizer step over the minibatches `batches` (gradients accumulated, synchronised on the last);
         returns the summed per-pair statistics."""
         totals = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64)
-        self.unet.train()
+        self.denoiser.train()
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.denoiser):
                 loss, stats = self.pair_loss(batch, generator)
                 self.accelerator.backward(loss / len(batches))
             totals += stats
@@ -385,7 +382,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         (equal to the reference) scores exactly 0.5."""
         if self.heldout is None:
             return None
-        self.unet.eval()
+        self.denoiser.eval()
         size, rank, world = self.config.train_batch_size, self.accelerator.process_index, self.accelerator.num_processes
         totals = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64)
         starts = range(rank * size, len(self.heldout), size * world)
@@ -411,7 +408,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         generator = seeded_generator(config.seed, epoch, rank, SAMPLING)
         groups = config.sample_batch_size * config.sample_num_batches_per_epoch // config.group_size
         prompts, metadata = draw_prompts(self.prompt_fn, groups, config.group_size)
-        self.unet.eval()
+        self.denoiser.eval()
         latents, conditioning, images, rewards, perspectives = [], [], [], [], {}
         timings = {"time_sampling": 0.0, "time_reward": 0.0}
         for start in range(0, len(prompts), config.sample_batch_size):
@@ -422,7 +419,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
             began = time.perf_counter()
             batch_rewards, info = reward_call(self.reward_fn, output.images, chunk, metadata[start : start + len(chunk)])
             timings["time_reward"] += time.perf_counter() - began
-            latents.append(output.latents[-1])
+            latents.append(output.latents[:, -1])
             conditioning.append({k: v for k, v in output.conditioning.items() if not k.startswith("negative_")})
             images.append(output.images.float().cpu())
             rewards.append(batch_rewards)
@@ -549,13 +546,12 @@ def main(argv: list[str]) -> int:
     with training_command(argv, config):
         prompt_function = uniform_prompt_function(load_run_prompts(config)) if config.mode == "online" else None
         reward = build_process_reward(config.reward) if config.reward else None
-        policy = load_policy(config, config.seed, config.output_dir, DDPOStableDiffusionPipeline)
+        policy = load_policy(config, config.seed, config.output_dir)
         trainer = DiffusionDPOTrainer(config, policy, reward_function=reward, prompt_function=prompt_function)
         trainer.write_curves = True
         if reward is not None and not config.eval_prompts and trainer.train_data is not None:
             # the command evaluates a reward on the first 8 distinct offline prompts; the Python API only on request
-            prompts = trainer.train_data.prompts(64)
-            config.eval_prompts = [] if are_toy_prompts(prompts) else list(dict.fromkeys(prompts))[:8]
+            config.eval_prompts = list(dict.fromkeys(trainer.train_data.prompts(64)))[:8]
         metrics = trainer.train()
     if config.push_to_hub:
         trainer.push_to_hub()

@@ -1,6 +1,7 @@
-"""Diffusion-DPO's training pairs as the generator sees them: pairs of VAE latents with their conditioning, from
-offline preference data (`PairLatents`, encoded once or cached) or ranked among the policy's own samples
-(`build_preference_pairs`, `OnlineRound`)."""
+"""Diffusion-DPO's training pairs as the generator sees them: pairs of latents (in the layout its denoiser reads)
+with their conditioning, from offline preference data (`PairLatents`, encoded once or cached) or ranked among the
+policy's own samples (`build_preference_pairs`, `OnlineRound`). Any generator family: only the `GeneratorAdapter`
+interface is called."""
 
 from __future__ import annotations
 
@@ -18,17 +19,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from reward.pairs import DatasetPairs
-from rlhf.pipeline import DDPOStableDiffusionPipeline
-from trainers.common import run_directory
+from rlhf.generators.base import GeneratorAdapter
 
 PAIR_STRATEGIES = ("best_worst", "all")
-TOY_DATASET_PREFIX = "toy:"
 
 
 @dataclass
 class PairBatch:
-    """Training pairs: `chosen` and `rejected` latents [B, C, h, w] and UNet conditioning for [chosen; rejected]
-    (2B rows, chosen first), keys as `DDPOStableDiffusionPipeline.predict` reads them."""
+    """Training pairs: `chosen` and `rejected` latents [B, ...] (the denoiser's layout: [B, C, h, w], FLUX packed
+    [B, tokens, channels]) and conditioning for [chosen; rejected] (2B rows, chosen first), keys as the generator's
+    `predict` reads them."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
@@ -81,20 +81,6 @@ def build_preference_pairs(
     return pairs
 
 
-def toy_pair_files(config: Any, perspective: str) -> dict[str, Path]:
-    """Toy-world pair files of `perspective` ({"train", "test"}), written once under the run directory of `config` (a
-    `DiffusionDPOConfig`)."""
-    from rlhf.toy import PERSPECTIVES, write_toy_datasets
-
-    if perspective not in PERSPECTIVES or perspective == "safety":
-        raise ValueError(f"dataset: 'toy:' expects a pair perspective, alignment or fidelity, got {perspective!r}")
-    root = run_directory(config) / "toy_data" / f"n{config.toy_num_train}_t{config.toy_num_test}_s{config.seed}"
-    with PartialState().main_process_first():
-        if not (root / perspective / "test.jsonl").is_file():
-            write_toy_datasets(root, n=config.toy_num_train, n_test=config.toy_num_test, seed=config.seed)
-    return {split: root / perspective / f"{split}.jsonl" for split in ("train", "test")}
-
-
 def preprocess_image(image: Image.Image, resolution: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """RGB image -> float CHW in [-1, 1], shorter side resized to `resolution` and centre-cropped square; and its
     SDXL size conditioning (original height, width, crop top, crop left)."""
@@ -116,13 +102,14 @@ def _image_identity(ref: Any) -> str:
 
 
 class PairLatents:
-    """Offline pairs as VAE latents (the latent distribution's mode, so the same image always gives the same
-    latents): encoded batch by batch as training asks, or all at once into `cache_dir` as float16 memory-mapped
-    arrays that later runs of the same pairs, resolution and model reuse (an interrupted encoding resumes).
+    """Offline pairs as latents (the generator's `encode_images`: the VAE posterior's mode, so the same image
+    always gives the same latents): encoded batch by batch as training asks, or all at once into `cache_dir` as
+    float16 memory-mapped arrays that later runs of the same pairs, resolution and model reuse (an interrupted
+    encoding resumes).
 
     Args:
         pairs: `reward.data.PairExample`s.
-        pipeline: the policy (its VAE encodes, its text encoders condition).
+        pipeline: the policy, any `GeneratorAdapter` (its VAE encodes, its text encoders condition).
         resolution: square image side in pixels.
         cache_dir: where to cache; None encodes on the fly.
         encode_batch_size: pairs per VAE call while caching.
@@ -131,7 +118,7 @@ class PairLatents:
     def __init__(
         self,
         pairs: Sequence[Any],
-        pipeline: DDPOStableDiffusionPipeline,
+        pipeline: GeneratorAdapter,
         resolution: int,
         cache_dir: str | Path | None = None,
         encode_batch_size: int = 8,
@@ -153,16 +140,13 @@ class PairLatents:
 
     @torch.no_grad()
     def encode(self, refs: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> float32 latents [N, C, h, w] on the pipeline's device, and size ids [N, 4]."""
+        """Images -> float32 latents [N, ...] on the pipeline's device, and size ids [N, 4]."""
         prepared = [preprocess_image(ref.load(), self.resolution) for ref in refs]
-        vae = self.pipeline.vae
-        pixels = torch.stack([pixels for pixels, _ in prepared]).to(self.pipeline.device, vae.dtype)
-        latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
-        return latents.float(), torch.tensor([ids for _, ids in prepared])
+        latents = self.pipeline.encode_images(torch.stack([pixels for pixels, _ in prepared]))
+        return latents, torch.tensor([ids for _, ids in prepared])
 
     def _fill_cache(self, directory: Path, batch_size: int) -> None:
-        side = self.resolution // self.pipeline.sd_pipeline.vae_scale_factor
-        shape = (len(self.pairs), 2, self.pipeline.vae.config.latent_channels, side, side)
+        shape = (len(self.pairs), 2, *self.pipeline.latent_shape(1, self.resolution, self.resolution)[1:])
         identity = hashlib.sha256()
         if isinstance(self.pairs, DatasetPairs):
             identity.update(f"{self.pairs.dataset._fingerprint}\0{self.pairs.index}".encode())

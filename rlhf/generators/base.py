@@ -1,5 +1,6 @@
-"""The one interface every fine-tunable text-to-image generator offers the algorithms (DDPO, GRPO, search):
-prompts in, a denoiser to train, one stochastic step with its log-prob, images out."""
+"""The one interface every fine-tunable text-to-image generator offers the algorithms (DDPO, GRPO, Diffusion-DPO,
+reward back-propagation, search): prompts in, a denoiser to train, one stochastic step with its log-prob, the
+denoising objective on noised images, images out (and back into latents)."""
 
 from __future__ import annotations
 
@@ -277,12 +278,53 @@ class GeneratorAdapter(ABC):
     ) -> StepResult:
         """One stochastic step with its log-prob (DDIM for SD, the flow SDE for flow families)."""
 
+    # ---- the denoising objective (Diffusion-DPO's, and any loss on noised data) --------------------------------
+
+    def training_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """`count` timesteps [count] drawn from `generator` as the family's pre-training drew them: uniform over
+        the scheduler's `num_train_timesteps` (DDPM-family schedulers)."""
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (count,), generator=generator)
+
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """Clean latents noised to `timestep` (a value of the current schedule) by the scheduler's forward process."""
-        timesteps = timestep.reshape(1).expand(len(clean)).to(clean.device)
-        if hasattr(self.scheduler, "add_noise"):  # DDPM-family schedulers
-            return self.scheduler.add_noise(clean, noise, timesteps)
-        return self.scheduler.scale_noise(clean, timesteps, noise)  # flow matching: (1 - sigma) x0 + sigma noise
+        """Clean latents noised to `timestep` (one, or one per sample) by the scheduler's forward process."""
+        return self.scheduler.add_noise(clean, noise, self._timesteps_per_sample(timestep, clean))
+
+    def training_target(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """What `predict` is trained to output for `add_noise(clean, noise, timestep)`: by the scheduler's
+        `prediction_type`, the noise (epsilon), the velocity (v) or the clean latents (sample)."""
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(clean, noise, self._timesteps_per_sample(timestep, clean))
+        if prediction_type == "sample":
+            return clean
+        raise ValueError(f"scheduler prediction_type: expected epsilon, v_prediction or sample, got {prediction_type}")
+
+    @staticmethod
+    def _timesteps_per_sample(timesteps: torch.Tensor | float, latents: torch.Tensor) -> torch.Tensor:
+        """[N] timesteps on the latents' device, from one timestep or one per sample."""
+        timesteps = torch.as_tensor(timesteps, device=latents.device)
+        if timesteps.ndim == 0:
+            return timesteps.expand(len(latents))
+        if timesteps.shape != (len(latents),):
+            raise ValueError(
+                f"timesteps: expected one timestep or one per sample ({len(latents)}), "
+                f"got shape {tuple(timesteps.shape)}"
+            )
+        return timesteps
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] (the VAE's range) -> float32 latents in the layout `predict` reads: the
+        VAE posterior's mode (the same image always gives the same latents), shifted and scaled as the pipeline
+        does before denoising."""
+        vae = self.vae
+        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:  # SD3, FLUX (SD's VAE has none)
+            latents = latents - shift
+        return (latents * vae.config.scaling_factor).float()
 
     def predicted_clean(
         self, model_output: torch.Tensor, timestep: torch.Tensor | float, sample: torch.Tensor

@@ -181,19 +181,44 @@ class FlowMatchingAdapter(GeneratorAdapter):
         sigma, _ = flow_sigmas(self.scheduler, timestep, sample)
         return sample.float() - sigma * model_output.float()
 
-    # ---- helpers for the families -------------------------------------------------------------------------
+    # ---- the denoising objective: rectified flow matching, as SD3 and FLUX.1 were trained ------------------------
 
-    def _timesteps_per_sample(self, timesteps: torch.Tensor | float, latents: torch.Tensor) -> torch.Tensor:
-        """[N] timesteps on the latents' device, from one timestep or one per sample."""
-        timesteps = torch.as_tensor(timesteps, device=latents.device)
-        if timesteps.ndim == 0:
-            return timesteps.expand(len(latents))
-        if timesteps.shape != (len(latents),):
-            raise ValueError(
-                f"timesteps: expected one timestep or one per sample ({len(latents)}), "
-                f"got shape {tuple(timesteps.shape)}"
-            )
-        return timesteps
+    def training_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """`count` timesteps as diffusers' SD3/FLUX training scripts draw them (`weighting_scheme="logit_normal"`,
+        mean 0, std 1: Esser et al. 2024's choice): u = sigmoid(n), n ~ N(0, 1), picks the index round-down(u * N)
+        of the scheduler's N training timesteps (its config's `shift` applied, the schedule it was trained on)."""
+        u = torch.sigmoid(torch.randn(count, generator=generator))
+        indices = (u * self.scheduler.config.num_train_timesteps).long()
+        return self._training_schedule()[indices]
+
+    def _training_schedule(self) -> torch.Tensor:
+        """The N training timesteps (sigma * N), from the scheduler's config as a fresh scheduler sets them (the
+        pipeline's scheduler holds the sampling schedule instead)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config).timesteps
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The flow path (1 - sigma) x0 + sigma noise at sigma = timestep / num_train_timesteps (what the flow
+        scheduler's timesteps are), any timestep, one or one per sample."""
+        sigma = self._sigmas(timestep, clean)
+        return (1 - sigma) * clean + sigma * noise
+
+    def training_target(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The velocity noise - x0, which the transformer predicts (rectified flow)."""
+        return noise - clean
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE latents (`GeneratorAdapter.encode_images`) in the layout the transformer reads: packed 2x2 patches
+        for a pipeline that packs them (FLUX's `_pack_latents`, the one diffusers uses; no public form exists)."""
+        latents = super().encode_images(pixels)
+        pack = getattr(self.pipeline, "_pack_latents", None)
+        return latents if pack is None else pack(latents, *latents.shape)
+
+    def _sigmas(self, timestep: torch.Tensor | float, latents: torch.Tensor) -> torch.Tensor:
+        """sigma = timestep / num_train_timesteps, one per sample, shaped to broadcast over `latents`."""
+        sigma = self._timesteps_per_sample(timestep, latents).float() / self.scheduler.config.num_train_timesteps
+        return sigma.reshape(-1, *[1] * (latents.ndim - 1))
+
+    # ---- helpers for the families -------------------------------------------------------------------------
 
     def _check_size(self, height: int, width: int, multiple: int) -> None:
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
