@@ -180,7 +180,8 @@ def test_importance_ratio_is_exactly_one_before_any_update(tiny_sd: Path, tmp_pa
     count, steps = tensors["timesteps"].shape
     rows = torch.arange(count)
     columns = torch.arange(steps).repeat(count, 1)
-    log_probs, _ = trainer.replay_log_probs(tensors, rows, columns, with_grad=False)
+    with torch.no_grad():
+        log_probs, _ = trainer.replay(tensors, rows, columns)
     ratio = torch.exp(log_probs - tensors["log_probs"])
     # 1 up to float32 rounding: the replay batches 2x4 (sample, step) pairs in one UNet call where sampling ran 2
     # images per call, and CPU kernels round differently per batch shape (measured <= 2e-6, 50x below TRL's
@@ -201,7 +202,7 @@ def test_timestep_chunks_sum_to_the_batched_loss_and_accumulate_into_optimizer_s
     def loss_and_grads(chunks: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
         total = 0.0
         for chunk in chunks:
-            loss, _ = trainer._ppo_loss(rollout.tensors, rows, chunk)
+            loss, _ = trainer.ppo_loss(rollout.tensors, rows, chunk)
             loss.backward()
             total += loss.item()
         grads = [p.grad.clone() for p in trainer.trainable]
@@ -235,7 +236,7 @@ def test_nan_reward_is_dropped_and_counted(tiny_sd: Path, tmp_path: Path) -> Non
     assert torch.isfinite(rollout.tensors["advantages"]).all()
     # a dropped sample contributes neither loss nor gradient
     columns = torch.arange(4).repeat(1, 1)
-    loss, _ = trainer._ppo_loss(rollout.tensors, torch.tensor([0]), columns)
+    loss, _ = trainer.ppo_loss(rollout.tensors, torch.tensor([0]), columns)
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in trainer.trainable)

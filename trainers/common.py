@@ -435,26 +435,6 @@ class PhaseTimer:
         return {f"{phase}_seconds": round(self.seconds[phase], 3) for phase in ("eval", "train")}
 
 
-def evaluate_and_train(trainer: Any, end: int, description: str) -> tuple[dict[str, Any] | None, dict[str, float]]:
-    """The body of GRPO's `train()` (the other trainers' is `trainers.base.DiffusionTrainer.train`, which GRPO is
-    to adopt): `trainer.evaluate("before")` unless a
-    resumed run's checkpoint holds it (`trainer.eval_before`), `trainer.step(epoch, global_step)` for epochs
-    `first_epoch..end-1` under a bar showing each epoch's mean reward, then `trainer.evaluate("after")`.
-    Returns the evaluation after and the `PhaseTimer` seconds (evaluation apart from training)."""
-    timer = PhaseTimer()
-    with timer("eval"):
-        if trainer.eval_before is None:
-            trainer.eval_before = trainer.evaluate("before")
-    progress = epoch_progress(trainer.first_epoch, end, description, trainer.accelerator.is_local_main_process)
-    with timer("train"):
-        for epoch in progress:
-            trainer.step(epoch, trainer.global_step)
-            progress.set_postfix(reward=f"{trainer.last_row.get('reward_mean', float('nan')):.4f}")
-    with timer("eval"):
-        eval_after = trainer.evaluate("after")
-    return eval_after, timer.metrics()
-
-
 def epoch_progress(first_epoch: int, end: int, description: str, enabled: bool) -> Any:
     """A tqdm bar over epochs `first_epoch..end-1` that counts from `first_epoch` (a resumed run shows 2/5, not 0/3)."""
     return tqdm(range(first_epoch, end), desc=description, initial=first_epoch, total=end, disable=not enabled)

@@ -10,11 +10,9 @@ from typing import Any, Callable
 import torch
 
 from rlhf.pipeline import DDPOStableDiffusionPipeline
-from rlhf.grpo_loss import clipped_policy_loss, ratio_statistics
 from rlhf.reward_fn import AsyncReward
-from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
-from trainers.base import DDIMTrainerConfig, DiffusionTrainer, redeclare, require
+from trainers.base import COND, DDIMTrainerConfig, PolicyGradientTrainer, redeclare, require
 from trainers.command import run_trainer_command
 from trainers.common import (
     draw_prompts,
@@ -121,7 +119,7 @@ class DDPOConfig(DDIMTrainerConfig):
         ])
 
 
-class DDPOTrainer(DiffusionTrainer):
+class DDPOTrainer(PolicyGradientTrainer):
     """DDPO (Black et al. 2023) on accelerate, with TRL 0.23's constructor and `train()`.
 
     Args:
@@ -149,19 +147,9 @@ class DDPOTrainer(DiffusionTrainer):
             raise ValueError("kl_coef: expected 0 without LoRA (the reference policy is the LoRA-free UNet)")
 
     @property
-    def num_train_timesteps(self) -> int:
-        """Timesteps of each trajectory trained on."""
+    def num_trained_steps(self) -> int:
+        """Timesteps of each trajectory trained on (`train_timestep_fraction` of them, drawn per sample)."""
         return max(1, int(self.config.sample_num_steps * self.config.train_timestep_fraction))
-
-    @property
-    def timesteps_per_forward(self) -> int:
-        """Timesteps per sample batched into one UNet call."""
-        return self.config.train_timesteps_per_forward or self.num_train_timesteps
-
-    def backward_calls_per_step(self) -> int:
-        # one per timestep chunk, over every accumulated minibatch
-        forwards_per_minibatch = -(-self.num_train_timesteps // self.timesteps_per_forward)
-        return self.config.train_gradient_accumulation_steps * forwards_per_minibatch
 
     def setup(self) -> None:
         """DeepSpeed's batch settings, the per-prompt reward statistics and the asynchronous reward path."""
@@ -188,11 +176,6 @@ class DDPOTrainer(DiffusionTrainer):
         if config.async_reward_computation:
             reward = self.reward_fn
             self.async_reward = reward if hasattr(reward, "submit") else AsyncReward(reward)
-
-    def optimizer_steps(self) -> int:
-        config = self.config
-        minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
-        return config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The shared state and the per-prompt reward statistics."""
@@ -235,7 +218,7 @@ class DDPOTrainer(DiffusionTrainer):
                     "next_latents": output.latents[:, 1:],
                     "log_probs": output.log_probs,
                     "timesteps": output.timesteps.repeat(len(batch_prompts), 1),
-                    **{COND + key: value for key, value in output.conditioning.items()},
+                    **{COND + key: value for key, value in self.replayed_conditioning(output.conditioning).items()},
                 }
             )
             images.append(output.images)
@@ -268,6 +251,12 @@ class DDPOTrainer(DiffusionTrainer):
         )
         return rollout, {"time_sampling": sampling_time, "time_reward": reward_time}
 
+    def replayed_conditioning(self, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The conditioning training replays: as sampled, or without the guidance halves when not `train_cfg`."""
+        if self.config.train_cfg:
+            return conditioning
+        return {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
+
     # ---- advantages ------------------------------------------------------------------------------------------
 
     def compute_advantages(self, rollout: "Rollout") -> dict[str, Any]:
@@ -294,111 +283,6 @@ class DDPOTrainer(DiffusionTrainer):
         rollout.tensors["advantages"], rollout.tensors["valid"] = advantages, valid
         self.num_nonfinite += stats["num_nonfinite_rewards"]
         return stats
-
-    # ---- training --------------------------------------------------------------------------------------------
-
-    def replay_log_probs(
-        self, tensors: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor, with_grad: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs under the current policy of the recorded steps `columns` [R, J] of samples `rows` [R], all
-        (sample, timestep) pairs in one UNet call: [R, J]; and the per-pair KL to the reference (if `kl_coef`)."""
-        config, pipeline = self.config, self.sd_pipeline
-        pairs = columns.shape[1]
-
-        def pick(key: str) -> torch.Tensor:
-            return tensors[key][rows[:, None], columns].flatten(0, 1)
-
-        latents, next_latents, timesteps = pick("latents"), pick("next_latents"), pick("timesteps")
-        conditioning = {
-            key[len(COND) :]: value[rows].repeat_interleave(pairs, dim=0)
-            for key, value in tensors.items()
-            if key.startswith(COND) and (config.train_cfg or not key.startswith(COND + "negative_"))
-        }
-        context = torch.enable_grad() if with_grad else torch.no_grad()
-        with context:
-            prediction = pipeline.predict(
-                latents, timesteps, conditioning, config.sample_guidance_scale, denoiser=self.denoiser
-            )
-            _, log_probs = ddim_step_with_logprob(
-                pipeline.scheduler, prediction, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents
-            )
-            kl = None
-            if config.kl_coef > 0:
-                with torch.no_grad(), pipeline.reference_policy():
-                    reference = pipeline.predict(latents, timesteps, conditioning, config.sample_guidance_scale)
-                kl = ddim_step_kl(pipeline.scheduler, prediction, reference, timesteps, latents, eta=config.sample_eta)
-                kl = kl.view(len(rows), pairs)
-        return log_probs.view(len(rows), pairs), kl
-
-    def train_epoch(self, epoch: int, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-        """PPO-clip over the epoch's samples: `train_num_inner_epochs` passes, each over shuffled samples and a
-        fresh random subset of each sample's timesteps. Returns mean approx-KL, clip fraction, loss, ratio."""
-        config, accelerator = self.config, self.accelerator
-        generator = seeded_generator(config.seed, epoch, accelerator.process_index, 1)
-        count, steps = tensors["timesteps"].shape
-        window_pairs = config.train_batch_size * self.num_train_timesteps * config.train_gradient_accumulation_steps
-        scale = accelerator.gradient_accumulation_steps / window_pairs
-        totals = torch.zeros(6, dtype=torch.float64)  # loss, approx_kl, clipfrac, ratio, kl, valid pairs
-        # replays use the step spacing of sampling, whatever a user's hook may have sampled with since
-        self.sd_pipeline.scheduler.set_timesteps(config.sample_num_steps, device=accelerator.device)
-        self.denoiser.train()
-        for _ in range(config.train_num_inner_epochs):
-            order = torch.randperm(count, generator=generator)
-            step_order = torch.rand(count, steps, generator=generator).argsort(dim=1)[:, : self.num_train_timesteps]
-            for start in range(0, count, config.train_batch_size):
-                rows = order[start : start + config.train_batch_size]
-                for first in range(0, self.num_train_timesteps, self.timesteps_per_forward):
-                    columns = step_order[rows, first : first + self.timesteps_per_forward]
-                    with accelerator.accumulate(self.denoiser):
-                        loss, stats = self._ppo_loss(tensors, rows.to(accelerator.device), columns.to(accelerator.device))
-                        accelerator.backward(loss * scale)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(self.trainable, config.train_max_grad_norm)
-                            self.global_step += 1
-                        self.optimizer.step()
-                        self.lr_scheduler.step()
-                        self.optimizer.zero_grad()
-                    totals += stats
-        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
-        valid = max(float(totals[5]), 1.0)
-        result = {
-            "loss": float(totals[0]) / valid,
-            "approx_kl": float(totals[1]) / valid,
-            "clipfrac": float(totals[2]) / valid,
-            "ratio_mean": float(totals[3]) / valid,
-            "lr": self.lr_scheduler.get_last_lr()[0],
-        }
-        if config.kl_coef > 0:
-            result["kl_to_reference"] = float(totals[4]) / valid
-        return result
-
-    def _ppo_loss(
-        self, tensors: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum over the (sample, timestep) pairs of the clipped PPO objective (+ KL penalty), invalid samples
-        weighted 0; and detached sums for logging."""
-        config = self.config
-        log_probs, kl = self.replay_log_probs(tensors, rows, columns)
-        old_log_probs = tensors["log_probs"][rows[:, None], columns]
-        valid = tensors["valid"][rows].float()[:, None].expand_as(log_probs)
-        per_pair, ratio = clipped_policy_loss(log_probs, old_log_probs, tensors["advantages"][rows][:, None],
-                                              config.train_clip_range, config.train_adv_clip_max)
-        if kl is not None:
-            per_pair = per_pair + config.kl_coef * kl
-        loss = (per_pair * valid).sum()
-        ratios = ratio_statistics(log_probs, old_log_probs, ratio, config.train_clip_range, valid)
-        with torch.no_grad():
-            stats = torch.stack(
-                [
-                    loss.detach(),
-                    ratios["approx_kl"],
-                    ratios["clipfrac"],
-                    ratios["ratio"],
-                    (kl * valid).sum() if kl is not None else torch.zeros((), device=loss.device),
-                    valid.sum(),
-                ]
-            ).double().cpu()
-        return loss, stats
 
     # ---- the loop --------------------------------------------------------------------------------------------
 
@@ -445,9 +329,6 @@ class Rollout:
     rewards: torch.Tensor
     perspectives: dict[str, torch.Tensor]
     records: list[list[Any]]
-
-
-COND = "cond/"
 
 
 def _completed(value: Any) -> Future:

@@ -16,19 +16,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.generators.base import GeneratorAdapter
-from rlhf.generators.sampling import replay_steps, sde_window
+from rlhf.generators.sampling import sde_window
 from rlhf.grpo_ema import ParameterEMA
-from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages, ratio_statistics
+from rlhf.grpo_loss import grpo_advantages
 from rlhf.reward_fn import AsyncReward
 from rlhf.stats import PerPromptStatTracker
-from trainers.base import HELDOUT, DiffusionTrainer, DiffusionTrainerConfig, redeclare, require
+from trainers.base import COND, HELDOUT, DiffusionTrainerConfig, PolicyGradientTrainer, redeclare, require
 from trainers.command import run_trainer_command
 from trainers.common import (
     Checkpointer, draw_prompts, gathered_advantages, peak_memory_mb, perspective_values, reseed_global_rngs,
     reward_result, seeded_generator,
 )
 
-COND = "cond/"
 EMA_FILE = "ema.safetensors"
 
 
@@ -137,10 +136,9 @@ class GRPOConfig(DiffusionTrainerConfig):
             (self.eval_freq >= 0, "eval_freq", "a value >= 0"),
         ])
 
-class GRPOTrainer(DiffusionTrainer):
-    """GRPO on the shared trainer lifecycle (`DiffusionTrainer`), TRL-shaped (`GRPOTrainer(config, reward_function,
-    prompt_function, generator).train()`); it supplies its sampling (groups, the SDE window), advantages, loss, the
-    EMA, and what its checkpoint holds besides the shared state (the per-prompt tracker, the EMA).
+class GRPOTrainer(PolicyGradientTrainer):
+    """GRPO on the shared trainer lifecycle and PPO loop (`PolicyGradientTrainer`), TRL-shaped (`GRPOTrainer(config, reward_function,
+    prompt_function, generator).train()`); it supplies its sampling (groups, the SDE window), advantages, the EMA, and what its checkpoint holds besides the shared state (the per-prompt tracker, the EMA).
 
     Args:
         config: a `GRPOConfig`.
@@ -169,14 +167,9 @@ class GRPOTrainer(DiffusionTrainer):
         return self.config.noise_level
 
     @property
-    def num_window_steps(self) -> int:
-        """Stochastic (trained) steps per rollout."""
+    def num_trained_steps(self) -> int:
+        """The stochastic steps of each rollout (its SDE window): every one is trained."""
         return self.config.sde_window_size or self.config.sample_num_steps
-
-    @property
-    def timesteps_per_forward(self) -> int:
-        """Window steps per sample batched into one denoiser call."""
-        return self.config.train_timesteps_per_forward or self.num_window_steps
 
     def check_inputs(self, config: Any, reward_function: Callable[..., Any], prompt_function: Callable[[], Any],
                      sd_pipeline: Any) -> None:
@@ -184,16 +177,6 @@ class GRPOTrainer(DiffusionTrainer):
             raise TypeError(f"generator: expected a GeneratorAdapter, got {type(sd_pipeline).__name__}")
         if config.kl_coef > 0 and not sd_pipeline.use_lora:
             raise ValueError("kl_coef: expected 0 without LoRA (the reference policy is the LoRA-free denoiser)")
-
-    def backward_calls_per_step(self) -> int:
-        # one per timestep chunk of every accumulated minibatch
-        forwards = -(-self.num_window_steps // self.timesteps_per_forward)
-        return self.config.train_gradient_accumulation_steps * forwards
-
-    def optimizer_steps(self) -> int:
-        config = self.config
-        minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
-        return config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
 
     def setup(self) -> None:
         """The EMA, the per-prompt reward statistics and the asynchronous reward path."""
@@ -208,6 +191,10 @@ class GRPOTrainer(DiffusionTrainer):
         if config.async_reward_computation:
             reward = self.reward_fn
             self.async_reward = reward if hasattr(reward, "submit") else AsyncReward(reward)
+
+    def after_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update()
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The shared state and the per-prompt reward statistics (the EMA goes in its own file)."""
@@ -331,92 +318,6 @@ class GRPOTrainer(DiffusionTrainer):
         return stats
 
     # ---- training --------------------------------------------------------------------------------------------
-
-    def replay(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """New log-probs [R, J] of window steps `columns` [R, J] of samples `rows` [R] (all pairs in one denoiser
-        call), and their KL to the reference policy (when `kl_coef`)."""
-        config, pairs = self.config, columns.shape[1]
-
-        def pick(key: str) -> torch.Tensor:
-            return tensors[key][rows[:, None], columns].flatten(0, 1)
-
-        latents, next_latents, timesteps = pick("latents"), pick("next_latents"), pick("timesteps")
-        conditioning = {key[len(COND):]: value[rows].repeat_interleave(pairs, dim=0)
-                        for key, value in tensors.items() if key.startswith(COND)}
-        options = dict(guidance_scale=config.sample_guidance_scale, noise_level=config.noise_level)
-        log_probs, mean, std = replay_steps(self.sd_pipeline, latents, next_latents, timesteps, conditioning,
-                                            denoiser=self.denoiser, **options)
-        kl = None
-        if config.kl_coef > 0:
-            with torch.no_grad(), self.sd_pipeline.reference_policy():
-                _, reference_mean, _ = replay_steps(self.sd_pipeline, latents, next_latents, timesteps, conditioning,
-                                                    **options)
-            kl = gaussian_step_kl(mean, reference_mean, std).view(len(rows), pairs)
-        return log_probs.view(len(rows), pairs), kl
-
-    def train_epoch(self, epoch: int, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-        """PPO-clip over the epoch's samples, `train_num_inner_epochs` passes over shuffled samples, each
-        sample's window steps in a shuffled order chunked by `train_timesteps_per_forward`."""
-        config, accelerator = self.config, self.accelerator
-        generator = seeded_generator(config.seed, epoch, accelerator.process_index, 1)
-        count, steps = tensors["timesteps"].shape
-        window_pairs = config.train_batch_size * steps * config.train_gradient_accumulation_steps
-        scale = accelerator.gradient_accumulation_steps / window_pairs
-        names = ["loss", "approx_kl", "clipfrac", "ratio", "kl", "pairs"]
-        totals = torch.zeros(len(names), dtype=torch.float64)
-        extremes = torch.tensor([float("inf"), float("inf")], dtype=torch.float64)  # min ratio, -max ratio
-        # replays need the sampling schedule, whatever an evaluation set since
-        self.sd_pipeline.set_timesteps(config.sample_num_steps, self.height, self.width)
-        self.denoiser.train()
-        for _ in range(config.train_num_inner_epochs):
-            order = torch.randperm(count, generator=generator)
-            step_order = torch.rand(count, steps, generator=generator).argsort(dim=1)
-            for start in range(0, count, config.train_batch_size):
-                rows = order[start : start + config.train_batch_size]
-                for first in range(0, steps, self.timesteps_per_forward):
-                    columns = step_order[rows, first : first + self.timesteps_per_forward]
-                    with accelerator.accumulate(self.denoiser):
-                        loss, stats = self._loss(tensors, rows.to(accelerator.device), columns.to(accelerator.device))
-                        accelerator.backward(loss * scale)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(self.trainable, config.train_max_grad_norm)
-                            self.global_step += 1
-                        self.optimizer.step()
-                        self.lr_scheduler.step()
-                        self.optimizer.zero_grad()
-                        if accelerator.sync_gradients and self.ema is not None:
-                            self.ema.update()
-                    totals += torch.stack([stats[name] for name in names]).double().cpu()
-                    pair = torch.stack([stats["ratio_min"], -stats["ratio_max"]]).double().cpu()
-                    extremes = torch.minimum(extremes, pair)
-        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
-        extremes = accelerator.gather(extremes[None].to(accelerator.device)).cpu().min(dim=0).values
-        pairs = max(float(totals[5]), 1.0)
-        result = {name: float(totals[i]) / pairs for i, name in enumerate(names[:5])}
-        result["ratio_mean"] = result.pop("ratio")
-        result.update(ratio_min=float(extremes[0]), ratio_max=-float(extremes[1]),
-                      lr=self.lr_scheduler.get_last_lr()[0])
-        if config.kl_coef == 0:
-            result.pop("kl")
-        return result
-
-    def _loss(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The summed clipped objective (+ KL) over the pairs, invalid samples weighted 0; detached statistics."""
-        config = self.config
-        log_probs, kl = self.replay(tensors, rows, columns)
-        old_log_probs = tensors["log_probs"][rows[:, None], columns]
-        weight = tensors["valid"][rows].float()[:, None].expand_as(log_probs)
-        per_pair, ratio = clipped_policy_loss(log_probs, old_log_probs, tensors["advantages"][rows][:, None],
-                                              config.train_clip_range, config.train_adv_clip_max)
-        if kl is not None:
-            per_pair = per_pair + config.kl_coef * kl
-        loss = (per_pair * weight).sum()
-        stats = ratio_statistics(log_probs, old_log_probs, ratio, config.train_clip_range, weight)
-        stats.update(loss=loss.detach(), pairs=weight.sum(),
-                     kl=(kl.detach() * weight).sum() if kl is not None else torch.zeros((), device=loss.device))
-        return loss, stats
 
     # ---- the loop --------------------------------------------------------------------------------------------
 
