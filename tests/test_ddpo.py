@@ -478,9 +478,31 @@ def test_evaluation_summary_reports_std_over_seeds_of_reward_and_oracles() -> No
     assert summary["oracle_std"] == {"alignment": pytest.approx(0.125**0.5)}
 
 
-def test_a_flow_model_is_refused_by_name_before_it_loads(tmp_path: Path) -> None:
-    """DDPO samples through TRL's SD pipeline API: an SD3 model names the field and where flow models train."""
-    from trainers.command import load_policy
+def test_ddpo_trains_a_flow_model_through_the_same_code(tmp_path: Path) -> None:
+    """DDPO on tiny SD3 (the flow SDE): sampling through `sample_trajectories` and replay through `replay_steps`, so
+    the first replay of each recorded step, one step per call as sampled, gives ratio exactly 1; one epoch through
+    the command then changes the LoRA."""
+    from rlhf.generators import load_generator
+    from rlhf.testing import build_tiny_sd3
 
-    with pytest.raises(ValueError, match=r"pretrained_model: tiny-sd3 is a SD3Adapter model.*rlhf train grpo"):
-        load_policy(GeneratorArguments(pretrained_model="tiny-sd3"), 0, str(tmp_path), DDPOStableDiffusionPipeline)
+    generator = load_generator(build_tiny_sd3(tmp_path / "tiny_sd3"), sde_type="flow_sde")
+    trainer = DDPOTrainer(small_config(tmp_path / "api", sample_eta=0.7), colour_reward, prompt_cycle, generator)
+    rollout, _ = trainer.sample_epoch(0)
+    trainer.compute_advantages(rollout)
+    tensors = rollout.tensors
+    count, steps = tensors["timesteps"].shape
+    rows = torch.arange(count)
+    trainer.sd_pipeline.set_timesteps(steps, trainer.height, trainer.width)
+    with torch.no_grad():
+        replayed = torch.cat([trainer.replay(tensors, rows, torch.full((count, 1), j))[0] for j in range(steps)], dim=1)
+    assert torch.equal(replayed, tensors["log_probs"])
+
+    output = tmp_path / "cli"
+    assert main(["--config", str(ROOT / "configs/ddpo/tiny.yaml"), "--pretrained_model", "tiny-sd3", "--sample_eta",
+                 "0.7", "--output_dir", str(output), "--num_epochs", "1", "--sample_num_steps", "3",
+                 "--sample_batch_size", "2", "--sample_num_batches_per_epoch", "1", "--train_batch_size", "2",
+                 "--group_size", "1", "--eval_prompts", PROMPTS[0], "--eval_seeds", "0"]) == 0
+    row = json.loads((output / "history.jsonl").read_text().splitlines()[0])
+    assert abs(row["ratio_min"] - 1) < 1e-5 and abs(row["ratio_max"] - 1) < 1e-5  # one optimizer step, after every replay
+    trained = load_file(output / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(value.abs().max() > 0 for name, value in trained.items() if "lora_B" in name or "lora.up" in name)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from rlhf.generators.base import GeneratorAdapter
 from rlhf.generators.sampling import Trajectories, replay_steps, sample_trajectories
 from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, ratio_statistics
 from trainers.common import (
@@ -532,6 +533,14 @@ class PolicyGradientTrainer(DiffusionTrainer):
         config = self.config
         minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
         return config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
+
+    def check_inputs(
+        self, config: Any, reward_function: Callable[..., Any], prompt_function: Callable[[], Any], sd_pipeline: Any
+    ) -> None:
+        if not isinstance(sd_pipeline, GeneratorAdapter):
+            raise TypeError(f"sd_pipeline: expected a GeneratorAdapter, got {type(sd_pipeline).__name__}")
+        if config.kl_coef > 0 and not sd_pipeline.use_lora:
+            raise ValueError("kl_coef: expected 0 without LoRA (the reference policy is the LoRA-free denoiser)")
 
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step that applied accumulated gradients."""

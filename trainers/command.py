@@ -24,8 +24,8 @@ class GeneratorArguments:
 
     pretrained_model: str = field(
         default="",
-        metadata={"help": "A diffusers pipeline path or hub id, or a saved policy directory (GRPO: SD 1.x/2.x/SDXL, "
-                  "SD3/3.5, FLUX.1; DDPO, AlignProp, Diffusion-DPO: SD 1.x/2.x/SDXL); '' = the toy generator, "
+        metadata={"help": "A diffusers pipeline path or hub id, or a saved policy directory (GRPO, DDPO: SD 1.x/2.x/"
+                  "SDXL, SD3/3.5, FLUX.1; AlignProp, Diffusion-DPO: SD 1.x/2.x/SDXL); '' = the toy generator, "
                   "'toy-flow' = the toy flow generator (SD3); 'tiny', 'tiny-sd3', 'tiny-flux' = a random tiny "
                   "pipeline (plumbing only) (default '')."},
     )
@@ -55,8 +55,8 @@ def load_policy(arguments: Any, seed: int, output_dir: str, family: type | None 
     random tiny pipeline built under `output_dir`, else any diffusers pipeline directory or hub id, or a directory
     a policy was saved to (the family read from it by `rlhf.generators.load_generator`).
 
-    `family`: the adapter class the trainer samples through (DDPO, AlignProp and Diffusion-DPO use TRL's SD pipeline
-    API); another family is refused by name before anything is loaded.
+    `family`: the adapter class the trainer samples through (AlignProp and Diffusion-DPO use TRL's SD pipeline API);
+    another family is refused by name before anything is loaded.
     """
     from rlhf import testing, toy_generators
     from rlhf.generators import generator_class
@@ -76,7 +76,8 @@ def load_policy(arguments: Any, seed: int, output_dir: str, family: type | None 
     if family is not None and not issubclass(adapter, family):
         raise ValueError(
             f"pretrained_model: {arguments.pretrained_model or name} is a {adapter.__name__} model; this trainer "
-            f"samples through {family.__name__} (SD 1.x/2.x/SDXL); flow-matching models train with `rlhf train grpo`"
+            f"samples through {family.__name__} (SD 1.x/2.x/SDXL); flow-matching models train with `rlhf train grpo` "
+            "or `rlhf train ddpo`"
         )
     options: dict[str, Any] = dict(use_lora=arguments.use_lora, lora_rank=arguments.lora_rank,
                                    lora_alpha=arguments.lora_alpha, lora_seed=seed)

@@ -1,15 +1,15 @@
-"""DDPO: PPO-clip on the per-step DDIM log-probs of a LoRA Stable Diffusion policy, from a black-box reward."""
+"""DDPO: PPO-clip on the per-step log-probs of a LoRA text-to-image policy, from a black-box reward: DDIM's for Stable
+Diffusion (TRL's `DDPOStableDiffusionPipeline`), the flow SDE's for SD3 / FLUX.1 (any `GeneratorAdapter`)."""
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.reward_fn import AsyncReward
 from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from trainers.base import COND, DDIMTrainerConfig, PolicyGradientTrainer, redeclare, require
@@ -44,7 +44,9 @@ class DDPOConfig(DDIMTrainerConfig):
 
     # ---- TRL 0.23.1 ----
     num_epochs: int = field(default=100, metadata={"help": "Number of epochs (sample, score, train) (default 100)."})
-    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, > 0 (default 1.0)."})
+    sample_eta: float = field(
+        default=1.0, metadata={"help": "DDIM eta (a flow family: its SDE's noise level, e.g. 0.7), > 0 (default 1.0)."}
+    )
     sample_batch_size: int = field(default=1, metadata={"help": "Images per sampling batch, per process (default 1)."})
     sample_num_batches_per_epoch: int = field(
         default=2, metadata={"help": "Sampling batches per epoch, per process (default 2)."}
@@ -130,7 +132,8 @@ class DDPOTrainer(PolicyGradientTrainer):
         prompt_function: `prompt_function() -> (prompt, metadata)` (or just a prompt), called once per drawn
             prompt; the global `random`/NumPy/torch RNGs are reseeded from (seed, epoch, process) before each
             epoch's draws, so a function using them reproduces and resumes exactly.
-        sd_pipeline: a `DDPOStableDiffusionPipeline`.
+        sd_pipeline: a `DDPOStableDiffusionPipeline` (TRL's), or any `GeneratorAdapter` (SD3, FLUX.1): sampling and
+            replay only call that interface.
         image_samples_hook: called after each epoch's rewards as TRL does, with
             `([[images, prompts, metadata, rewards, reward_info], ...], global_step, tracker or None)`.
     """
@@ -139,12 +142,6 @@ class DDPOTrainer(PolicyGradientTrainer):
     curves = ("reward_mean", "approx_kl", "clipfrac", "loss")
 
     config: DDPOConfig
-
-    def check_inputs(
-        self, config: Any, reward_function: Callable[..., Any], prompt_function: Callable[[], Any], sd_pipeline: Any
-    ) -> None:
-        if config.kl_coef > 0 and not sd_pipeline.use_lora:
-            raise ValueError("kl_coef: expected 0 without LoRA (the reference policy is the LoRA-free UNet)")
 
     @property
     def num_trained_steps(self) -> int:
@@ -342,4 +339,4 @@ def _completed(value: Any) -> Future:
 
 def main(argv: list[str]) -> int:
     """`rlhf train ddpo --config configs/ddpo/X.yaml [--field value ...]`."""
-    return run_trainer_command(argv, DDPOConfig, DDPOTrainer, DDPOStableDiffusionPipeline)
+    return run_trainer_command(argv, DDPOConfig, DDPOTrainer)

@@ -10,12 +10,11 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf.generators.base import GeneratorAdapter
 from rlhf.generators.sampling import sde_window
 from rlhf.grpo_ema import ParameterEMA
 from rlhf.grpo_loss import grpo_advantages
@@ -170,13 +169,6 @@ class GRPOTrainer(PolicyGradientTrainer):
     def num_trained_steps(self) -> int:
         """The stochastic steps of each rollout (its SDE window): every one is trained."""
         return self.config.sde_window_size or self.config.sample_num_steps
-
-    def check_inputs(self, config: Any, reward_function: Callable[..., Any], prompt_function: Callable[[], Any],
-                     sd_pipeline: Any) -> None:
-        if not isinstance(sd_pipeline, GeneratorAdapter):
-            raise TypeError(f"generator: expected a GeneratorAdapter, got {type(sd_pipeline).__name__}")
-        if config.kl_coef > 0 and not sd_pipeline.use_lora:
-            raise ValueError("kl_coef: expected 0 without LoRA (the reference policy is the LoRA-free denoiser)")
 
     def setup(self) -> None:
         """The EMA, the per-prompt reward statistics and the asynchronous reward path."""
