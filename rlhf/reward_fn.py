@@ -326,6 +326,7 @@ BUILTINS: dict[str, tuple[dict[str, Pixels], bool]] = {
     "toy_alignment": ({"alignment": toy.oracle_alignment}, False),
     "toy_alignment_soft": ({"alignment": toy.alignment_score}, False),
     "toy_colour": ({"colour": toy.oracle_colour}, False),
+    "toy_shape": ({"shape": toy.oracle_shape}, False),
     "toy_fidelity": ({"fidelity": _toy_fidelity}, False),
     "toy_safety": ({"safety": _toy_safety}, False),
     "toy_colour_soft": ({"colour": toy.colour_score}, True),

@@ -421,8 +421,11 @@ def test_cli_writes_history_metrics_grids_and_lora(tmp_path: Path) -> None:
     assert code == 0
     metrics = json.loads((output / "metrics.json").read_text())
     for key in ("eval_before", "eval_after"):
-        assert set(metrics[key]) >= {"reward_mean", "reward_std", "per_perspective", "oracle"}
-        assert set(metrics[key]["oracle"]) == {"alignment", "colour", "shape"}  # toy prompts: the toy oracle is reported
+        assert set(metrics[key]) >= {"reward_mean", "reward_std", "per_perspective", "per_perspective_std"}
+        # the config's held-out rewards: the toy oracles, with their std over seeds
+        heldout = {"heldout/alignment", "heldout/colour", "heldout/shape"}
+        assert set(metrics[key]["per_perspective"]) == {"colour", *heldout}
+        assert set(metrics[key]["per_perspective_std"]) == {"colour", *heldout}
     assert len((output / "history.jsonl").read_text().splitlines()) == 1
     for name in ("eval_before.png", "eval_after.png", "eval_before_after.png", "samples/epoch_0000.png",
                  "training_curves.png", "config.yaml"):
@@ -464,18 +467,34 @@ def test_ddpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path) -> No
     assert after["reward_mean"] - before["reward_mean"] > margin, metrics
 
 
-def test_evaluation_summary_reports_std_over_seeds_of_reward_and_oracles() -> None:
+def test_evaluation_summary_reports_std_over_seeds_of_reward_and_perspectives() -> None:
     from trainers.common import summarise_evaluation
 
     results = [  # two seeds of two prompts
-        {"rewards": [1.0, 3.0], "perspectives": {}, "oracle": {"alignment": [0.0, 1.0]}},
-        {"rewards": [3.0, 5.0], "perspectives": {}, "oracle": {"alignment": [1.0, 1.0]}},
+        {"rewards": [1.0, 3.0], "perspectives": {"heldout/alignment": [0.0, 1.0]}},
+        {"rewards": [3.0, 5.0], "perspectives": {"heldout/alignment": [1.0, 1.0]}},
     ]
     summary = summarise_evaluation(results, num_prompts=2)
     # per-seed means: reward 2 and 4 (sample std sqrt(2)); alignment 0.5 and 1.0 (sample std sqrt(0.125))
     assert summary["reward_mean"] == pytest.approx(3.0) and summary["reward_std"] == pytest.approx(2**0.5)
-    assert summary["oracle"] == {"alignment": pytest.approx(0.75)}
-    assert summary["oracle_std"] == {"alignment": pytest.approx(0.125**0.5)}
+    assert summary["per_perspective"] == {"heldout/alignment": pytest.approx(0.75)}
+    assert summary["per_perspective_std"] == {"heldout/alignment": pytest.approx(0.125**0.5)}
+
+
+def test_the_tiny_config_scores_the_toy_oracles_as_heldout_rewards(tmp_path: Path) -> None:
+    """The toy oracles reach an evaluation from the config (`heldout_rewards`), not from the trainer: each
+    per-perspective `heldout/<name>` is the oracle's mean over the evaluation's images."""
+    from rlhf.config import parse_config
+    from rlhf.toy import oracle_alignment, oracle_colour, oracle_shape
+    from rlhf.toy_generators import toy_generator_path
+
+    _, config = parse_config([GeneratorArguments, DDPOConfig], ["--config", str(ROOT / "configs/ddpo/tiny.yaml")])
+    trainer = DDPOTrainer(small_config(tmp_path, heldout_rewards=config.heldout_rewards), colour_reward, prompt_cycle,
+                          DDPOStableDiffusionPipeline.from_pretrained(toy_generator_path()))
+    images = trainer.sample_images(PROMPTS, [torch.Generator().manual_seed(0) for _ in PROMPTS])
+    _, info = trainer.evaluation_reward(images, PROMPTS, [{}, {}])
+    for name, oracle in (("alignment", oracle_alignment), ("colour", oracle_colour), ("shape", oracle_shape)):
+        assert torch.equal(torch.as_tensor(info["raw"][f"heldout/{name}"]), oracle(images, PROMPTS).float().cpu())
 
 
 def test_ddpo_trains_a_flow_model_through_the_same_code(tmp_path: Path) -> None:

@@ -210,7 +210,8 @@ def test_cli_runs_every_family_end_to_end(tmp_path: Path, model: str) -> None:
                  "--output_dir", str(output), *CLI_FAST])
     assert code == 0
     metrics = json.loads((output / "metrics.json").read_text())
-    assert set(metrics["eval_after"]["per_perspective"]) == {"colour", "heldout/alignment", "heldout/fidelity"}
+    assert set(metrics["eval_after"]["per_perspective"]) == {
+        "colour", "heldout/alignment", "heldout/colour", "heldout/shape", "heldout/fidelity"}
     row = json.loads((output / "history.jsonl").read_text().splitlines()[0])
     assert row["ratio_max"] >= row["ratio_min"] > 0 and row["approx_kl"] > 0
     assert (output / "lora" / "pytorch_lora_weights.safetensors").is_file()

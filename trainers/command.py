@@ -9,12 +9,12 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from accelerate import PartialState
 
 from trainers.base import DiffusionTrainerConfig
-from trainers.common import are_toy_prompts, build_process_reward, eval_reward_change, run_directory, training_command
+from trainers.common import build_process_reward, eval_reward_change, run_directory, training_command
 
 
 @dataclass
@@ -117,6 +117,19 @@ def load_run_prompts(config: DiffusionTrainerConfig) -> list[str]:
     if not config.eval_prompts and not are_toy_prompts(prompts):
         config.eval_prompts = prompts[:8]
     return prompts
+
+
+def are_toy_prompts(prompts: Sequence[str]) -> bool:
+    """Whether every prompt names a toy colour and shape (so the toy oracles can judge its images): the
+    command floor's toy fallback, which the trainers themselves never see."""
+    from rlhf import toy
+
+    try:
+        for prompt in prompts:
+            toy.parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True
 
 
 def uniform_prompt_function(prompts: list[str]) -> Callable[[], tuple[str, dict]]:

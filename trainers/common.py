@@ -334,17 +334,18 @@ def build_process_reward(spec: dict[str, Any], **defaults: Any) -> Any:
 
 
 def eval_reward_change(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """One line for the CLI: the evaluation reward before and after training, the toy oracles' when they judged it,
-    and "WENT DOWN" on any that fell (a trained policy that got worse must not read like a result)."""
+    """One line for the CLI: the evaluation reward before and after training, each held-out reward's (the
+    per-perspective means named `heldout/<name>`), and "WENT DOWN" on any that fell (a trained policy that got worse
+    must not read like a result)."""
 
     def change(name: str, b: float, a: float) -> str:
         return f"{name} {b:.4f} -> {a:.4f}" + (" (WENT DOWN)" if a < b else "")
 
     parts = [change("eval reward", before["reward_mean"], after["reward_mean"]) +
              f" (std over seeds {before['reward_std']:.4f} / {after['reward_std']:.4f})"]
-    oracle_before, oracle_after = before.get("oracle") or {}, after.get("oracle") or {}
-    parts += [change(f"oracle {name}", oracle_before[name], oracle_after[name]) for name in oracle_before
-              if name in oracle_after]
+    heldout_before, heldout_after = before.get("per_perspective") or {}, after.get("per_perspective") or {}
+    parts += [change(name.replace("/", " "), value, heldout_after[name]) for name, value in heldout_before.items()
+              if name.startswith("heldout/") and name in heldout_after]
     return "; ".join(parts)
 
 
@@ -688,28 +689,6 @@ def mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
     return {f"{prefix}_mean": float(values.mean()), f"{prefix}_std": float(values.std(unbiased=False))}
 
 
-def are_toy_prompts(prompts: Sequence[str]) -> bool:
-    """Whether every prompt names a toy colour and shape (so the toy oracles can judge its images)."""
-    from rlhf import toy
-
-    try:
-        for prompt in prompts:
-            toy.parse_prompt(prompt)
-    except ValueError:
-        return False
-    return True
-
-
-def toy_oracle(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor] | None:
-    """The toy world's oracles (alignment, colour, shape) when every prompt is a toy prompt, else None."""
-    from rlhf import toy
-
-    if not are_toy_prompts(prompts):
-        return None
-    return {"alignment": toy.oracle_alignment(images, prompts), "colour": toy.oracle_colour(images, prompts),
-            "shape": toy.oracle_shape(images, prompts)}
-
-
 def weighting_state(reward_fn: Any) -> dict[str, Any] | None:
     """The running normalisation statistics of a reward's weighting (None without one), for checkpoints: a
     resumed run must fold rewards exactly as the uninterrupted one."""
@@ -739,8 +718,8 @@ def evaluate(
     neither the batch size nor the process count.
 
     Returns `{"reward_mean", "reward_std" (sample std over seeds of the per-seed mean; 0 with one seed),
-    "per_perspective": {name: mean}, "oracle": {name: mean} or None, "oracle_std": {name: sample std over seeds
-    of the per-seed mean} or None, "num_seeds", "num_prompts"}` and the images of the first `SAMPLE_PROMPTS`
+    "per_perspective": {name: mean}, "per_perspective_std": {name: sample std over seeds of the per-seed mean},
+    "num_seeds", "num_prompts"}` (a perspective is a name in the reward's `info["raw"]`) and the images of the first `SAMPLE_PROMPTS`
     prompts for every seed (gathered from all processes), for the labelled grids. A progress bar named `description`
     counts the sampled batches (an evaluation samples as many images as many epochs do).
     """
@@ -753,7 +732,7 @@ def evaluate(
     show = accelerator is None or accelerator.is_local_main_process
     progress = tqdm(total=batches, desc=description, unit="batch", disable=not show, leave=False)
     for seed in seeds[rank::world]:
-        rewards, perspectives, oracles, images = [], {}, {}, []
+        rewards, perspectives, images = [], {}, []
         for start in range(0, len(prompts), batch_size):
             progress.update(1)
             chunk = prompts[start : start + batch_size]
@@ -763,15 +742,12 @@ def evaluate(
             rewards.append(batch_rewards)
             for name, values in perspective_values(info).items():
                 perspectives.setdefault(name, []).append(values)
-            for name, values in (toy_oracle(batch_images, chunk) or {}).items():
-                oracles.setdefault(name, []).append(values)
             images.append(batch_images)
         samples[seed] = torch.cat(images)[:SAMPLE_PROMPTS]
         results.append(
             {
                 "rewards": torch.cat(rewards).tolist(),
                 "perspectives": {k: torch.cat(v).tolist() for k, v in perspectives.items()},
-                "oracle": {k: torch.cat(v).tolist() for k, v in oracles.items()},
             }
         )
     progress.close()
@@ -798,8 +774,7 @@ def summarise_evaluation(results: list[dict[str, Any]], num_prompts: int) -> dic
         "reward_mean": float(np.mean(finite)) if finite else float("nan"),
         "reward_std": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0,
         "per_perspective": means("perspectives"),
-        "oracle": means("oracle") or None,
-        "oracle_std": stds_over_seeds("oracle") or None,
+        "per_perspective_std": stds_over_seeds("perspectives"),
         "num_seeds": len(results),
         "num_prompts": num_prompts,
     }
