@@ -1,5 +1,6 @@
 """Reward back-propagation memory and time: gradient checkpointing on/off and truncation K = 1, 5, all steps (and
-DRaFT-LV), one training step each (rgb_with_grad + differentiable reward + backward), measured side by side.
+DRaFT-LV), one training step each (AlignPropTrainer's sampling: prepare_sampling + sample_with_grad, then a
+differentiable reward and backward), measured side by side.
 
     python bench/alignprop.py [--preset small|sd15] [--size 64] [--steps 10] [--batch 2] [--device cpu|cuda]
                               [--dtype float32|bfloat16|float16] [--threads 1] [--repeats 2]
@@ -89,6 +90,7 @@ def current_mb(device: torch.device) -> float:
 
 def run_variant(args: argparse.Namespace) -> dict[str, float]:
     """One variant in this process: a warm-up step, then `--repeats` timed steps; peak memory above the baseline."""
+    from rlhf.generators.backprop import sample_with_grad
     from rlhf.toy import colour_score
     from trainers.common import peak_memory_mb
 
@@ -102,13 +104,17 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
 
     def training_step(seed: int) -> float:
         began = time.perf_counter()
-        output = policy.rgb_with_grad(
-            prompts, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=5.0,
-            gradient_checkpoint=checkpoint, backprop_steps=None if copies else (k or args.steps), lv_copies=copies,
-            generator=torch.Generator().manual_seed(seed),
+        generator = torch.Generator().manual_seed(seed)
+        conditioning, latents, timesteps = policy.prepare_sampling(
+            prompts, num_inference_steps=args.steps, guidance_scale=5.0, height=args.size, width=args.size,
+            generator=generator,
+        )
+        output = sample_with_grad(
+            policy, conditioning, latents, timesteps, guidance_scale=5.0, eta=1.0, generator=generator,
+            backprop_steps=0 if copies else (k or args.steps), gradient_checkpoint=checkpoint, lv_copies=copies,
         )
         (-colour_score(output.images, scored).mean()).backward()
-        policy.unet.zero_grad(set_to_none=True)
+        policy.denoiser.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - began

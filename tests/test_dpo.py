@@ -167,7 +167,7 @@ def test_reference_pass_leaves_the_lora_and_its_gradients_untouched_and_adds_no_
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     timesteps = torch.tensor([100, 700])
     conditioning = pipeline.encode_prompt(PROMPTS, guidance=False)
-    policy = pipeline.predict(latents, timesteps, conditioning, 1.0, denoiser=trainer.unet)
+    policy = pipeline.predict(latents, timesteps, conditioning, 1.0, denoiser=trainer.denoiser)
     policy.square().mean().backward()
     lora = {name: p for name, p in pipeline.unet.named_parameters() if "lora_" in name}
     weights = {name: p.detach().clone() for name, p in lora.items()}
@@ -191,7 +191,7 @@ def test_reference_pass_leaves_the_lora_and_its_gradients_untouched_and_adds_no_
         expected = base(latents, timesteps, encoder_hidden_states=conditioning["prompt_embeds"]).sample
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-6)  # the reference is the base model
     with torch.no_grad():
-        after = pipeline.predict(latents, timesteps, conditioning, 1.0, denoiser=trainer.unet)
+        after = pipeline.predict(latents, timesteps, conditioning, 1.0, denoiser=trainer.denoiser)
     torch.testing.assert_close(after, policy.detach(), rtol=0, atol=0)  # the LoRA is back on
 
 

@@ -274,7 +274,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
     ) -> torch.Tensor:
         """The reference's prediction: the policy's own denoiser with its LoRA disabled, without gradients."""
         with torch.no_grad(), self.sd_pipeline.reference_policy(), self.accelerator.autocast():
-            return self.sd_pipeline.predict(noisy, timesteps, conditioning, 1.0)
+            return self.sd_pipeline.predict(noisy, timesteps, conditioning, self.config.sample_guidance_scale)
 
     def pair_errors(self, batch: PairBatch, generator: torch.Generator, with_grad: bool = True) -> dict[str, torch.Tensor]:
         """Per-image denoising errors [B] of the policy and the reference on both images of each pair, with one noise
@@ -289,8 +289,11 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         noisy = generator_model.add_noise(latents, noise, timesteps)
         target = generator_model.training_target(latents, noise, timesteps).float()
         image_dims = tuple(range(1, latents.ndim))
+        # the conditioning holds no negatives, so no classifier-free guidance: the scale reaches only a guidance
+        # embedding (FLUX.1-dev), which diffusers' FLUX training also feeds the sampling guidance
+        guidance = self.config.sample_guidance_scale
         with torch.enable_grad() if with_grad else torch.no_grad():
-            prediction = generator_model.predict(noisy, timesteps, batch.conditioning, 1.0, denoiser=self.denoiser)
+            prediction = generator_model.predict(noisy, timesteps, batch.conditioning, guidance, denoiser=self.denoiser)
             model = ((prediction - target) ** 2).mean(dim=image_dims)
         reference = self.reference_prediction(noisy, timesteps, batch.conditioning)
         reference = ((reference - target) ** 2).mean(dim=image_dims)
