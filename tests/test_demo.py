@@ -12,8 +12,10 @@ from trainers.demo import CONFIGS, _gain, generator_stage, write_report
 
 
 def evaluation(reward: float, reward_std: float, alignment: float, alignment_std: float) -> dict:
-    return {"reward_mean": reward, "reward_std": reward_std, "per_perspective": {"alignment": reward},
-            "oracle": {"alignment": alignment, "colour": 0.5}, "oracle_std": {"alignment": alignment_std, "colour": 0.0}}
+    """An evaluation as metrics.json holds it: the toy oracles are held-out rewards ("heldout/NAME")."""
+    return {"reward_mean": reward, "reward_std": reward_std,
+            "per_perspective": {"alignment": reward, "heldout/alignment": alignment, "heldout/colour": 0.5},
+            "per_perspective_std": {"alignment": 0.3, "heldout/alignment": alignment_std, "heldout/colour": 0.0}}
 
 
 def test_gain_is_measured_in_the_larger_std_over_seeds():
@@ -23,7 +25,7 @@ def test_gain_is_measured_in_the_larger_std_over_seeds():
     assert _gain(metrics, "learned alignment") == {"before": 0.0, "after": 0.6, "std": None, "gain_in_std": None}
     assert _gain(metrics, "colour")["gain_in_std"] == 0.0  # equal with zero std: no gain
     assert _gain(metrics, "shape") is None
-    metrics["eval_after"]["oracle"]["colour"] = 0.6
+    metrics["eval_after"]["per_perspective"]["heldout/colour"] = 0.6
     assert _gain(metrics, "colour")["gain_in_std"] == math.inf
 
 
@@ -78,3 +80,5 @@ def test_generator_stages_are_the_tiny_configs_but_for_the_demo_s_own_settings(s
     assert {k: v for k, v in config.items() if k not in own} == {k: v for k, v in tiny.items() if k not in own}
     assert config["reward"]["model"] == str(tmp_path / "reward" / "model") and config["seed"] == 3
     assert config["sample_guidance_scale"] == 3.0  # the toy generator's best guidance (tiny.yaml's DPO: 5.0)
+    # the oracles the report judges the stage by are the held-out rewards its tiny.yaml names
+    assert set(config["heldout_rewards"]) >= {"alignment", "colour", "shape"}

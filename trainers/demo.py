@@ -20,6 +20,7 @@ import yaml
 
 from rlhf.config import parse_config
 from rlhf.toy import ALL_PROMPTS
+from trainers.base import HELDOUT
 from trainers.common import SAMPLE_PROMPTS
 
 
@@ -116,19 +117,19 @@ def _run(words: list[str], config: dict[str, Any], path: Path) -> None:
 
 
 def _gain(metrics: dict[str, Any], key: str) -> dict[str, float] | None:
-    """Before/after of the reward, a learned perspective ("learned NAME") or a toy oracle (NAME), and the gain in
-    units of the std over seeds (the larger of the two runs' std, as the trainers' tests use)."""
+    """Before/after of the reward, a learned perspective ("learned NAME") or a held-out reward (NAME: the toy
+    oracles the stage configs name, `per_perspective["heldout/NAME"]`), and the gain in units of the std over seeds
+    (the larger of the two runs' std, as the trainers' tests use)."""
     before, after = metrics.get("eval_before") or {}, metrics.get("eval_after") or {}
     if key == "reward":
         b, a = before.get("reward_mean"), after.get("reward_mean")
         std = max(before.get("reward_std") or 0.0, after.get("reward_std") or 0.0)
-    elif key.startswith("learned "):
-        name = key.removeprefix("learned ")
-        b, a = (before.get("per_perspective") or {}).get(name), (after.get("per_perspective") or {}).get(name)
-        std = None
     else:
-        b, a = (before.get("oracle") or {}).get(key), (after.get("oracle") or {}).get(key)
-        std = max((before.get("oracle_std") or {}).get(key) or 0.0, (after.get("oracle_std") or {}).get(key) or 0.0)
+        learned = key.startswith("learned ")
+        name = key.removeprefix("learned ") if learned else HELDOUT + key
+        b, a = (before.get("per_perspective") or {}).get(name), (after.get("per_perspective") or {}).get(name)
+        stds = [(run.get("per_perspective_std") or {}).get(name) or 0.0 for run in (before, after)]
+        std = None if learned else max(stds)
     if b is None or a is None:
         return None
     sigmas = None if std is None else (a - b) / std if std else math.inf if a > b else -math.inf if a < b else 0.0
@@ -136,7 +137,8 @@ def _gain(metrics: dict[str, Any], key: str) -> dict[str, float] | None:
 
 
 def _label(key: str) -> str:
-    """A `_gain` key as the report names it: the learned numbers as they are, toy oracles as "oracle NAME"."""
+    """A `_gain` key as the report names it: the learned numbers as they are, the held-out toy oracles as
+    "oracle NAME"."""
     return key if key == "reward" or key.startswith("learned ") else f"oracle {key}"
 
 
@@ -227,9 +229,11 @@ def main(argv: list[str]) -> int:
             continue
         print(f"== stage {number}/3: fine-tuning the toy generator with {stage.upper()} on the learned reward")
         shutil.rmtree(out / stage, ignore_errors=True)  # a demo rerun starts over, never resumes a stale run
-        _run(["train", stage], generator_stage(out, stage, config.quick, config.seed), out / "configs" / f"{stage}.yaml")
+        stage_config = generator_stage(out, stage, config.quick, config.seed)
+        _run(["train", stage], stage_config, out / "configs" / f"{stage}.yaml")
         metrics = json.loads((out / stage / "metrics.json").read_text())
-        keys = ["reward", *(f"learned {name}" for name in WEIGHTING["perspectives"]), "alignment", "colour", "shape"]
+        # the toy oracles: the held-out rewards the stage's tiny.yaml names
+        keys = ["reward", *(f"learned {name}" for name in WEIGHTING["perspectives"]), *stage_config["heldout_rewards"]]
         summary[stage] = {key: _gain(metrics, key) for key in keys}
     summary["seconds"] = time.perf_counter() - start
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
