@@ -94,20 +94,24 @@ def sample_trajectories(
         initial_latents = adapter.initial_latents(len(prompts), height, width, generator)
     latents = initial_latents.float()
     all_latents, log_probs = [latents], []
-    for index, timestep in enumerate(timesteps):
-        prediction = adapter.predict(latents, timestep, conditioning, guidance_scale)
-        level = noise_level if bool(stochastic[index]) else 0.0
-        latents, log_prob, _, _ = adapter.step(prediction, timestep, latents, noise_level=level, generator=generator)
-        latents = latents.float()
-        all_latents.append(latents)
-        log_probs.append(log_prob.float() if level > 0 else torch.zeros_like(log_prob, dtype=torch.float32))
+    # inference mode skips autograd's per-op bookkeeping (~10% of a tiny-pipeline sampling call); its tensors
+    # cannot enter a graph, so what a trainer keeps (the stacks, the images) is made from them outside it
+    with torch.inference_mode():
+        for index, timestep in enumerate(timesteps):
+            prediction = adapter.predict(latents, timestep, conditioning, guidance_scale)
+            level = noise_level if bool(stochastic[index]) else 0.0
+            latents, log_prob, _, _ = adapter.step(prediction, timestep, latents, noise_level=level, generator=generator)
+            latents = latents.float()
+            all_latents.append(latents)
+            log_probs.append(log_prob.float() if level > 0 else torch.zeros_like(log_prob, dtype=torch.float32))
+        images = adapter.decode(latents)
     return Trajectories(
         latents=torch.stack(all_latents, dim=1),
         log_probs=torch.stack(log_probs, dim=1),
         timesteps=timesteps.detach().clone(),
         stochastic=stochastic.clone(),
         conditioning=conditioning,
-        images=adapter.decode(latents),
+        images=images.clone(),
     )
 
 
