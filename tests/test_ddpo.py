@@ -362,8 +362,8 @@ def test_evaluation_samples_only_when_asked_and_is_timed_apart(tiny_sd: Path, tm
         trainer = make_trainer(tiny_sd, small_config(tmp_path / name, num_epochs=1, num_grid_images=0, **extra))
         sample = trainer.sample
         drawn[name] = []
-        trainer.sample = lambda prompts, generator, sample=sample, log=drawn[name]: log.append(len(prompts)) or \
-            sample(prompts, generator)
+        trainer.sample = lambda prompts, generator, sample=sample, log=drawn[name], **options: \
+            log.append(len(prompts)) or sample(prompts, generator, **options)
         metrics = trainer.train()
         AcceleratorState._reset_state(reset_partial_state=True)
         timings = json.loads((tmp_path / name / "timings.json").read_text())

@@ -108,7 +108,7 @@ def test_replay_of_the_unchanged_policy_has_ratio_one_and_kl_zero_until_a_step(
         trainer = GRPOTrainer(config, colour_reward, prompt_cycle, generator)
     rollout, _ = trainer.sample_epoch(0)
     trainer.compute_advantages(rollout)
-    tensors = rollout["tensors"]
+    tensors = rollout.tensors
     assert tensors["log_probs"].shape == (4, 2)  # only the window's 2 steps are kept
     rows, columns = torch.arange(4), torch.arange(2).repeat(4, 1)
     trainer.sd_pipeline.set_timesteps(3, trainer.height, trainer.width)
@@ -133,10 +133,10 @@ def test_same_initial_noise_shares_a_groups_first_latents(tiny_sd: Path, tmp_pat
     trainer = make_trainer(tiny_sd, small_config(tmp_path, same_initial_noise=same, sample_num_batches_per_epoch=2,
                                                  num_images_per_prompt=4))
     rollout, _ = trainer.sample_epoch(0)
-    first = rollout["tensors"]["latents"][:, 0]
+    first = rollout.tensors["latents"][:, 0]
     assert torch.equal(first[0], first[3]) == same and torch.equal(first[4], first[7]) == same
     assert not torch.equal(first[0], first[4])
-    assert not torch.equal(rollout["tensors"]["next_latents"][0, 0], rollout["tensors"]["next_latents"][1, 0])
+    assert not torch.equal(rollout.tensors["next_latents"][0, 0], rollout.tensors["next_latents"][1, 0])
 
 
 def test_train_two_epochs_writes_history_metrics_curves_and_heldout(tiny_sd: Path, tmp_path: Path) -> None:

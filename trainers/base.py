@@ -1,6 +1,6 @@
-"""What every diffusion trainer shares, written once: the config fields (`DiffusionTrainerConfig`), the trainer
-lifecycle (`DiffusionTrainer`) and the PPO-clip training loop of the policy-gradient trainers
-(`PolicyGradientTrainer`); each algorithm adds its own. A trainer's command is in `trainers.command`."""
+"""What every diffusion trainer shares, written once: the config fields (`DiffusionTrainerConfig`) and the trainer
+lifecycle (`DiffusionTrainer`); each algorithm adds its own (the policy-gradient ones through
+`trainers.policy_gradient`). A trainer's command is in `trainers.command`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from rlhf.generators.base import GeneratorAdapter
-from rlhf.generators.sampling import Trajectories, replay_steps, sample_trajectories
-from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, ratio_statistics
+from rlhf.generators.sampling import Trajectories, sample_trajectories
 from trainers.common import (
     PhaseTimer,
     PolicyExport,
@@ -31,7 +29,6 @@ from trainers.common import (
     policy_checkpointer,
     reward_call,
     reward_evaluations,
-    seeded_generator,
     start_run,
     warmup_check,
     weighting_state,
@@ -322,11 +319,6 @@ class DiffusionTrainer(PolicyExport):
             self.load_checkpoint_state(state)
         self.outputs.keep_history_until(resumed_epoch)
 
-    @property
-    def unet(self) -> torch.nn.Module:
-        """`denoiser` under its SD name, which AlignProp, Diffusion-DPO and their tests still use."""
-        return self.denoiser
-
     # ---- what a subclass may extend ----------------------------------------------------------------------------
 
     def check_inputs(
@@ -497,140 +489,6 @@ class DiffusionTrainer(PolicyExport):
     def step(self, epoch: int, global_step: int) -> int:
         """One epoch of the algorithm, ending with `end_epoch`. Returns the global step (TRL 0.23's signature)."""
         raise NotImplementedError
-
-
-COND = "cond/"  # prefix of the per-sample conditioning tensors among a rollout's tensors
-
-
-class PolicyGradientTrainer(DiffusionTrainer):
-    """The PPO-clip trainers (DDPO, GRPO), their training loop written once: recorded steps replayed under the
-    current policy through `replay_steps` (any generator family), the clipped objective plus an optional KL to the
-    LoRA-free reference, accumulated over minibatches and timestep chunks into optimizer steps.
-
-    A subclass samples and scores (its rollout's `tensors`: `latents`, `next_latents`, `log_probs`, `timesteps`
-    [count, steps, ...], `COND`-prefixed conditioning, `advantages`, `valid`), supplies `num_trained_steps`, and may
-    extend `after_optimizer_step` (GRPO's EMA update).
-    """
-
-    config: Any
-
-    @property
-    def num_trained_steps(self) -> int:
-        """Steps of each trajectory trained on in an inner epoch."""
-        raise NotImplementedError
-
-    @property
-    def timesteps_per_forward(self) -> int:
-        """Trained steps per sample batched into one denoiser call."""
-        return self.config.train_timesteps_per_forward or self.num_trained_steps
-
-    def backward_calls_per_step(self) -> int:
-        # one per timestep chunk of every accumulated minibatch
-        forwards = -(-self.num_trained_steps // self.timesteps_per_forward)
-        return self.config.train_gradient_accumulation_steps * forwards
-
-    def optimizer_steps(self) -> int:
-        config = self.config
-        minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
-        return config.num_epochs * config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
-
-    def check_inputs(
-        self, config: Any, reward_function: Callable[..., Any], prompt_function: Callable[[], Any], sd_pipeline: Any
-    ) -> None:
-        if not isinstance(sd_pipeline, GeneratorAdapter):
-            raise TypeError(f"sd_pipeline: expected a GeneratorAdapter, got {type(sd_pipeline).__name__}")
-        if config.kl_coef > 0 and not sd_pipeline.use_lora:
-            raise ValueError("kl_coef: expected 0 without LoRA (the reference policy is the LoRA-free denoiser)")
-
-    def after_optimizer_step(self) -> None:
-        """Called after every optimizer step that applied accumulated gradients."""
-
-    def replay(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """New log-probs [R, J] of recorded steps `columns` [R, J] of samples `rows` [R] (all pairs in one denoiser
-        call), and their KL to the reference policy (when `kl_coef`)."""
-        config, generator, pairs = self.config, self.sd_pipeline, columns.shape[1]
-
-        def pick(key: str) -> torch.Tensor:
-            return tensors[key][rows[:, None], columns].flatten(0, 1)
-
-        latents, next_latents, timesteps = pick("latents"), pick("next_latents"), pick("timesteps")
-        conditioning = {key[len(COND):]: value[rows].repeat_interleave(pairs, dim=0)
-                        for key, value in tensors.items() if key.startswith(COND)}
-        options = dict(guidance_scale=config.sample_guidance_scale, noise_level=self.noise_level)
-        log_probs, mean, std = replay_steps(generator, latents, next_latents, timesteps, conditioning,
-                                            denoiser=self.denoiser, **options)
-        kl = None
-        if config.kl_coef > 0:
-            with torch.no_grad(), generator.reference_policy():
-                _, reference_mean, _ = replay_steps(generator, latents, next_latents, timesteps, conditioning, **options)
-            kl = gaussian_step_kl(mean, reference_mean, std).view(len(rows), pairs)
-        return log_probs.view(len(rows), pairs), kl
-
-    def train_epoch(self, epoch: int, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-        """PPO-clip over the epoch's samples: `train_num_inner_epochs` passes over shuffled samples, each taking a
-        fresh random `num_trained_steps` of each sample's recorded steps, chunked by `timesteps_per_forward`.
-        Returns the means over trained pairs of loss, approx-KL, clip fraction, ratio (and KL), the ratio's
-        extremes and the learning rate."""
-        config, accelerator = self.config, self.accelerator
-        generator = seeded_generator(config.seed, epoch, accelerator.process_index, 1)
-        count, steps = tensors["timesteps"].shape
-        window_pairs = config.train_batch_size * self.num_trained_steps * config.train_gradient_accumulation_steps
-        scale = accelerator.gradient_accumulation_steps / window_pairs
-        names = ["loss", "approx_kl", "clipfrac", "ratio", "kl", "pairs"]
-        totals = torch.zeros(len(names), dtype=torch.float64)
-        extremes = torch.tensor([float("inf"), float("inf")], dtype=torch.float64)  # min ratio, -max ratio
-        # replays need the sampling schedule, whatever an evaluation or a user's hook set since
-        self.sd_pipeline.set_timesteps(config.sample_num_steps, self.height, self.width)
-        self.denoiser.train()
-        for _ in range(config.train_num_inner_epochs):
-            order = torch.randperm(count, generator=generator)
-            step_order = torch.rand(count, steps, generator=generator).argsort(dim=1)[:, : self.num_trained_steps]
-            for start in range(0, count, config.train_batch_size):
-                rows = order[start : start + config.train_batch_size]
-                for first in range(0, self.num_trained_steps, self.timesteps_per_forward):
-                    columns = step_order[rows, first : first + self.timesteps_per_forward]
-                    with accelerator.accumulate(self.denoiser):
-                        loss, stats = self.ppo_loss(tensors, rows.to(accelerator.device), columns.to(accelerator.device))
-                        accelerator.backward(loss * scale)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(self.trainable, config.train_max_grad_norm)
-                            self.global_step += 1
-                        self.optimizer.step()
-                        self.lr_scheduler.step()
-                        self.optimizer.zero_grad()
-                        if accelerator.sync_gradients:
-                            self.after_optimizer_step()
-                    totals += torch.stack([stats[name] for name in names]).double().cpu()
-                    pair = torch.stack([stats["ratio_min"], -stats["ratio_max"]]).double().cpu()
-                    extremes = torch.minimum(extremes, pair)
-        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
-        extremes = accelerator.gather(extremes[None].to(accelerator.device)).cpu().min(dim=0).values
-        pairs = max(float(totals[5]), 1.0)
-        result = {name: float(totals[i]) / pairs for i, name in enumerate(names[:5])}
-        result["ratio_mean"] = result.pop("ratio")
-        result.update(ratio_min=float(extremes[0]), ratio_max=-float(extremes[1]),
-                      lr=self.lr_scheduler.get_last_lr()[0])
-        if config.kl_coef == 0:
-            result.pop("kl")
-        return result
-
-    def ppo_loss(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The summed clipped objective (+ KL) over the pairs, invalid samples weighted 0; detached statistics."""
-        config = self.config
-        log_probs, kl = self.replay(tensors, rows, columns)
-        old_log_probs = tensors["log_probs"][rows[:, None], columns]
-        weight = tensors["valid"][rows].float()[:, None].expand_as(log_probs)
-        per_pair, ratio = clipped_policy_loss(log_probs, old_log_probs, tensors["advantages"][rows][:, None],
-                                              config.train_clip_range, config.train_adv_clip_max)
-        if kl is not None:
-            per_pair = per_pair + config.kl_coef * kl
-        loss = (per_pair * weight).sum()
-        stats = ratio_statistics(log_probs, old_log_probs, ratio, config.train_clip_range, weight)
-        stats.update(loss=loss.detach(), pairs=weight.sum(),
-                     kl=(kl.detach() * weight).sum() if kl is not None else torch.zeros((), device=loss.device))
-        return loss, stats
 
 
 def build_heldout_rewards(specs: dict[str, dict[str, Any]]) -> dict[str, Callable[..., Any]]:

@@ -3,26 +3,14 @@ Diffusion (TRL's `DDPOStableDiffusionPipeline`), the flow SDE's for SD3 / FLUX.1
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from rlhf.reward_fn import AsyncReward
-from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
-from trainers.base import COND, DDIMTrainerConfig, PolicyGradientTrainer, redeclare, require
+from rlhf.stats import batch_advantages, group_advantages
+from trainers.base import DDIMTrainerConfig, redeclare, require
 from trainers.command import run_trainer_command
-from trainers.common import (
-    draw_prompts,
-    gathered_advantages,
-    peak_memory_mb,
-    perspective_values,
-    reseed_global_rngs,
-    reward_result,
-    seeded_generator,
-)
+from trainers.policy_gradient import PolicyGradientTrainer
 
 
 
@@ -144,12 +132,16 @@ class DDPOTrainer(PolicyGradientTrainer):
     config: DDPOConfig
 
     @property
+    def group_size(self) -> int:
+        return self.config.group_size
+
+    @property
     def num_trained_steps(self) -> int:
         """Timesteps of each trajectory trained on (`train_timestep_fraction` of them, drawn per sample)."""
         return max(1, int(self.config.sample_num_steps * self.config.train_timestep_fraction))
 
     def setup(self) -> None:
-        """DeepSpeed's batch settings, the per-prompt reward statistics and the asynchronous reward path."""
+        """DeepSpeed's batch settings, then the shared set-up (reward statistics, asynchronous rewards)."""
         config = self.config
         deepspeed = self.accelerator.state.deepspeed_plugin
         if deepspeed is not None:
@@ -161,92 +153,7 @@ class DDPOTrainer(PolicyGradientTrainer):
                     "gradient_clipping": config.train_max_grad_norm,
                 }
             )
-        self.stat_tracker = (
-            PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count)
-            if config.per_prompt_stat_tracking
-            else None
-        )
-        # one ordered path for asynchronous rewards: the reward's own `submit` (ours score in call order on one
-        # worker) or one worker around a plain function, so a stateful reward (running or per-prompt normalisation)
-        # folds its batches in sampling order, as without async, and a resumed run equals an uninterrupted one
-        self.async_reward = None
-        if config.async_reward_computation:
-            reward = self.reward_fn
-            self.async_reward = reward if hasattr(reward, "submit") else AsyncReward(reward)
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The shared state and the per-prompt reward statistics."""
-        state = self.stat_tracker.state_dict() if self.stat_tracker is not None else None
-        return {**super().checkpoint_state(), "stat_tracker": state}
-
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        if self.stat_tracker is not None:
-            self.stat_tracker.load_state_dict(state["stat_tracker"])
-
-    def extra_metrics(self) -> dict[str, Any]:
-        return {"num_nonfinite_rewards": self.num_nonfinite}
-
-    def release(self) -> None:
-        if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
-            self.async_reward.close()  # the worker we made around a plain function; a reward's own stays its own
-
-    # ---- sampling --------------------------------------------------------------------------------------------
-
-    def sample_epoch(self, epoch: int) -> tuple["Rollout", dict[str, float]]:
-        """Sample and score this process's trajectories for `epoch`; with async rewards each batch is scored
-        in a thread while the next one samples. Returns the rollout and the phase timings (seconds)."""
-        config, rank = self.config, self.accelerator.process_index
-        reseed_global_rngs(config.seed, epoch, rank)
-        generator = seeded_generator(config.seed, epoch, rank, 0)
-        size = config.sample_batch_size
-        prompts, metadata = draw_prompts(
-            self.prompt_fn, size * config.sample_num_batches_per_epoch // config.group_size, config.group_size
-        )
-        batches, images, pending = [], [], []
-        sampling_time = reward_time = 0.0
-        self.sd_pipeline.denoiser.eval()
-        for start in range(0, len(prompts), size):
-            batch_prompts, batch_meta = prompts[start : start + size], metadata[start : start + size]
-            began = time.perf_counter()
-            output = self.sample(batch_prompts, generator)
-            batches.append(
-                {
-                    "latents": output.latents[:, :-1],
-                    "next_latents": output.latents[:, 1:],
-                    "log_probs": output.log_probs,
-                    "timesteps": output.timesteps.repeat(len(batch_prompts), 1),
-                    **{COND + key: value for key, value in self.replayed_conditioning(output.conditioning).items()},
-                }
-            )
-            images.append(output.images)
-            sampling_time += time.perf_counter() - began
-            began = time.perf_counter()
-            if self.async_reward is not None:
-                pending.append(self.async_reward.submit(output.images, batch_prompts, batch_meta))
-            else:
-                pending.append(_completed(self.reward_fn(output.images, batch_prompts, batch_meta)))
-            reward_time += time.perf_counter() - began
-        began = time.perf_counter()
-        results = [reward_result(future.result(), len(batch_images)) for future, batch_images in zip(pending, images)]
-        reward_time += time.perf_counter() - began
-
-        tensors = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
-        perspectives: dict[str, list[torch.Tensor]] = {}
-        for _, info in results:
-            for name, values in perspective_values(info).items():
-                perspectives.setdefault(name, []).append(values)
-        records = [
-            [batch_images, prompts[i * size : (i + 1) * size], metadata[i * size : (i + 1) * size], rewards, info]
-            for i, (batch_images, (rewards, info)) in enumerate(zip(images, results))
-        ]
-        rollout = Rollout(
-            tensors=tensors,
-            prompts=prompts,
-            rewards=torch.cat([rewards for rewards, _ in results]).to(self.accelerator.device),
-            perspectives={k: torch.cat(v).to(self.accelerator.device) for k, v in perspectives.items()},
-            records=records,
-        )
-        return rollout, {"time_sampling": sampling_time, "time_reward": reward_time}
+        super().setup()
 
     def replayed_conditioning(self, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The conditioning training replays: as sampled, or without the guidance halves when not `train_cfg`."""
@@ -254,84 +161,18 @@ class DDPOTrainer(PolicyGradientTrainer):
             return conditioning
         return {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
 
-    # ---- advantages ------------------------------------------------------------------------------------------
-
-    def compute_advantages(self, rollout: "Rollout") -> dict[str, Any]:
-        """Gather rewards from every process, drop non-finite ones, turn the rest into advantages, and keep this
-        process's share in `rollout.tensors` (`advantages`, `valid`). Returns the epoch's reward statistics.
-
-        Advantages: a reward whose weighting is at level "advantage" (GDPO) computes them itself from the
-        gathered per-perspective scores; otherwise `group_size > 1` normalises within groups, else the per-prompt
-        tracker, else the whole batch.
-        """
+    def normalise_advantages(
+        self, rewards: torch.Tensor, kept: list[int], prompts: list[str], local: int
+    ) -> torch.Tensor:
+        """Within each group of `group_size` images of one prompt when `group_size > 1`, else by the per-prompt
+        tracker, else over the whole batch."""
         config = self.config
-
-        def normalise(rewards: torch.Tensor, kept: list[int], prompts: list[str], local: int) -> torch.Tensor:
-            if config.group_size > 1:
-                # a group never spans processes: ids are (process, group index within the process)
-                return group_advantages(rewards, [(i // local, (i % local) // config.group_size) for i in kept])
-            if self.stat_tracker is not None:
-                return self.stat_tracker.update([prompts[i] for i in kept], rewards)
-            return batch_advantages(rewards)
-
-        advantages, valid, stats = gathered_advantages(
-            self.accelerator, self.reward_fn, rollout.rewards, rollout.perspectives, rollout.prompts, normalise
-        )
-        rollout.tensors["advantages"], rollout.tensors["valid"] = advantages, valid
-        self.num_nonfinite += stats["num_nonfinite_rewards"]
-        return stats
-
-    # ---- the loop --------------------------------------------------------------------------------------------
-
-    def step(self, epoch: int, global_step: int) -> int:
-        """One epoch: sample, score, compute advantages, train, log, checkpoint. Returns the global step
-        (TRL 0.23's signature)."""
-        self.global_step = global_step
-        began = time.perf_counter()
-        rollout, timings = self.sample_epoch(epoch)
-        reward_stats = self.compute_advantages(rollout)
-        if self.image_samples_hook is not None:
-            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
-            self.image_samples_hook(rollout.records, self.global_step, tracker)
-        if self.accelerator.is_main_process and self.config.num_grid_images > 0:
-            grid = torch.cat([record[0] for record in rollout.records])[: self.config.num_grid_images]
-            self.outputs.save_grid(grid, f"samples/epoch_{epoch:04d}.png")
-        train_began = time.perf_counter()
-        train_stats = self.train_epoch(epoch, rollout.tensors)
-        timings["time_training"] = time.perf_counter() - train_began
-        timings["time_epoch"] = time.perf_counter() - began
-        samples = len(rollout.prompts) * self.accelerator.num_processes
-        row = {
-            "epoch": epoch,
-            "global_step": self.global_step,
-            **reward_stats,
-            "num_nonfinite_rewards_total": self.num_nonfinite,
-            **train_stats,
-            **timings,
-            "samples_per_s": samples / max(timings["time_sampling"] + timings["time_reward"], 1e-9),
-            "peak_memory_mb": peak_memory_mb(self.accelerator.device),
-        }
-        self.end_epoch(epoch, row)
-        return self.global_step
-
-
-@dataclass
-class Rollout:
-    """One epoch's samples on this process: batch-first tensors (latents, next_latents, log_probs, timesteps,
-    `cond/*` conditioning, later advantages and valid), the prompts, rewards, per-perspective scores, and TRL's
-    per-batch `[images, prompts, metadata, rewards, info]` records."""
-
-    tensors: dict[str, torch.Tensor]
-    prompts: list[str]
-    rewards: torch.Tensor
-    perspectives: dict[str, torch.Tensor]
-    records: list[list[Any]]
-
-
-def _completed(value: Any) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
+        if config.group_size > 1:
+            # a group never spans processes: ids are (process, group index within the process)
+            return group_advantages(rewards, [(i // local, (i % local) // config.group_size) for i in kept])
+        if self.stat_tracker is not None:
+            return self.stat_tracker.update([prompts[i] for i in kept], rewards)
+        return batch_advantages(rewards)
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -5,8 +5,6 @@ reference. Written against `GeneratorAdapter` only, so one trainer serves SD (DD
 from __future__ import annotations
 
 import copy
-import time
-from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +16,10 @@ from safetensors.torch import load_file, save_file
 from rlhf.generators.sampling import sde_window
 from rlhf.grpo_ema import ParameterEMA
 from rlhf.grpo_loss import grpo_advantages
-from rlhf.reward_fn import AsyncReward
-from rlhf.stats import PerPromptStatTracker
-from trainers.base import COND, HELDOUT, DiffusionTrainerConfig, PolicyGradientTrainer, redeclare, require
+from trainers.base import HELDOUT, DiffusionTrainerConfig, redeclare, require
 from trainers.command import run_trainer_command
-from trainers.common import (
-    Checkpointer, draw_prompts, gathered_advantages, peak_memory_mb, perspective_values, reseed_global_rngs,
-    reward_result, seeded_generator,
-)
+from trainers.common import Checkpointer, seeded_generator
+from trainers.policy_gradient import PolicyGradientTrainer
 
 EMA_FILE = "ema.safetensors"
 
@@ -170,34 +164,24 @@ class GRPOTrainer(PolicyGradientTrainer):
         """The stochastic steps of each rollout (its SDE window): every one is trained."""
         return self.config.sde_window_size or self.config.sample_num_steps
 
+    @property
+    def group_size(self) -> int:
+        return self.config.num_images_per_prompt
+
     def setup(self) -> None:
-        """The EMA, the per-prompt reward statistics and the asynchronous reward path."""
+        """The EMA, then the shared set-up (reward statistics, asynchronous rewards)."""
         config = self.config
         self.ema = ParameterEMA(self.sd_pipeline.trainable_parameters(), config.ema_decay) if config.ema_decay > 0 else None
-        self.stat_tracker = (PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
-                                                  config.per_prompt_stat_tracking_min_count)
-                             if config.per_prompt_stat_tracking else None)
-        # the reward's own `submit` (ours score in call order), or one worker around a plain function: batches are
-        # folded in sampling order either way, so a stateful reward resumes exactly
-        self.async_reward = None
-        if config.async_reward_computation:
-            reward = self.reward_fn
-            self.async_reward = reward if hasattr(reward, "submit") else AsyncReward(reward)
+        super().setup()
 
     def after_optimizer_step(self) -> None:
         if self.ema is not None:
             self.ema.update()
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The shared state and the per-prompt reward statistics (the EMA goes in its own file)."""
-        state = self.stat_tracker.state_dict() if self.stat_tracker is not None else None
-        return {**super().checkpoint_state(), "stat_tracker": state}
-
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        super().load_checkpoint_state(state)
         if "eval_before" in state:  # a checkpoint from before GRPO shared the lifecycle's key `before`
             self.before = {"eval": state["eval_before"]}
-        if self.stat_tracker is not None:
-            self.stat_tracker.load_state_dict(state["stat_tracker"])
         if self.ema is not None:
             self.ema.load_state_dict(load_file(Checkpointer.resolve(self.config.resume_from) / EMA_FILE))
 
@@ -216,128 +200,41 @@ class GRPOTrainer(PolicyGradientTrainer):
         steps = config.eval_num_steps or config.sample_num_steps
         return self.sample(prompts, generator, num_steps=steps, noise_level=config.eval_noise_level).images
 
-    def extra_metrics(self) -> dict[str, Any]:
-        return {"num_nonfinite_rewards": self.num_nonfinite}
-
-    def release(self) -> None:
-        if isinstance(self.async_reward, AsyncReward) and self.async_reward is not self.reward_fn:
-            self.async_reward.close()  # the worker made around a plain function; a reward's own stays its own
-
-    # ---- sampling --------------------------------------------------------------------------------------------
-
-    def sample_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
-        """Sample and score this process's groups for `epoch`. Returns the rollout (`tensors`: the window steps'
-        latents, next latents, log-probs and timesteps, the conditioning; `prompts`, `rewards`, `perspectives`,
-        `records`) and the phase timings."""
-        config, rank = self.config, self.accelerator.process_index
-        reseed_global_rngs(config.seed, epoch, rank)
-        generator = seeded_generator(config.seed, epoch, rank, 0)
-        # one window for every process (no rank in its seed): the processes train the same steps
-        stochastic = sde_window(config.sample_num_steps, config.sde_window_size, config.sde_window_range,
-                                seeded_generator(config.seed, epoch, 2))
-        window = stochastic.nonzero().squeeze(1)
-        per_process = config.sample_batch_size * config.sample_num_batches_per_epoch
-        prompts, metadata = draw_prompts(self.prompt_fn, per_process // config.num_images_per_prompt,
-                                         config.num_images_per_prompt)
-        noise = None
-        if config.same_initial_noise:
-            groups = len(prompts) // config.num_images_per_prompt
-            noise = self.sd_pipeline.initial_latents(groups, self.height, self.width, generator)
-            noise = noise.repeat_interleave(config.num_images_per_prompt, dim=0)
-        batches, images, pending = [], [], []
-        timings = {"time_sampling": 0.0, "time_reward": 0.0}
-        self.sd_pipeline.denoiser.eval()
-        for start in range(0, len(prompts), config.sample_batch_size):
-            end = start + config.sample_batch_size
-            chunk, chunk_meta = prompts[start:end], metadata[start:end]
-            began = time.perf_counter()
-            sampled = self.sample(chunk, generator, stochastic=stochastic,
-                                  initial_latents=None if noise is None else noise[start:end])
-            batches.append({
-                "latents": sampled.latents[:, window], "next_latents": sampled.latents[:, window + 1],
-                "log_probs": sampled.log_probs[:, window], "timesteps": sampled.timesteps[window].repeat(len(chunk), 1),
-                **{COND + key: value for key, value in sampled.conditioning.items()},
-            })
-            images.append(sampled.images)
-            timings["time_sampling"] += time.perf_counter() - began
-            began = time.perf_counter()
-            if self.async_reward is not None:
-                pending.append(self.async_reward.submit(sampled.images, chunk, chunk_meta))
-            else:
-                done: Future = Future()
-                done.set_result(self.reward_fn(sampled.images, chunk, chunk_meta))
-                pending.append(done)
-            timings["time_reward"] += time.perf_counter() - began
-        began = time.perf_counter()
-        results = [reward_result(future.result(), len(batch)) for future, batch in zip(pending, images)]
-        timings["time_reward"] += time.perf_counter() - began
-        perspectives: dict[str, list[torch.Tensor]] = {}
-        for _, info in results:
-            for name, values in perspective_values(info).items():
-                perspectives.setdefault(name, []).append(values)
-        size = config.sample_batch_size
-        rollout = {
-            "tensors": {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]},
-            "prompts": prompts,
-            "rewards": torch.cat([rewards for rewards, _ in results]).to(self.accelerator.device),
-            "perspectives": {k: torch.cat(v).to(self.accelerator.device) for k, v in perspectives.items()},
-            "records": [[batch, prompts[i * size : (i + 1) * size], metadata[i * size : (i + 1) * size], rewards, info]
-                        for i, (batch, (rewards, info)) in enumerate(zip(images, results))],
-        }
-        return rollout, timings
-
-    # ---- advantages ------------------------------------------------------------------------------------------
-
-    def compute_advantages(self, rollout: dict[str, Any]) -> dict[str, Any]:
-        """Gather every process's rewards, drop non-finite ones, and set this process's `advantages` and `valid`.
-
-        A reward weighted at the advantage level (GDPO) computes them from the per-perspective scores; otherwise
-        the per-prompt tracker, else group normalisation (with `global_std`, by the std of all rewards)."""
+    def stochastic_steps(self, epoch: int) -> torch.Tensor:
+        """The SDE window: `sde_window_size` consecutive steps (all with 0) starting in `sde_window_range`, one
+        window for every process (no rank in its seed), so that the processes train the same steps."""
         config = self.config
+        return sde_window(config.sample_num_steps, config.sde_window_size, config.sde_window_range,
+                          seeded_generator(config.seed, epoch, 2))
 
-        def normalise(rewards: torch.Tensor, kept: list[int], prompts: list[str], local: int) -> torch.Tensor:
-            if self.stat_tracker is not None:
-                return self.stat_tracker.update([prompts[i] for i in kept], rewards)
-            # a group never spans processes: ids are (process, group index within the process)
-            ids = [(i // local, (i % local) // config.num_images_per_prompt) for i in kept]
-            return grpo_advantages(rewards, ids, config.global_std)
+    def initial_noise(self, count: int, generator: torch.Generator) -> torch.Tensor | None:
+        """With `same_initial_noise`, one noise per group repeated for its K images (DanceGRPO's init_same_noise)."""
+        if not self.config.same_initial_noise:
+            return None
+        noise = self.sd_pipeline.initial_latents(count // self.group_size, self.height, self.width, generator)
+        return noise.repeat_interleave(self.group_size, dim=0)
 
-        advantages, valid, stats = gathered_advantages(
-            self.accelerator, self.reward_fn, rollout["rewards"], rollout["perspectives"], rollout["prompts"], normalise
-        )
-        rollout["tensors"]["advantages"], rollout["tensors"]["valid"] = advantages, valid
-        self.num_nonfinite += stats["num_nonfinite_rewards"]
-        return stats
+    def normalise_advantages(
+        self, rewards: torch.Tensor, kept: list[int], prompts: list[str], local: int
+    ) -> torch.Tensor:
+        """By the per-prompt tracker when on, else within each group of K images (divided by the std of all the
+        epoch's rewards with `global_std`)."""
+        if self.stat_tracker is not None:
+            return self.stat_tracker.update([prompts[i] for i in kept], rewards)
+        # a group never spans processes: ids are (process, group index within the process)
+        ids = [(i // local, (i % local) // self.group_size) for i in kept]
+        return grpo_advantages(rewards, ids, self.config.global_std)
 
-    # ---- training --------------------------------------------------------------------------------------------
-
-    # ---- the loop --------------------------------------------------------------------------------------------
-
-    def step(self, epoch: int, global_step: int) -> int:
-        """One epoch: sample, score, advantages, train, log, checkpoint. Returns the global step."""
-        self.global_step = global_step
-        began = time.perf_counter()
-        rollout, timings = self.sample_epoch(epoch)
-        row: dict[str, Any] = {"epoch": epoch, **self.compute_advantages(rollout)}
-        if self.image_samples_hook is not None:
-            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
-            self.image_samples_hook(rollout["records"], self.global_step, tracker)
-        if self.accelerator.is_main_process and self.config.num_grid_images > 0:
-            grid = torch.cat([record[0] for record in rollout["records"]])[: self.config.num_grid_images]
-            self.outputs.save_grid(grid, f"samples/epoch_{epoch:04d}.png")
-        train_began = time.perf_counter()
-        row.update(self.train_epoch(epoch, rollout["tensors"]))
-        timings["time_training"] = time.perf_counter() - train_began
-        if self.config.eval_freq and (epoch + 1) % self.config.eval_freq == 0:
-            evaluation = self.evaluate()
-            if evaluation is not None:
-                row["eval_reward_mean"] = evaluation["reward_mean"]
-                row.update({f"eval_{name}": value for name, value in evaluation["per_perspective"].items()})
-        timings["time_epoch"] = time.perf_counter() - began
-        row.update(global_step=self.global_step, num_nonfinite_rewards_total=self.num_nonfinite, **timings,
-                   peak_memory_mb=peak_memory_mb(self.accelerator.device))
-        self.end_epoch(epoch, row)
-        return self.global_step
+    def epoch_evaluation(self, epoch: int) -> dict[str, float]:
+        """Every `eval_freq` epochs, the evaluation's mean reward and per-perspective means (held-out rewards
+        among them) as `eval_*` columns."""
+        if not self.config.eval_freq or (epoch + 1) % self.config.eval_freq:
+            return {}
+        evaluation = self.evaluate()
+        if evaluation is None:
+            return {}
+        return {"eval_reward_mean": evaluation["reward_mean"],
+                **{f"eval_{name}": value for name, value in evaluation["per_perspective"].items()}}
 
 
 # ------------------------------------------------------------------------------------------- CLI
