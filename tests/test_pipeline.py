@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from rlhf.generators import GeneratorAdapter
+from rlhf.generators.sampling import replay_steps, sample_trajectories
 from rlhf.pipeline import DDPOStableDiffusionPipeline, DefaultDDPOStableDiffusionPipeline
 from rlhf.scheduling import ddim_step_with_logprob
 from rlhf.testing import TEXT_MAX_LENGTH, build_tiny_tokenizer
@@ -100,6 +101,22 @@ def test_batched_replay_reproduces_the_recorded_log_probs(tiny_sd: Path) -> None
         prev_sample=latents[:, 1:].reshape(pairs, 4, 8, 8),
     )
     torch.testing.assert_close(replayed.view(2, STEPS), torch.stack(output.log_probs, dim=1), rtol=0, atol=1e-5)
+
+
+def test_sampled_trajectories_replay_with_grad(tiny_sd: Path) -> None:
+    """Sampling runs in inference mode, yet what it returns enters a training graph (inference tensors cannot)."""
+    pipeline = load(tiny_sd)
+    perturb_lora(pipeline)
+    drawn = sample_trajectories(pipeline, PROMPTS, num_steps=STEPS, guidance_scale=5.0, noise_level=1.0, height=32,
+                                width=32, generator=torch.Generator().manual_seed(0))
+    returned = [drawn.latents, drawn.log_probs, drawn.images, *drawn.conditioning.values()]
+    assert not any(tensor.is_inference() for tensor in returned)
+    conditioning = {k: v.repeat_interleave(STEPS, dim=0) for k, v in drawn.conditioning.items()}
+    log_probs, _, _ = replay_steps(pipeline, drawn.latents[:, :-1].flatten(0, 1), drawn.latents[:, 1:].flatten(0, 1),
+                                   drawn.timesteps.repeat(2), conditioning, guidance_scale=5.0, noise_level=1.0)
+    log_probs.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pipeline.trainable_parameters())
+    torch.testing.assert_close(log_probs.detach().view(2, STEPS), drawn.log_probs, rtol=0, atol=1e-5)
 
 
 def test_negative_prompt_changes_the_samples(tiny_sd: Path) -> None:
