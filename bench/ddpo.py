@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,13 +50,16 @@ def run_variant(args: argparse.Namespace) -> dict[str, dict]:
 
     reward_name, per_timestep, train_batch = VARIANTS[args.variant]
     work = Path(args.work)
-    reward = toy_reward = lambda images, prompts, metadata: (colour_score(images, prompts), {})  # noqa: E731
+    def toy_reward(images, prompts, metadata):
+        return colour_score(images, prompts), {}
+
+    def remote_reward(images, prompts, metadata):
+        time.sleep(args.latency)  # a server round trip: the GIL is free, as while waiting on a socket
+        return toy_reward(images, prompts, metadata)
+
+    reward = toy_reward
     if reward_name == "remote":
-
-        def reward(images, prompts, metadata):
-            time.sleep(args.latency)  # a server round trip: the GIL is free, as while waiting on a socket
-            return toy_reward(images, prompts, metadata)
-
+        reward = remote_reward
     elif reward_name == "llava":
         from reward import RewardModel
         from reward.testing import build_tiny_vlm
@@ -181,6 +185,8 @@ def compare_ported(args: argparse.Namespace) -> dict:
     if args.trl_python:
         stacks["trl"] = args.trl_python
     times: dict[str, list[dict]] = {stack: [] for stack in stacks}
+    # on a shared machine the figures mean little without the load they were taken under
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
         sys.path.insert(0, str(ROOT))
         from rlhf.testing import build_tiny_sd
@@ -195,7 +201,8 @@ def compare_ported(args: argparse.Namespace) -> dict:
                 if result.returncode != 0:
                     raise RuntimeError(f"{stack} ({python}) failed:\n{result.stderr[-3000:]}")
                 times[stack].append(json.loads(result.stdout.strip().splitlines()[-1]))
-    report = {"settings": {**PORTED, "threads": args.threads, "rounds": args.rounds}}
+    report = {"settings": {**PORTED, "threads": args.threads, "rounds": args.rounds},
+              "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()}}
     for stack, runs in times.items():
         report[stack] = {"train_seconds": min(run["train_seconds_total"] for run in runs),
                          "all_train_seconds": [round(run["train_seconds_total"], 3) for run in runs]}
@@ -211,7 +218,8 @@ def compare_ported(args: argparse.Namespace) -> dict:
             (rounds[len(rounds) // 2 - 1] + rounds[len(rounds) // 2]) / 2
         line += (f", TRL 0.23.1 {report['trl']['train_seconds']:.2f}s: ours/TRL = {report['ratio_ours_to_trl']:.2f}x "
                  f"(median of the rounds' ratios {report['ratio_median_of_rounds']:.2f}x; target <= 0.6x)")
-    print(f"{line}; fastest of {args.rounds}, {args.threads} thread(s), eval {report['ours']['eval_seconds']:.2f}s")
+    print(f"{line}; fastest of {args.rounds}, {args.threads} thread(s), eval {report['ours']['eval_seconds']:.2f}s; "
+          f"1-min load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after on {os.cpu_count()} CPUs")
     return report
 
 
