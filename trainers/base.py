@@ -219,8 +219,9 @@ class DiffusionTrainerConfig:
 
 @dataclass
 class DDIMTrainerConfig(DiffusionTrainerConfig):
-    """The shared fields of the trainers that sample through TRL's DDIM pipeline API (DDPO, AlignProp,
-    Diffusion-DPO): those, plus DDIM's eta. GRPO, which steps any family, has its own noise level instead."""
+    """The shared fields of the trainers with TRL 0.23 counterparts (DDPO, AlignProp, Diffusion-DPO), plus TRL's
+    `sample_eta`: DDIM's eta, which a flow family reads as its SDE's noise level (`DiffusionTrainer.noise_level`).
+    GRPO names the same knob `noise_level`, as Flow-GRPO does."""
 
     sample_eta: float = field(
         default=1.0,
