@@ -187,11 +187,15 @@ def test_ctrl_c_ends_a_training_run_with_the_command_that_resumes(tmp_path):
 def test_a_trainer_s_summary_line_says_what_went_down():
     from trainers.common import eval_reward_change
 
-    before = {"reward_mean": 0.45, "reward_std": 0.1, "oracle": {"alignment": 0.45, "shape": 0.6}}
-    after = {"reward_mean": 0.2, "reward_std": 0.1, "oracle": {"alignment": 0.2, "shape": 0.7}}
+    # the toy oracles are held-out rewards (per_perspective "heldout/<name>"); a learned perspective is not listed
+    before = {"reward_mean": 0.45, "reward_std": 0.1,
+              "per_perspective": {"alignment": 1.0, "heldout/alignment": 0.45, "heldout/shape": 0.6}}
+    after = {"reward_mean": 0.2, "reward_std": 0.1,
+             "per_perspective": {"alignment": 0.5, "heldout/alignment": 0.2, "heldout/shape": 0.7}}
     line = eval_reward_change(before, after)
-    assert "eval reward 0.4500 -> 0.2000 (WENT DOWN)" in line and "oracle alignment 0.4500 -> 0.2000 (WENT DOWN)" in line
-    assert "oracle shape 0.6000 -> 0.7000;" not in line and line.endswith("oracle shape 0.6000 -> 0.7000")
+    assert "eval reward 0.4500 -> 0.2000 (WENT DOWN)" in line
+    assert "heldout alignment 0.4500 -> 0.2000 (WENT DOWN)" in line and "1.0000" not in line
+    assert "heldout shape 0.6000 -> 0.7000;" not in line and line.endswith("heldout shape 0.6000 -> 0.7000")
 
 
 def test_eval_reward_picks_the_perspective_its_data_is_for(tmp_path):
