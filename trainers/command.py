@@ -24,8 +24,8 @@ class GeneratorArguments:
 
     pretrained_model: str = field(
         default="",
-        metadata={"help": "A diffusers pipeline path or hub id, or a saved policy directory (GRPO, DDPO: SD 1.x/2.x/"
-                  "SDXL, SD3/3.5, FLUX.1; AlignProp, Diffusion-DPO: SD 1.x/2.x/SDXL); '' = the toy generator, "
+        metadata={"help": "A diffusers pipeline path or hub id, or a saved policy directory (SD 1.x/2.x/SDXL, "
+                  "SD3/3.5, FLUX.1); '' = the toy generator, "
                   "'toy-flow' = the toy flow generator (SD3); 'tiny', 'tiny-sd3', 'tiny-flux' = a random tiny "
                   "pipeline (plumbing only) (default '')."},
     )
@@ -49,15 +49,11 @@ TINY_BUILDERS = {"tiny": "build_tiny_sd", "tiny-sd3": "build_tiny_sd3", "tiny-fl
 TOY_FLOW = "toy-flow"
 
 
-def load_policy(arguments: Any, seed: int, output_dir: str, family: type | None = None) -> Any:
+def load_policy(arguments: Any, seed: int, output_dir: str) -> Any:
     """The generator adapter `arguments` (`GeneratorArguments` fields) names, its LoRA seeded by `seed`:
     `pretrained_model` '' = the toy generator, 'toy-flow' = the toy flow generator (SD3), a `TINY_BUILDERS` name = a
     random tiny pipeline built under `output_dir`, else any diffusers pipeline directory or hub id, or a directory
-    a policy was saved to (the family read from it by `rlhf.generators.load_generator`).
-
-    `family`: the adapter class the trainer samples through (AlignProp and Diffusion-DPO use TRL's SD pipeline API);
-    another family is refused by name before anything is loaded.
-    """
+    a policy was saved to (the family read from it by `rlhf.generators.load_generator`)."""
     from rlhf import testing, toy_generators
     from rlhf.generators import generator_class
 
@@ -73,12 +69,6 @@ def load_policy(arguments: Any, seed: int, output_dir: str, family: type | None 
     elif not name:
         name = str(toy_generators.toy_generator_path())
     adapter = generator_class(name, arguments.pretrained_revision)
-    if family is not None and not issubclass(adapter, family):
-        raise ValueError(
-            f"pretrained_model: {arguments.pretrained_model or name} is a {adapter.__name__} model; this trainer "
-            f"samples through {family.__name__} (SD 1.x/2.x/SDXL); flow-matching models train with `rlhf train grpo` "
-            "or `rlhf train ddpo`"
-        )
     options: dict[str, Any] = dict(use_lora=arguments.use_lora, lora_rank=arguments.lora_rank,
                                    lora_alpha=arguments.lora_alpha, lora_seed=seed)
     sde_type = getattr(arguments, "sde_type", "")
@@ -141,12 +131,10 @@ def uniform_prompt_function(prompts: list[str]) -> Callable[[], tuple[str, dict]
     return draw
 
 
-def run_trainer_command(
-    argv: list[str], config_class: type, trainer_class: type, family: type | None = None, **reward_defaults: Any
-) -> int:
+def run_trainer_command(argv: list[str], config_class: type, trainer_class: type, **reward_defaults: Any) -> int:
     """A command around a trainer with TRL's `(config, reward_function, prompt_function, generator)` constructor:
-    parse `GeneratorArguments` + `config_class`, load the generator (`family`: the adapter class the trainer samples
-    through; None = any family), train in a claimed output directory, push if asked, summarise."""
+    parse `GeneratorArguments` + `config_class`, load the generator (any family), train in a claimed output
+    directory, push if asked, summarise. `reward_defaults` fill what the config's reward block leaves out."""
     from rlhf.config import parse_config
 
     generator, config = parse_config([GeneratorArguments, config_class], argv)
@@ -154,7 +142,7 @@ def run_trainer_command(
     with training_command(argv, config):
         prompts = load_run_prompts(config)
         reward = build_process_reward(config.reward, **reward_defaults)
-        policy = load_policy(generator, config.seed, str(run_directory(config)), family)
+        policy = load_policy(generator, config.seed, str(run_directory(config)))
         trainer = trainer_class(config, reward, uniform_prompt_function(prompts), policy)
         trainer.write_curves = True  # the command draws training_curves.png; the Python API leaves it to the caller
         trainer.outputs.save_config([generator, config])
