@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from rlhf.generators import load_generator
@@ -16,7 +15,7 @@ from rlhf.generators.sampling import sde_window
 from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_sd3
-from tests.conftest import assert_resumed_run_matches
+from tests.conftest import assert_resumed_run_matches, reset_accelerator_state
 from tests.test_ddpo import (
     PROMPTS, assert_ranks_hold_one_trained_lora, colour_reward, prompt_cycle, run_on_two_cpu_processes,
 )
@@ -179,7 +178,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, tmp_pa
     uninterrupted.train()
     expected = uninterrupted.sd_pipeline.policy_state_dict()
     expected_ema = [value.clone() for value in uninterrupted.ema.shadow]
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator_state()
 
     def crash_in_second_epoch(records, global_step, tracker):
         if global_step > 0:
@@ -187,7 +186,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, tmp_pa
 
     with pytest.raises(KeyboardInterrupt):
         make_trainer(tiny_sd, small_config(tmp_path / "b", **overrides), hook=crash_in_second_epoch).train()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator_state()
     resumed = make_trainer(tiny_sd, small_config(tmp_path / "b", resume_from=str(tmp_path / "b"), **overrides))
     assert resumed.first_epoch == 1
     resumed.train()

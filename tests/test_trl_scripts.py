@@ -20,9 +20,11 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-from rlhf.pipeline import DefaultDDPOStableDiffusionPipeline  # was: from trl import DefaultDDPOStableDiffusionPipeline
 from rlhf.reward_fn import build_reward  # was: the aesthetic scorer (downloads CLIP and an MLP)
-from trainers import AlignPropConfig, AlignPropTrainer, DDPOConfig, DDPOTrainer  # was: from trl import ...
+from tests.conftest import reset_accelerator_state
+from trainers import (  # was: from trl import ...
+    AlignPropConfig, AlignPropTrainer, DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline,
+)
 
 pytestmark = pytest.mark.usefixtures("isolated_accelerator")
 
@@ -141,8 +143,7 @@ def brightness_reward(images, prompts, metadata):
 def test_trl_project_kwargs_checkpoint_under_project_dir_and_resume_exactly(make, tiny_sd, tmp_path, monkeypatch):
     """TRL's documented `project_kwargs` end to end: every file under project_dir, accelerate's checkpoint names
     with total_limit kept, and a run resumed from the `checkpoints` folder ends with the uninterrupted run's LoRA."""
-    from accelerate.state import AcceleratorState
-
+    
     from rlhf.pipeline import DDPOStableDiffusionPipeline
 
     monkeypatch.chdir(tmp_path)
@@ -150,7 +151,7 @@ def test_trl_project_kwargs_checkpoint_under_project_dir_and_resume_exactly(make
                   mixed_precision="no", num_grid_images=0)
 
     def trainer(project_dir: str, **extra):
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerator_state()
         pipeline = DDPOStableDiffusionPipeline.from_pretrained(tiny_sd, lora_seed=0)
         return make(pipeline, project_kwargs={"project_dir": project_dir, **TRL_PROJECT}, **fields, **extra)
 

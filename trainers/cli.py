@@ -35,9 +35,9 @@ HELP = ("-h", "--help")
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
-# generator names `rlhf search`'s `pretrained_model` may give -> the `rlhf.toy_generators` function giving the path
-# (the committed toy generators, which the library does not know of); named, not imported, since that module loads
-# diffusers, which `rlhf --help` should not wait for
+# generator names a command's `pretrained_model` may give (`rlhf search`, `rlhf train *`) -> the `rlhf.toy_generators`
+# function giving the path (the committed toy generators, which the library does not know of); named, not imported,
+# since that module loads diffusers, which `rlhf --help` should not wait for
 GENERATOR_NAMES = {"toy": "toy_generator_path", "toy-flow": "toy_flow_generator_path"}
 
 

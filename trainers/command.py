@@ -25,7 +25,7 @@ class GeneratorArguments:
     pretrained_model: str = field(
         default="",
         metadata={"help": "A diffusers pipeline path or hub id, or a saved policy directory (SD 1.x/2.x/SDXL, "
-                  "SD3/3.5, FLUX.1); '' = the toy generator, "
+                  "SD3/3.5, FLUX.1); 'toy' or '' = the toy generator, "
                   "'toy-flow' = the toy flow generator (SD3); 'tiny', 'tiny-sd3', 'tiny-flux' = a random tiny "
                   "pipeline (plumbing only) (default '')."},
     )
@@ -42,20 +42,20 @@ class GeneratorArguments:
     )
 
 
-
 # `pretrained_model` names a command resolves itself: random tiny pipelines (plumbing only), built by these
-# `rlhf.testing` functions under the run directory; and the committed toy generators
+# `rlhf.testing` functions under the run directory; and the committed toy generators (`trainers.cli.generator_path`,
+# the names `rlhf search` takes too)
 TINY_BUILDERS = {"tiny": "build_tiny_sd", "tiny-sd3": "build_tiny_sd3", "tiny-flux": "build_tiny_flux"}
-TOY_FLOW = "toy-flow"
 
 
 def load_policy(arguments: Any, seed: int, output_dir: str) -> Any:
     """The generator adapter `arguments` (`GeneratorArguments` fields) names, its LoRA seeded by `seed`:
-    `pretrained_model` '' = the toy generator, 'toy-flow' = the toy flow generator (SD3), a `TINY_BUILDERS` name = a
+    `pretrained_model` 'toy' or '' = the toy generator, 'toy-flow' = the toy flow generator (SD3), a `TINY_BUILDERS` name = a
     random tiny pipeline built under `output_dir`, else any diffusers pipeline directory or hub id, or a directory
     a policy was saved to (the family read from it by `rlhf.generators.load_generator`)."""
-    from rlhf import testing, toy_generators
+    from rlhf import testing
     from rlhf.generators import generator_class
+    from trainers.cli import generator_path
 
     name = arguments.pretrained_model
     if name in TINY_BUILDERS:
@@ -64,10 +64,8 @@ def load_policy(arguments: Any, seed: int, output_dir: str) -> Any:
             if not (path / "model_index.json").is_file():
                 getattr(testing, TINY_BUILDERS[name])(path, seed=seed)
         name = str(path)
-    elif name == TOY_FLOW:
-        name = str(toy_generators.toy_flow_generator_path())
-    elif not name:
-        name = str(toy_generators.toy_generator_path())
+    else:
+        name = generator_path(name or "toy")
     adapter = generator_class(name, arguments.pretrained_revision)
     options: dict[str, Any] = dict(use_lora=arguments.use_lora, lora_rank=arguments.lora_rank,
                                    lora_alpha=arguments.lora_alpha, lora_seed=seed)
