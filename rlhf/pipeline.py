@@ -1,5 +1,6 @@
 """TRL 0.23's `DDPOStableDiffusionPipeline` API over the SD adapter: sampling that records every latent and DDIM
-log-prob (DDPO), `rgb_with_grad` for reward back-propagation (AlignProp), `scheduler_step`."""
+log-prob, `rgb_with_grad` (reward back-propagation) and `scheduler_step`, kept for TRL scripts; our trainers call
+the adapter interface and `rlhf.generators.sampling` / `rlhf.generators.backprop` directly."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ class DDPOSchedulerOutput:
 
 class DDPOStableDiffusionPipeline(StableDiffusionAdapter):
     """TRL 0.23's DDPO/AlignProp pipeline: the SD adapter (constructor and `from_pretrained` as there) plus TRL's
-    sampling calls. `__call__` samples with DDIM log-probs for DDPO; `rgb_with_grad` keeps the graph for AlignProp."""
+    sampling calls. `__call__` samples with DDIM log-probs (TRL's DDPO); `rgb_with_grad` keeps the graph (TRL's
+    AlignProp)."""
 
     # the number of final steps `rgb_with_grad` back-propagates through, from TRL's truncation options
     backprop_steps = staticmethod(backprop_steps)

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
 from rlhf.generators import load_generator
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_flux, build_tiny_sd3
 from rlhf.toy import EVAL_PROMPTS, colour_score
-from tests.conftest import assert_resumed_run_matches
+from tests.conftest import assert_resumed_run_matches, reset_accelerator_state
 from trainers import AlignPropConfig, AlignPropTrainer
 from trainers.alignprop import main
 
@@ -226,7 +225,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, tmp_pa
     uninterrupted = make_trainer(tiny_sd, small_config(tmp_path / "a", method=method))
     uninterrupted.train()
     expected = uninterrupted.sd_pipeline.policy_state_dict()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator_state()
 
     def crash_in_second_epoch(batch, global_step, tracker):
         if global_step > 1:
@@ -236,7 +235,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     assert (tmp_path / "b" / "checkpoints" / "checkpoint_0").is_dir()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator_state()
 
     resumed = make_trainer(tiny_sd, small_config(tmp_path / "b", method=method, resume_from=str(tmp_path / "b")))
     assert resumed.first_epoch == 1

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
@@ -23,7 +22,7 @@ from rlhf.generators import load_generator
 from rlhf.pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_flux, build_tiny_sd3
 from rlhf.toy import EVAL_PROMPTS, colour_score, write_toy_datasets
-from tests.conftest import assert_resumed_run_matches
+from tests.conftest import assert_resumed_run_matches, reset_accelerator_state
 from trainers.dpo import STAT_NAMES, DiffusionDPOConfig, DiffusionDPOTrainer, diffusion_dpo_loss, main
 from trainers.dpo_pairs import PairBatch, PairLatents, build_preference_pairs
 
@@ -372,7 +371,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, toy_pa
     uninterrupted = make_trainer(tiny_sd, small_config(tmp_path / "a", **overrides))
     uninterrupted.train()
     expected = uninterrupted.sd_pipeline.policy_state_dict()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator_state()
 
     interrupted = make_trainer(tiny_sd, small_config(tmp_path / "b", **overrides))
     original_step = interrupted.training_step
@@ -385,7 +384,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, toy_pa
     interrupted.training_step = crash_in_second_epoch
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator_state()
 
     resumed = make_trainer(tiny_sd, small_config(tmp_path / "b", resume_from=str(tmp_path / "b"), **overrides))
     assert resumed.first_epoch == 1

@@ -206,13 +206,6 @@ class FlowMatchingAdapter(GeneratorAdapter):
         """The velocity noise - x0, which the transformer predicts (rectified flow)."""
         return noise - clean
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE latents (`GeneratorAdapter.encode_images`) in the layout the transformer reads: packed 2x2 patches
-        for a pipeline that packs them (FLUX's `_pack_latents`, the one diffusers uses; no public form exists)."""
-        latents = super().encode_images(pixels)
-        pack = getattr(self.pipeline, "_pack_latents", None)
-        return latents if pack is None else pack(latents, *latents.shape)
-
     def _sigmas(self, timestep: torch.Tensor | float, latents: torch.Tensor) -> torch.Tensor:
         """sigma = timestep / num_train_timesteps, one per sample, shaped to broadcast over `latents`."""
         sigma = self._timesteps_per_sample(timestep, latents).float() / self.scheduler.config.num_train_timesteps

@@ -90,6 +90,12 @@ class FluxAdapter(FlowMatchingAdapter):
         )
         return self.pipeline._pack_latents(noise, batch_size, channels, latent_height, latent_width)
 
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE latents (`GeneratorAdapter.encode_images`) packed into 2x2 patches, the layout the transformer reads
+        (diffusers' `_pack_latents`, as for the initial noise: there is no public form)."""
+        latents = super().encode_images(pixels)
+        return self.pipeline._pack_latents(latents, *latents.shape)
+
     def _schedule_sigmas(self, num_inference_steps: int) -> np.ndarray | None:
         # FluxPipeline spaces sigmas from 1 to 1 / N (unless the scheduler makes its own flow sigmas)
         if self.scheduler.config.get("use_flow_sigmas", False):

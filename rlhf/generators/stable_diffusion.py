@@ -86,13 +86,6 @@ class StableDiffusionAdapter(GeneratorAdapter):
         return self.sd_pipeline.tokenizer
 
     @property
-    def device(self) -> torch.device:
-        # diffusers' `ModelMixin.device` first walks every module of the UNet for a group-offloading hook (3 calls
-        # per sampling batch: ~5% of a tiny-pipeline sampling call); a trained policy is never group-offloaded,
-        # so the answer is its parameters' device, where diffusers looks next
-        return next(self.unet.parameters()).device
-
-    @property
     def default_size(self) -> int:
         """The image side the UNet was configured for, in pixels."""
         return self.unet.config.sample_size * self.sd_pipeline.vae_scale_factor
@@ -165,9 +158,7 @@ class StableDiffusionAdapter(GeneratorAdapter):
         """
         unet = denoiser or self.unet
         guided = "negative_prompt_embeds" in conditioning
-        timesteps = torch.as_tensor(timesteps, device=latents.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(len(latents))
+        timesteps = self._timesteps_per_sample(timesteps, latents)
         embeds = conditioning["prompt_embeds"]
         added = None
         if self.is_sdxl:
