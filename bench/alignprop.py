@@ -47,7 +47,7 @@ def build_pipeline(preset: str, size: int, device: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from rlhf.pipeline import DDPOStableDiffusionPipeline
+    from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
     from rlhf.testing import TEXT_MAX_LENGTH, assemble_pipeline, tiny_sd_components
 
     components = tiny_sd_components(seed=0)

@@ -41,8 +41,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, dict]:
     """One variant in this process: a warm-up epoch, then `--repeats` epochs per mode ("sync", and for the
     reward variants "async", alternating with it on the same trainer); each mode's fastest phases."""
     torch.set_num_threads(args.threads)
-    from rlhf.pipeline import DDPOStableDiffusionPipeline
-    from rlhf.reward_fn import AsyncReward
+    from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
+    from rlhf.rewards.reward_fn import AsyncReward
     from rlhf.testing import build_tiny_sd
     from rlhf.toy import colour_score, toy_prompts
     from trainers import DDPOConfig, DDPOTrainer
@@ -63,7 +63,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, dict]:
     elif reward_name == "llava":
         from reward import RewardModel
         from reward.testing import build_tiny_vlm
-        from rlhf.reward_fn import build_reward
+        from rlhf.rewards.reward_fn import build_reward
 
         model_dir = work / "reward_model"
         if not model_dir.is_dir():
@@ -129,7 +129,7 @@ def run_ported(args: argparse.Namespace) -> dict[str, float]:
         from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
     else:
         sys.path.insert(0, str(ROOT))
-        from rlhf.pipeline import DefaultDDPOStableDiffusionPipeline
+        from rlhf.generators.ddpo_pipeline import DefaultDDPOStableDiffusionPipeline
         from trainers import DDPOConfig, DDPOTrainer
     import random
 

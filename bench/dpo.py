@@ -23,7 +23,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import TEXT_MAX_LENGTH, assemble_pipeline, tiny_sd_components
 from trainers.common import peak_memory_mb, seeded_generator
 from trainers.dpo import DiffusionDPOConfig, DiffusionDPOTrainer

@@ -17,9 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rlhf.pipeline import DDPOStableDiffusionPipeline  # noqa: E402
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline  # noqa: E402
 from rlhf.search import best_of_n, fk_steering, zero_order_search  # noqa: E402
-from rlhf.toy_generators import toy_generator_path  # noqa: E402
+from rlhf.toy.generators import toy_generator_path  # noqa: E402
 from rlhf.toy import EVAL_PROMPTS, colour_score  # noqa: E402
 
 

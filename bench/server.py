@@ -3,7 +3,7 @@
     python bench/server.py [--size tiny|bench|phi35] [--clients 16] [--requests 20] [--max-batch-size 16]
                            [--max-wait-ms 5] [--rounds 3] [--device cpu] [--output results.json]
 
-Serves a random LLaVA RewardModel (`reward.testing.build_tiny_vlm`, two perspectives) with `rlhf.server` on a real
+Serves a random LLaVA RewardModel (`reward.testing.build_tiny_vlm`, two perspectives) with `rlhf.rewards.server` on a real
 uvicorn bound to 127.0.0.1, then runs `--clients` threads, each sending `--requests` requests of one toy image
 through `RemoteReward`. Once with dynamic batching (`--max-batch-size`, `--max-wait-ms`), once with max batch
 size 1; the configurations alternate for `--rounds` rounds and the median images/s of each is reported, with the
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from reward import RewardModel
 from reward.testing import build_tiny_vlm
-from rlhf.reward_fn import LocalReward, RemoteReward
-from rlhf.server import BackgroundServer, create_app
+from rlhf.rewards.reward_fn import LocalReward, RemoteReward
+from rlhf.rewards.server import BackgroundServer, create_app
 from rlhf.toy import sample_toy_images
 
 

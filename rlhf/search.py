@@ -373,7 +373,7 @@ def main(argv: list[str], model_path: Callable[[str], str] = str) -> int:
 
     from rlhf.config import parse_config, save_config
     from rlhf.generators import load_generator
-    from rlhf.reward_fn import build_reward
+    from rlhf.rewards.reward_fn import build_reward
 
     (config,) = parse_config(SearchConfig, argv)
     _check(config)

@@ -1,5 +1,5 @@
 """Tiny offline diffusion pipelines with random weights (SD 1.x, SD3, FLUX.1) for plumbing tests; the committed,
-pre-trained toy generators are in `rlhf.toy_generators`."""
+pre-trained toy generators are in `rlhf.toy.generators`."""
 
 from __future__ import annotations
 

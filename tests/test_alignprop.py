@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhf.generators import load_generator
-from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_flux, build_tiny_sd3
 from rlhf.toy import EVAL_PROMPTS, colour_score
 from tests.conftest import assert_resumed_run_matches, reset_accelerator_state
@@ -183,7 +183,7 @@ def test_config_has_trl_fields_and_defaults() -> None:
 @pytest.mark.parametrize(
     "reward",
     [
-        pytest.param(lambda: __import__("rlhf.reward_fn", fromlist=["build_reward"]).build_reward(
+        pytest.param(lambda: __import__("rlhf.rewards.reward_fn", fromlist=["build_reward"]).build_reward(
             {"builtin": "toy_colour_soft", "differentiable": False}), id="declared_false"),
         pytest.param(lambda: (lambda images, prompts, metadata: (colour_score(images, prompts).detach(), {})),
                      id="detached_function"),
@@ -279,7 +279,7 @@ def test_cli_rejects_an_unknown_key_and_a_shipped_config_validates() -> None:
 
 @pytest.mark.slow
 def test_alignprop_raises_the_differentiable_toy_reward_by_more_than_three_std(tmp_path: Path) -> None:
-    from rlhf.toy_generators import toy_generator_path
+    from rlhf.toy.generators import toy_generator_path
     from trainers.command import load_training_prompts, uniform_prompt_function
 
     try:

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.pipeline import DDPOStableDiffusionPipeline
-from rlhf.stats import PerPromptStatTracker, batch_advantages, group_advantages
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
+from rlhf.rewards.stats import PerPromptStatTracker, batch_advantages, group_advantages
 from rlhf.toy import colour_score
 from tests.conftest import assert_resumed_run_matches, reset_accelerator_state
 from trainers import DDPOConfig, DDPOTrainer
@@ -256,7 +256,7 @@ def test_group_advantages_are_per_prompt_group(tiny_sd: Path, tmp_path: Path) ->
 
 
 def test_gdpo_weighting_computes_the_advantages(tiny_sd: Path, tmp_path: Path) -> None:
-    from rlhf.reward_fn import build_reward
+    from rlhf.rewards.reward_fn import build_reward
 
     spec = {"builtin": "toy_colour_soft", "differentiable": False,
             "weighting": {"level": "advantage", "perspectives": {"colour": 1.0}}}
@@ -295,7 +295,7 @@ def test_async_rewards_fold_in_sampling_order_as_without_async(tiny_sd: Path, tm
 
 
 def running_weighted_colour_reward():
-    from rlhf.reward_fn import build_reward
+    from rlhf.rewards.reward_fn import build_reward
 
     return build_reward({"builtin": "toy_colour_soft", "differentiable": False,
                          "weighting": {"perspectives": {"colour": {"weight": 1.0, "normalize": "running"}}}})
@@ -335,7 +335,7 @@ TWO_PROCESS_SCRIPT = """
 import sys, torch
 from accelerate import PartialState
 from safetensors.torch import save_file
-from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 from tests.test_ddpo import colour_reward, prompt_cycle, small_config
 from trainers import DDPOTrainer
 
@@ -448,7 +448,7 @@ def test_ddpo_raises_the_toy_reward_by_more_than_three_std(tmp_path: Path) -> No
     only the config's 15) with 4 seeds and without the held-out oracles. Measured: 0.543 +- 0.028 -> 0.676 +- 0.025,
     a gain of 0.133 against the 3-std bar 0.084 (oracle alignment 0.47 -> 0.61, colour 0.72 -> 0.88), ~45 s."""
     from rlhf.config import parse_config
-    from rlhf.toy_generators import toy_generator_path
+    from rlhf.toy.generators import toy_generator_path
     from rlhf.toy import ALL_PROMPTS
     from trainers.command import load_training_prompts, uniform_prompt_function
 
@@ -486,7 +486,7 @@ def test_the_tiny_config_scores_the_toy_oracles_as_heldout_rewards(tmp_path: Pat
     per-perspective `heldout/<name>` is the oracle's mean over the evaluation's images."""
     from rlhf.config import parse_config
     from rlhf.toy import oracle_alignment, oracle_colour, oracle_shape
-    from rlhf.toy_generators import toy_generator_path
+    from rlhf.toy.generators import toy_generator_path
 
     _, config = parse_config([GeneratorArguments, DDPOConfig], ["--config", str(ROOT / "configs/ddpo/tiny.yaml")])
     trainer = DDPOTrainer(small_config(tmp_path, heldout_rewards=config.heldout_rewards), colour_reward, prompt_cycle,

@@ -19,7 +19,7 @@ from PIL import Image
 
 from reward.pairs import load_pairs
 from rlhf.generators import load_generator
-from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_flux, build_tiny_sd3
 from rlhf.toy import EVAL_PROMPTS, colour_score, write_toy_datasets
 from tests.conftest import assert_resumed_run_matches, reset_accelerator_state
@@ -395,7 +395,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_lora(tiny_sd: Path, toy_pa
 TWO_PROCESS_SCRIPT = """
 import sys, torch
 from safetensors.torch import save_file
-from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 from tests.test_dpo import colour_reward, prompt_cycle, small_config
 from trainers.dpo import DiffusionDPOTrainer
 
@@ -482,7 +482,7 @@ def test_cli_rejects_an_unknown_key_and_a_missing_dataset(tmp_path: Path) -> Non
 
 
 def toy_generator() -> Path:
-    from rlhf.toy_generators import toy_generator_path
+    from rlhf.toy.generators import toy_generator_path
 
     try:
         return toy_generator_path()

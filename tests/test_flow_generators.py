@@ -22,7 +22,7 @@ from diffusers import (
 )
 
 from rlhf.generators import FluxAdapter, GeneratorAdapter, SD3Adapter, generator_class, load_generator
-from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_flux, build_tiny_sd, build_tiny_sd3
 from tests.test_pipeline import perturb_lora
 

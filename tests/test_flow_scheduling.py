@@ -13,7 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
 from torch.distributions import Normal
 
-from rlhf.flow_scheduling import cps_step_with_logprob, dance_sde_step_with_logprob, flow_sde_step_with_logprob
+from rlhf.generators.flow_scheduling import cps_step_with_logprob, dance_sde_step_with_logprob, flow_sde_step_with_logprob
 from rlhf.testing import build_tiny_sd3
 
 STEPS = 8
@@ -37,7 +37,7 @@ def random_tensors(seed: int, shape: tuple[int, ...] = SHAPE) -> tuple[torch.Ten
 def published(
     name: str, scheduler: FlowMatchEulerDiscreteScheduler, v: torch.Tensor, index: int, x: torch.Tensor, level: float
 ) -> tuple[torch.Tensor, float]:
-    """(mean, std) of each step in float64, written from the references (see rlhf/flow_scheduling.py)."""
+    """(mean, std) of each step in float64, written from the references (see rlhf/generators/flow_scheduling.py)."""
     sigma, sigma_next = float(scheduler.sigmas[index]), float(scheduler.sigmas[index + 1])
     x, v = x.double(), v.double()
     dt = sigma_next - sigma

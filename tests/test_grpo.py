@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from rlhf.generators import load_generator
 from rlhf.generators.sampling import sde_window
-from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages
-from rlhf.pipeline import DDPOStableDiffusionPipeline
+from trainers.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_sd3
 from tests.conftest import assert_resumed_run_matches, reset_accelerator_state
 from tests.test_ddpo import (
@@ -235,7 +235,7 @@ def test_every_shipped_config_parses_and_validates() -> None:
 TWO_PROCESS_SCRIPT = """
 import sys, torch
 from safetensors.torch import save_file
-from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_sd3
 from tests.test_grpo import colour_reward, prompt_cycle, small_config
 from trainers import GRPOTrainer

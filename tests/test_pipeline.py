@@ -11,8 +11,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from rlhf.generators import GeneratorAdapter
 from rlhf.generators.sampling import replay_steps, sample_trajectories
-from rlhf.pipeline import DDPOStableDiffusionPipeline, DefaultDDPOStableDiffusionPipeline
-from rlhf.scheduling import ddim_step_with_logprob
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline, DefaultDDPOStableDiffusionPipeline
+from rlhf.generators.scheduling import ddim_step_with_logprob
 from rlhf.testing import TEXT_MAX_LENGTH, build_tiny_tokenizer
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]

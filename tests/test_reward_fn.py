@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from reward import RewardModel
-from rlhf.reward_fn import (
+from rlhf.rewards.reward_fn import (
     BUILTINS,
     AsyncReward,
     LocalReward,
@@ -18,7 +18,7 @@ from rlhf.reward_fn import (
     build_reward,
 )
 from rlhf.toy import oracle_alignment, oracle_fidelity, oracle_safety, sample_toy_images
-from rlhf.weighting import Weighting
+from rlhf.rewards.weighting import Weighting
 from tests.conftest import perturb_adapters
 
 WEIGHTING = {

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch.distributions import Normal, kl_divergence
 
-from rlhf.scheduling import ddim_step_kl, ddim_step_with_logprob
+from rlhf.generators.scheduling import ddim_step_kl, ddim_step_with_logprob
 
 STEPS = 10
 

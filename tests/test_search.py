@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from trainers.cli import generator_path, main
-from rlhf.pipeline import DDPOStableDiffusionPipeline
+from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 from rlhf.search import best_of_n, effective_sample_size, fk_steering, sphere_neighbours, zero_order_search
-from rlhf.toy_generators import toy_flow_generator_path, toy_generator_path
+from rlhf.toy.generators import toy_flow_generator_path, toy_generator_path
 from rlhf.toy import EVAL_PROMPTS, colour_score
 
 STEPS = 6

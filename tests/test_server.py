@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from reward import RewardModel
-from rlhf.reward_fn import LocalReward, RemoteReward, RemoteRewardError, builtin_scorer, encode_png_batch
-from rlhf.server import BackgroundServer, create_app
+from rlhf.rewards.reward_fn import LocalReward, RemoteReward, RemoteRewardError, builtin_scorer, encode_png_batch
+from rlhf.rewards.server import BackgroundServer, create_app
 from rlhf.toy import sample_toy_images
 from tests.conftest import perturb_adapters
 

@@ -13,8 +13,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 from trainers.cli import main as rlhf_main
 from rlhf.testing import build_tiny_tokenizer
 from rlhf.toy import EVAL_PROMPTS, oracle_colour
-from rlhf.toy_generators import load_toy_flow_generator, toy_flow_generator_path
-from rlhf.toy_pretrain import ToyPretrainConfig, evaluate_toy_generator
+from rlhf.toy.generators import load_toy_flow_generator, toy_flow_generator_path
+from rlhf.toy.pretrain import ToyPretrainConfig, evaluate_toy_generator
 from tests.test_toy_generator import _with_next_colour
 
 SEEDS = [0]  # a subset of the recorded seeds 0..7

@@ -10,9 +10,9 @@ from diffusers import StableDiffusionPipeline
 
 from trainers.cli import main as rlhf_main
 from rlhf.testing import build_tiny_sd, build_tiny_tokenizer
-from rlhf.toy_generators import toy_generator_path
+from rlhf.toy.generators import toy_generator_path
 from rlhf.toy import EVAL_PROMPTS, TOY_COLOURS, TOY_SHAPES, oracle_colour, parse_prompt
-from rlhf.toy_pretrain import evaluate_toy_generator
+from rlhf.toy.pretrain import evaluate_toy_generator
 
 CHANCE_ALIGNMENT = 1 / (len(TOY_COLOURS) * len(TOY_SHAPES))  # a drawer that ignores the prompt
 # Margin over chance on these seeds: the committed generator measures 0.50 here (chance 1/15 = 0.067).

@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-from rlhf.reward_fn import build_reward  # was: the aesthetic scorer (downloads CLIP and an MLP)
+from rlhf.rewards.reward_fn import build_reward  # was: the aesthetic scorer (downloads CLIP and an MLP)
 from tests.conftest import reset_accelerator_state
 from trainers import (  # was: from trl import ...
     AlignPropConfig, AlignPropTrainer, DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline,
@@ -144,7 +144,7 @@ def test_trl_project_kwargs_checkpoint_under_project_dir_and_resume_exactly(make
     """TRL's documented `project_kwargs` end to end: every file under project_dir, accelerate's checkpoint names
     with total_limit kept, and a run resumed from the `checkpoints` folder ends with the uninterrupted run's LoRA."""
     
-    from rlhf.pipeline import DDPOStableDiffusionPipeline
+    from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 
     monkeypatch.chdir(tmp_path)
     fields = dict(num_epochs=3, save_freq=1, sample_num_steps=2, train_batch_size=2, train_learning_rate=3e-3,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhf.stats import EPS
-from rlhf.weighting import Weighting
+from rlhf.rewards.stats import EPS
+from rlhf.rewards.weighting import Weighting
 
 
 def t(*values: float) -> torch.Tensor:

@@ -16,8 +16,8 @@ _EXPORTS = {
     "DDPOConfig": "trainers.ddpo",
     "DDPOTrainer": "trainers.ddpo",
     # TRL 0.23's pipeline classes, so that a TRL script ports by changing its `from trl import ...` line alone
-    "DDPOStableDiffusionPipeline": "rlhf.pipeline",
-    "DefaultDDPOStableDiffusionPipeline": "rlhf.pipeline",
+    "DDPOStableDiffusionPipeline": "rlhf.generators.ddpo_pipeline",
+    "DefaultDDPOStableDiffusionPipeline": "rlhf.generators.ddpo_pipeline",
     "GeneratorArguments": "trainers.command",
     "DiffusionDPOConfig": "trainers.dpo",
     "DiffusionDPOTrainer": "trainers.dpo",

@@ -83,7 +83,7 @@ class AlignPropConfig(DDIMTrainerConfig):
     output_dir: str = redeclare("output_dir", "runs/alignprop", "'runs/alignprop'")
     reward: dict = field(
         default_factory=lambda: {"builtin": "toy_colour_soft"},
-        metadata={"help": "CLI: the reward block for rlhf.reward_fn.build_reward; it must give gradients "
+        metadata={"help": "CLI: the reward block for rlhf.rewards.reward_fn.build_reward; it must give gradients "
                   "(default {builtin: toy_colour_soft})."},
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Images per evaluation sampling call (default 8)."})

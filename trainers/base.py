@@ -157,7 +157,7 @@ class DiffusionTrainerConfig:
     )
     reward: dict = field(
         default_factory=lambda: {"builtin": "toy_colour"},
-        metadata={"help": "CLI: the reward block for rlhf.reward_fn.build_reward (default {builtin: toy_colour})."},
+        metadata={"help": "CLI: the reward block for rlhf.rewards.reward_fn.build_reward (default {builtin: toy_colour})."},
     )
     eval_prompts: list[str] = field(
         default_factory=list,

@@ -17,15 +17,15 @@ from rlhf.runs import RunInterrupted
 # sub-command words -> ("module:function", one-line description); each function takes the remaining argv and
 # returns an exit code. A new command is one entry here.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("score",): ("rlhf.scoring:main", "score images against prompts with a saved reward model"),
-    ("serve",): ("rlhf.server:main", "serve a reward model over HTTP (POST /score)"),
+    ("score",): ("rlhf.rewards.scoring:main", "score images against prompts with a saved reward model"),
+    ("serve",): ("rlhf.rewards.server:main", "serve a reward model over HTTP (POST /score)"),
     ("search",): ("rlhf.search:main", "inference-time search guided by a reward (best-of-N, zero-order, FK)"),
     ("demo",): ("trainers.demo:main", "the toy world end to end: reward model, DDPO and DPO, judged by oracles"),
     ("toy", "data"): ("rlhf.toy:data_main", "write toy-world preference data (JSONL + PNG)"),
-    ("toy", "pretrain"): ("rlhf.toy_pretrain:main", "pre-train the toy generator on toy-world images"),
+    ("toy", "pretrain"): ("rlhf.toy.pretrain:main", "pre-train the toy generator on toy-world images"),
     ("train", "reward"): ("trainers.reward_model:main", "train LLaVA-Reward perspectives on preference data"),
     ("eval", "reward"): ("trainers.reward_model:eval_main", "evaluate a reward model's accuracy on preference data"),
-    ("convert", "official"): ("rlhf.convert:main", "a released LLaVA-Reward checkpoint into a reward model directory"),
+    ("convert", "official"): ("rlhf.rewards.convert:main", "a released LLaVA-Reward checkpoint into a reward model directory"),
     ("train", "ddpo"): ("trainers.ddpo:main", "fine-tune a diffusion model with DDPO (PPO on DDIM log-probs)"),
     ("train", "grpo"): ("trainers.grpo:main", "fine-tune any generator family (SD, SD3, FLUX) with GRPO (group advantages)"),
     ("train", "dpo"): ("trainers.dpo:main", "fine-tune a diffusion model with Diffusion-DPO (offline or online)"),
@@ -35,7 +35,7 @@ HELP = ("-h", "--help")
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
-# generator names a command's `pretrained_model` may give (`rlhf search`, `rlhf train *`) -> the `rlhf.toy_generators`
+# generator names a command's `pretrained_model` may give (`rlhf search`, `rlhf train *`) -> the `rlhf.toy.generators`
 # function giving the path (the committed toy generators, which the library does not know of); named, not imported,
 # since that module loads diffusers, which `rlhf --help` should not wait for
 GENERATOR_NAMES = {"toy": "toy_generator_path", "toy-flow": "toy_flow_generator_path"}
@@ -45,7 +45,7 @@ def generator_path(name: str) -> str:
     """The path a `GENERATOR_NAMES` name stands for; any other name is a path or hub id already."""
     if name not in GENERATOR_NAMES:
         return name
-    from rlhf import toy_generators
+    from rlhf.toy import generators as toy_generators
 
     return str(getattr(toy_generators, GENERATOR_NAMES[name])())
 

@@ -323,9 +323,9 @@ def build_lr_scheduler(config: Any, optimizer: torch.optim.Optimizer, optimizer_
 
 
 def build_process_reward(spec: dict[str, Any], **defaults: Any) -> Any:
-    """`rlhf.reward_fn.build_reward` for this process: `defaults` fill the keys `spec` leaves out, and a reward
+    """`rlhf.rewards.reward_fn.build_reward` for this process: `defaults` fill the keys `spec` leaves out, and a reward
     model scores on this process's accelerator unless `spec` names a device."""
-    from rlhf.reward_fn import build_reward
+    from rlhf.rewards.reward_fn import build_reward
 
     spec = {**defaults, **spec}
     if "model" in spec and "device" not in spec:

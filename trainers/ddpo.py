@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.stats import batch_advantages, group_advantages
+from rlhf.rewards.stats import batch_advantages, group_advantages
 from trainers.base import DDIMTrainerConfig, redeclare, require
 from trainers.command import run_trainer_command
 from trainers.policy_gradient import PolicyGradientTrainer
@@ -21,7 +21,7 @@ class DDPOConfig(DDIMTrainerConfig):
     meaning; fields that cannot apply here say so.
 
     Notes on the choices a user faces:
-    - `train_clip_range`: log-probs are means over latent dimensions (see `rlhf.scheduling`), so per-step
+    - `train_clip_range`: log-probs are means over latent dimensions (see `rlhf.generators.scheduling`), so per-step
       ratios move by ~1e-3..1e-2 per update. TRL's 1e-4 clips 35-55% of pairs from the second minibatch on and
       learns ~3x slower than 1e-2 (measured on a tiny pipeline); 1e-4 is kept as the default for TRL parity, the
       toy configs use 1e-2.

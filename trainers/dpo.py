@@ -130,7 +130,7 @@ class DiffusionDPOConfig(DDIMTrainerConfig):
     # ---- online sampling and pairing ----
     reward: dict = field(
         default_factory=lambda: {"builtin": "toy_colour_soft"},
-        metadata={"help": "The reward block for rlhf.reward_fn.build_reward (with its weighting): online it ranks the "
+        metadata={"help": "The reward block for rlhf.rewards.reward_fn.build_reward (with its weighting): online it ranks the "
                   "samples; both modes evaluate with it; {} = none (offline only) (default {builtin: toy_colour_soft})."},
     )
     group_size: int = field(default=4, metadata={"help": "Online: K images per drawn prompt, paired within the group (default 4)."})

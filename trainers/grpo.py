@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.generators.sampling import sde_window
-from rlhf.grpo_ema import ParameterEMA
-from rlhf.grpo_loss import grpo_advantages
+from trainers.grpo_ema import ParameterEMA
+from trainers.grpo_loss import grpo_advantages
 from trainers.base import HELDOUT, DiffusionTrainerConfig, redeclare, require
 from trainers.command import run_trainer_command
 from trainers.common import Checkpointer, seeded_generator

@@ -13,9 +13,9 @@ import torch
 
 from rlhf.generators.base import GeneratorAdapter
 from rlhf.generators.sampling import replay_steps
-from rlhf.grpo_loss import clipped_policy_loss, gaussian_step_kl, ratio_statistics
-from rlhf.reward_fn import AsyncReward
-from rlhf.stats import PerPromptStatTracker
+from trainers.grpo_loss import clipped_policy_loss, gaussian_step_kl, ratio_statistics
+from rlhf.rewards.reward_fn import AsyncReward
+from rlhf.rewards.stats import PerPromptStatTracker
 from trainers.base import DiffusionTrainer
 from trainers.common import (
     draw_prompts, gathered_advantages, peak_memory_mb, perspective_values, reseed_global_rngs, reward_result,

@@ -2,7 +2,7 @@
 
 `load_generator(path)` picks the family from the pipeline class in the model's `model_index.json`, so a trainer
 never names one; a new family is one module plus one `GENERATOR_FAMILIES` line. The families are imported on first
-use (`rlhf.pipeline` and the SD adapter import this package's `base`).
+use (`rlhf.generators.ddpo_pipeline` and the SD adapter import this package's `base`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from rlhf.generators.base import BASE_MODEL_FILE, GeneratorAdapter, StepResult
 
 #: diffusers pipeline class (model_index.json's `_class_name`) -> "module:adapter class"
 GENERATOR_FAMILIES: dict[str, str] = {
-    "StableDiffusionPipeline": "rlhf.pipeline:DDPOStableDiffusionPipeline",
-    "StableDiffusionXLPipeline": "rlhf.pipeline:DDPOStableDiffusionPipeline",
+    "StableDiffusionPipeline": "rlhf.generators.ddpo_pipeline:DDPOStableDiffusionPipeline",
+    "StableDiffusionXLPipeline": "rlhf.generators.ddpo_pipeline:DDPOStableDiffusionPipeline",
     "StableDiffusion3Pipeline": "rlhf.generators.sd3:SD3Adapter",
     "FluxPipeline": "rlhf.generators.flux:FluxAdapter",
 }

@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from peft.utils import get_peft_model_state_dict
 
-from rlhf.flow_scheduling import (
+from rlhf.generators.flow_scheduling import (
     cps_step_with_logprob,
     dance_sde_step_with_logprob,
     flow_sde_step_with_logprob,
@@ -26,7 +26,7 @@ from rlhf.flow_scheduling import (
 )
 from rlhf.generators.base import LORA_WEIGHT_NAME, GeneratorAdapter, StepResult
 
-#: the `sde_type` names and the step each one takes (see rlhf/flow_scheduling.py)
+#: the `sde_type` names and the step each one takes (see rlhf/generators/flow_scheduling.py)
 SDE_STEPS: dict[str, Callable[..., StepResult]] = {
     "flow_sde": flow_sde_step_with_logprob,  # Flow-GRPO
     "dance": dance_sde_step_with_logprob,  # DanceGRPO
@@ -108,7 +108,7 @@ class FlowMatchingAdapter(GeneratorAdapter):
 
     @property
     def step_function(self) -> Callable[..., StepResult]:
-        """The `rlhf.flow_scheduling` step `sde_type` names."""
+        """The `rlhf.generators.flow_scheduling` step `sde_type` names."""
         return SDE_STEPS[self.sde_type]
 
     # ---- the policy ---------------------------------------------------------------------------------------

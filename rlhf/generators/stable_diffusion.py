@@ -12,7 +12,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
 from rlhf.generators.base import GeneratorAdapter, StepResult
-from rlhf.scheduling import ddim_step
+from rlhf.generators.scheduling import ddim_step
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
 

@@ -27,7 +27,6 @@ from diffusers import (  # noqa: E402
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
 )
 from diffusers.optimization import get_cosine_schedule_with_warmup  # noqa: E402
 from diffusers.training_utils import compute_density_for_timestep_sampling  # noqa: E402

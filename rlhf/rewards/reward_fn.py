@@ -18,7 +18,7 @@ from torch import Tensor
 
 from reward.inputs import load_images, pil_to_tensor, validate_float_pixels, validate_prompts
 from rlhf import toy
-from rlhf.weighting import Weighting
+from rlhf.rewards.weighting import Weighting
 
 Images = Any  # float BCHW in [0, 1] or uint8 NHWC, as a torch tensor or numpy array (or a list of images)
 Pixels = Callable[[Tensor, list[str]], Tensor]

@@ -8,14 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from rlhf.generators.backprop import RGBWithGradOutput, backprop_steps, sample_with_grad
 from rlhf.generators.base import BASE_MODEL_FILE, LORA_WEIGHT_NAME
 from rlhf.generators.sampling import sample_trajectories
 from rlhf.generators.stable_diffusion import DEFAULT_LORA_TARGETS, StableDiffusionAdapter
-from rlhf.scheduling import ddim_step_with_logprob
+from rlhf.generators.scheduling import ddim_step_with_logprob
 
 __all__ = [
     "BASE_MODEL_FILE", "DEFAULT_LORA_TARGETS", "LORA_WEIGHT_NAME", "DDPOPipelineOutput", "DDPOSchedulerOutput",

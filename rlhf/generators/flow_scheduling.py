@@ -17,7 +17,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from rlhf.scheduling import _LOG_SQRT_2PI, _per_sample
+from rlhf.generators.scheduling import _LOG_SQRT_2PI, _per_sample
 
 StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

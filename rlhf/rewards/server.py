@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from rlhf.config import parse_config
-from rlhf.reward_fn import LocalReward, load_scorer
+from rlhf.rewards.reward_fn import LocalReward, load_scorer
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 # a decoded image larger than this is refused before its pixels are decompressed (decompression bombs)

@@ -8,7 +8,7 @@ from typing import Hashable, Sequence
 
 import torch
 
-from rlhf.stats import EPS, group_advantages
+from rlhf.rewards.stats import EPS, group_advantages
 
 
 def grpo_advantages(

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from rlhf.stats import PerPromptStatTracker, group_advantages
+from rlhf.rewards.stats import PerPromptStatTracker, group_advantages
 
 LEVELS = ("reward", "advantage")
 NORMALIZATIONS = ("none", "batch", "running", "per_prompt")
@@ -37,13 +37,13 @@ class PerspectiveRule:
         weight: term only, default 1.0.
         normalize: term only. "none"; "batch" (z-score over the batch); "running" (z-score with the mean/std of
             every score seen so far, this batch included; see `momentum`); "per_prompt" (z-score among the
-            samples that share a prompt, by `rlhf.stats`: when folding rewards, against each prompt's recent
+            samples that share a prompt, by `rlhf.rewards.stats`: when folding rewards, against each prompt's recent
             history (`PerPromptStatTracker(buffer_size, min_count)`, which uses the batch's statistics until a
             prompt has `min_count` scores); in `advantages`, within the prompt's group of the batch (a group of one
             gets 0); not differentiable). Default "none" at level "reward", "per_prompt" at level "advantage".
             Std is the population std.
         std_floor: "batch"/"running" only, default 1e-6: the std is clamped to at least this (> 0) before
-            dividing ("per_prompt" adds `rlhf.stats.EPS` to the std instead, as the DDPO trainer does).
+            dividing ("per_prompt" adds `rlhf.rewards.stats.EPS` to the std instead, as the DDPO trainer does).
         momentum: "running" only, default None = exact cumulative mean/std; a float in (0, 1) = exponential
             moving average of the batch mean and variance (for rewards that drift as the policy improves).
         buffer_size, min_count: "per_prompt" at level "reward" only, defaults 16 and 16 (TRL's DDPO defaults).
