@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from rlhf.generators import load_generator
 from rlhf.generators.sampling import sde_window
-from trainers.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages
 from rlhf.generators.ddpo_pipeline import DDPOStableDiffusionPipeline
 from rlhf.testing import build_tiny_sd3
 from tests.conftest import assert_resumed_run_matches, reset_accelerator_state
@@ -20,6 +19,7 @@ from tests.test_ddpo import (
     PROMPTS, assert_ranks_hold_one_trained_lora, colour_reward, prompt_cycle, run_on_two_cpu_processes,
 )
 from trainers import GRPOConfig, GRPOTrainer
+from trainers.grpo_loss import clipped_policy_loss, gaussian_step_kl, grpo_advantages
 from trainers.grpo import main
 
 ROOT = Path(__file__).resolve().parents[1]

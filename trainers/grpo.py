@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.generators.sampling import sde_window
-from trainers.grpo_ema import ParameterEMA
-from trainers.grpo_loss import grpo_advantages
 from trainers.base import HELDOUT, DiffusionTrainerConfig, redeclare, require
 from trainers.command import run_trainer_command
 from trainers.common import Checkpointer, seeded_generator
+from trainers.grpo_ema import ParameterEMA
+from trainers.grpo_loss import grpo_advantages
 from trainers.policy_gradient import PolicyGradientTrainer
 
 EMA_FILE = "ema.safetensors"

@@ -13,7 +13,6 @@ import torch
 
 from rlhf.generators.base import GeneratorAdapter
 from rlhf.generators.sampling import replay_steps
-from trainers.grpo_loss import clipped_policy_loss, gaussian_step_kl, ratio_statistics
 from rlhf.rewards.reward_fn import AsyncReward
 from rlhf.rewards.stats import PerPromptStatTracker
 from trainers.base import DiffusionTrainer
@@ -21,6 +20,7 @@ from trainers.common import (
     draw_prompts, gathered_advantages, peak_memory_mb, perspective_values, reseed_global_rngs, reward_result,
     seeded_generator,
 )
+from trainers.grpo_loss import clipped_policy_loss, gaussian_step_kl, ratio_statistics
 
 COND = "cond/"  # prefix of the per-sample conditioning tensors among a rollout's tensors
 
